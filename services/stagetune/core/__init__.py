@@ -1,0 +1,1 @@
+"""Code every service shares: config, store, caches, jobs, gRPC plumbing, metrics."""

@@ -1,0 +1,1 @@
+"""SimpleTuner-compatible configuration: config.json and multidatabackend.json."""

@@ -1,0 +1,67 @@
+"""Key checking shared by config.json and multidatabackend.json.
+
+SimpleTuner accepts `--key` and `key`; an unknown key must never be ignored silently (a typo would
+train with a default the user did not choose), so it is an error with the closest known key.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from stagetune.core.errors import ConfigError, NotSupportedError
+
+
+def normalise_key(key: str) -> str:
+    """`--learning_rate`, `learning_rate` and `learning-rate` all name one option."""
+    return key.lstrip("-").replace("-", "_")
+
+
+def suggest(key: str, known: Iterable[str]) -> str | None:
+    matches = difflib.get_close_matches(key, list(known), n=1, cutoff=0.6)
+    return matches[0] if matches else None
+
+
+def unknown_key_error(key: str, known: Iterable[str], where: str) -> ConfigError:
+    hint = suggest(key, known)
+    message = f"unknown key in {where}: {key!r}"
+    if hint:
+        message += f" (did you mean {hint!r}?)"
+    return ConfigError(message, field=key)
+
+
+def check_keys(
+    data: Mapping[str, Any],
+    *,
+    supported: Iterable[str],
+    recognised_unsupported: Iterable[str] = (),
+    where: str,
+    inert_values: Mapping[str, Iterable[Any]] | None = None,
+) -> dict[str, Any]:
+    """Normalise keys and reject unknown or not-yet-supported ones.
+
+    `recognised_unsupported` are keys SimpleTuner documents that we do not implement yet; they are
+    accepted only when set to a value that changes nothing (`inert_values`, e.g. `false`, `null`),
+    so a config that merely mentions them at their default still loads.
+    """
+    supported = set(supported)
+    unsupported = set(recognised_unsupported)
+    inert_values = inert_values or {}
+    out: dict[str, Any] = {}
+    for raw_key, value in data.items():
+        key = normalise_key(raw_key)
+        if key in out:
+            raise ConfigError(f"key {key!r} given twice in {where}", field=key)
+        if key in supported:
+            out[key] = value
+        elif key in unsupported:
+            inert = inert_values.get(key, (None,))
+            if value in inert and not isinstance(value, bool) or (
+                isinstance(value, bool) and any(v is value for v in inert)
+            ):
+                continue
+            raise NotSupportedError(f"not supported yet: {key} (in {where}, value {value!r})", field=key)
+        else:
+            raise unknown_key_error(key, supported | unsupported, where)
+    return out
