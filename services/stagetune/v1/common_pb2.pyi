@@ -26,16 +26,18 @@ JOB_STATE_FAILED: JobState
 JOB_STATE_CANCELLED: JobState
 
 class ModelRef(_message.Message):
-    __slots__ = ("name_or_path", "revision", "variant", "dtype")
+    __slots__ = ("name_or_path", "revision", "variant", "dtype", "family")
     NAME_OR_PATH_FIELD_NUMBER: _ClassVar[int]
     REVISION_FIELD_NUMBER: _ClassVar[int]
     VARIANT_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
+    FAMILY_FIELD_NUMBER: _ClassVar[int]
     name_or_path: str
     revision: str
     variant: str
     dtype: str
-    def __init__(self, name_or_path: _Optional[str] = ..., revision: _Optional[str] = ..., variant: _Optional[str] = ..., dtype: _Optional[str] = ...) -> None: ...
+    family: str
+    def __init__(self, name_or_path: _Optional[str] = ..., revision: _Optional[str] = ..., variant: _Optional[str] = ..., dtype: _Optional[str] = ..., family: _Optional[str] = ...) -> None: ...
 
 class Progress(_message.Message):
     __slots__ = ("phase", "done", "total", "unit")

@@ -46,9 +46,8 @@ class SamplingOptions(_message.Message):
     def __init__(self, guidance_scale: _Optional[float] = ..., num_inference_steps: _Optional[int] = ..., seed: _Optional[int] = ..., negative_prompt: _Optional[str] = ..., resolutions: _Optional[_Iterable[_Union[Resolution, _Mapping]]] = ..., skip_guidance_layers: _Optional[_Iterable[int]] = ..., skip_layer_guidance_scale: _Optional[float] = ..., skip_layer_guidance_start: _Optional[float] = ..., skip_layer_guidance_stop: _Optional[float] = ...) -> None: ...
 
 class StartValidationRequest(_message.Message):
-    __slots__ = ("request_id", "model_family", "model", "adapter_key", "step", "prompts", "sampling", "output_prefix")
+    __slots__ = ("request_id", "model", "adapter_key", "step", "prompts", "sampling", "output_prefix")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
-    MODEL_FAMILY_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     ADAPTER_KEY_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
@@ -56,11 +55,10 @@ class StartValidationRequest(_message.Message):
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_PREFIX_FIELD_NUMBER: _ClassVar[int]
     request_id: str
-    model_family: str
     model: _common_pb2.ModelRef
     adapter_key: str
     step: int
     prompts: _containers.RepeatedCompositeFieldContainer[ValidationPrompt]
     sampling: SamplingOptions
     output_prefix: str
-    def __init__(self, request_id: _Optional[str] = ..., model_family: _Optional[str] = ..., model: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., adapter_key: _Optional[str] = ..., step: _Optional[int] = ..., prompts: _Optional[_Iterable[_Union[ValidationPrompt, _Mapping]]] = ..., sampling: _Optional[_Union[SamplingOptions, _Mapping]] = ..., output_prefix: _Optional[str] = ...) -> None: ...
+    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., adapter_key: _Optional[str] = ..., step: _Optional[int] = ..., prompts: _Optional[_Iterable[_Union[ValidationPrompt, _Mapping]]] = ..., sampling: _Optional[_Union[SamplingOptions, _Mapping]] = ..., output_prefix: _Optional[str] = ...) -> None: ...

@@ -1,0 +1,240 @@
+"""gRPC plumbing shared by the five services.
+
+A service is a thin servicer over a `JobManager`: this module turns job records and events into
+protos (`JobServicer`), maps `StagetuneError`s to status codes with a `BadRequest` detail naming the
+offending field in one interceptor, counts RPCs for Prometheus, and builds servers that also serve
+`grpc.health.v1` and reflection.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent import futures
+from typing import Any
+
+import grpc
+from google.protobuf import any_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from grpc_status import rpc_status
+
+from stagetune.core import metrics
+from stagetune.core.errors import StagetuneError
+from stagetune.core.jobs import Event, JobManager, JobRecord, JobState
+from stagetune.v1 import common_pb2
+
+log = logging.getLogger(__name__)
+
+_STATE_TO_PROTO = {
+    JobState.QUEUED: common_pb2.JOB_STATE_QUEUED,
+    JobState.RUNNING: common_pb2.JOB_STATE_RUNNING,
+    JobState.SUCCEEDED: common_pb2.JOB_STATE_SUCCEEDED,
+    JobState.FAILED: common_pb2.JOB_STATE_FAILED,
+    JobState.CANCELLED: common_pb2.JOB_STATE_CANCELLED,
+}
+_PROTO_TO_STATE = {v: k for k, v in _STATE_TO_PROTO.items()}
+
+
+def job_to_proto(record: JobRecord) -> common_pb2.Job:
+    job = common_pb2.Job(
+        job_id=record.job_id,
+        request_id=record.request_id,
+        service=record.service,
+        state=_STATE_TO_PROTO[record.state],
+        error=record.error,
+        error_field=record.error_field,
+        progress=common_pb2.Progress(**dataclasses.asdict(record.progress)),
+        outputs=record.outputs,
+    )
+    job.created_at.FromNanoseconds(int(record.created_at * 1e9))
+    job.updated_at.FromNanoseconds(int(record.updated_at * 1e9))
+    return job
+
+
+def event_to_proto(event: Event) -> common_pb2.Event:
+    out = common_pb2.Event(seq=event.seq)
+    out.time.FromNanoseconds(int(event.time * 1e9))
+    if event.kind == "progress":
+        out.progress.CopyFrom(common_pb2.Progress(**dataclasses.asdict(event.data)))
+    elif event.kind == "log":
+        out.log.CopyFrom(common_pb2.LogLine(**event.data))
+    elif event.kind == "metric":
+        out.metric.CopyFrom(common_pb2.Metric(**event.data))
+    elif event.kind == "preview":
+        out.preview.CopyFrom(common_pb2.Preview(**event.data))
+    elif event.kind == "job":
+        out.job.CopyFrom(job_to_proto(event.data))
+    return out
+
+
+class JobServicer:
+    """Watch / Get / Cancel / List for any service; subclasses add `Start`."""
+
+    def __init__(self, manager: JobManager) -> None:
+        self.manager = manager
+
+    def Watch(self, request: common_pb2.WatchJobRequest, context: grpc.ServicerContext
+              ) -> Iterator[common_pb2.Event]:
+        for event in self.manager.watch(request.job_id, request.after_seq, alive=context.is_active):
+            yield event_to_proto(event)
+
+    def Get(self, request: common_pb2.GetJobRequest, context: grpc.ServicerContext) -> common_pb2.Job:
+        return job_to_proto(self.manager.get(request.job_id))
+
+    def Cancel(self, request: common_pb2.CancelJobRequest, context: grpc.ServicerContext) -> common_pb2.Job:
+        return job_to_proto(self.manager.cancel(request.job_id))
+
+    def List(self, request: common_pb2.ListJobsRequest, context: grpc.ServicerContext
+             ) -> common_pb2.ListJobsResponse:
+        records = self.manager.list()
+        if request.state:
+            wanted = _PROTO_TO_STATE[request.state]
+            records = [r for r in records if r.state == wanted]
+        start = int(request.page_token or 0)
+        size = request.page_size or 100
+        page = records[start : start + size]
+        token = str(start + size) if start + size < len(records) else ""
+        return common_pb2.ListJobsResponse(jobs=[job_to_proto(r) for r in page], next_page_token=token)
+
+
+_CODE_NAMES = {c.name: c for c in grpc.StatusCode}
+
+
+def _status_for(exc: StagetuneError) -> status_pb2.Status:
+    code = _CODE_NAMES.get(exc.grpc_code, grpc.StatusCode.INTERNAL)
+    status = status_pb2.Status(code=getattr(code_pb2, code.name), message=str(exc))
+    if exc.field:
+        detail = any_pb2.Any()
+        detail.Pack(error_details_pb2.BadRequest(
+            field_violations=[error_details_pb2.BadRequest.FieldViolation(field=exc.field, description=str(exc))]
+        ))
+        status.details.append(detail)
+    return status
+
+
+class ErrorsAndMetricsInterceptor(grpc.ServerInterceptor):
+    """Maps our errors to status codes (with the offending field) and counts every RPC."""
+
+    def intercept_service(self, continuation: Callable, handler_call_details: grpc.HandlerCallDetails) -> Any:
+        handler = continuation(handler_call_details)
+        if handler is None:
+            return None
+        _, service, method = handler_call_details.method.split("/")
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(
+                self._wrap_unary(handler.unary_unary, service, method),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(
+                self._wrap_stream(handler.unary_stream, service, method),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        return handler
+
+    @staticmethod
+    def _finish(service: str, method: str, start: float, code: grpc.StatusCode) -> None:
+        metrics.GRPC_HANDLED.labels(service, method, code.name).inc()
+        metrics.GRPC_SECONDS.labels(service, method).observe(time.perf_counter() - start)
+
+    def _wrap_unary(self, behaviour: Callable, service: str, method: str) -> Callable:
+        def wrapped(request: Any, context: grpc.ServicerContext) -> Any:
+            metrics.GRPC_STARTED.labels(service, method).inc()
+            start = time.perf_counter()
+            try:
+                response = behaviour(request, context)
+            except StagetuneError as exc:
+                status = _status_for(exc)
+                self._finish(service, method, start, rpc_status.to_status(status).code)
+                context.abort_with_status(rpc_status.to_status(status))
+            except Exception:
+                self._finish(service, method, start, grpc.StatusCode.INTERNAL)
+                raise
+            self._finish(service, method, start, context.code() or grpc.StatusCode.OK)
+            return response
+
+        return wrapped
+
+    def _wrap_stream(self, behaviour: Callable, service: str, method: str) -> Callable:
+        def wrapped(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+            metrics.GRPC_STARTED.labels(service, method).inc()
+            start = time.perf_counter()
+            try:
+                yield from behaviour(request, context)
+            except StagetuneError as exc:
+                status = _status_for(exc)
+                self._finish(service, method, start, rpc_status.to_status(status).code)
+                context.abort_with_status(rpc_status.to_status(status))
+            except Exception:
+                self._finish(service, method, start, grpc.StatusCode.INTERNAL)
+                raise
+            self._finish(service, method, start, context.code() or grpc.StatusCode.OK)
+
+        return wrapped
+
+
+@dataclasses.dataclass
+class ServiceBinding:
+    """One service to host: its full proto name, the generated `add_…_to_server`, and the servicer."""
+
+    full_name: str
+    add_to_server: Callable[[Any, grpc.Server], None]
+    servicer: Any
+    manager: JobManager | None = None
+
+
+@dataclasses.dataclass
+class RunningServer:
+    server: grpc.Server
+    port: int
+    health: health.HealthServicer
+    bindings: Sequence[ServiceBinding]
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def stop(self, grace: float = 1.0) -> None:
+        self.health.enter_graceful_shutdown()
+        self.server.stop(grace).wait()
+        for binding in self.bindings:
+            if binding.manager is not None:
+                binding.manager.shutdown()
+
+
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
+
+def start_server(bindings: Sequence[ServiceBinding], *, host: str = "127.0.0.1", port: int = 0,
+                 max_workers: int = 16) -> RunningServer:
+    """Start a gRPC server with health and reflection; port 0 picks a free one."""
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=max_workers),
+        interceptors=[ErrorsAndMetricsInterceptor()],
+        options=[
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ],
+    )
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    names = [health.SERVICE_NAME, reflection.SERVICE_NAME]
+    for binding in bindings:
+        binding.add_to_server(binding.servicer, server)
+        names.append(binding.full_name)
+    reflection.enable_server_reflection(names, server)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise OSError(f"cannot listen on {host}:{port}")
+    server.start()
+    for binding in bindings:
+        health_servicer.set(binding.full_name, health_pb2.HealthCheckResponse.SERVING)
+    health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    log.info("serving %s on %s:%d", ", ".join(b.full_name for b in bindings), host, bound)
+    return RunningServer(server, bound, health_servicer, bindings)

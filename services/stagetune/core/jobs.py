@@ -1,0 +1,293 @@
+"""Jobs: the unit of stage work, shared by every service.
+
+A job is started idempotently on the client's `request_id` (the job id is derived from it, so a
+retried Start finds the same job), runs on a worker thread, emits events that Watch streams, and
+keeps its record in the store (`jobs/<job_id>/record.json`) so it outlives the service process.
+A job whose record says it was running in another (dead) process is started again on the next
+Start with the same request: stage work is content-addressed and the trainer resumes from its
+checkpoints, so a re-run redoes only what was lost.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import json
+import logging
+import threading
+import time
+import traceback
+import uuid
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import xxhash
+
+from stagetune.core import metrics
+from stagetune.core.errors import NotFoundError, StagetuneError
+from stagetune.core.store.base import Store
+
+log = logging.getLogger(__name__)
+
+#: One id per process: tells a record written by this process from one left by a dead one.
+INSTANCE_ID = uuid.uuid4().hex
+
+
+class JobState(enum.Enum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def terminal(self) -> bool:
+        return self in (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED)
+
+
+class JobCancelled(Exception):
+    """Raised inside a job's work function when the job was cancelled."""
+
+
+@dataclasses.dataclass
+class Progress:
+    phase: str = ""
+    done: int = 0
+    total: int = 0
+    unit: str = ""
+
+
+@dataclasses.dataclass
+class JobRecord:
+    job_id: str
+    request_id: str
+    service: str
+    state: JobState = JobState.QUEUED
+    error: str = ""
+    error_field: str = ""
+    created_at: float = dataclasses.field(default_factory=time.time)
+    updated_at: float = dataclasses.field(default_factory=time.time)
+    progress: Progress = dataclasses.field(default_factory=Progress)
+    outputs: dict[str, str] = dataclasses.field(default_factory=dict)
+    spec: dict[str, Any] = dataclasses.field(default_factory=dict)
+    owner: str = INSTANCE_ID
+
+    def to_json(self) -> str:
+        data = dataclasses.asdict(self)
+        data["state"] = self.state.value
+        return json.dumps(data, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> JobRecord:
+        data = json.loads(text)
+        data["state"] = JobState(data["state"])
+        data["progress"] = Progress(**data["progress"])
+        return cls(**data)
+
+
+@dataclasses.dataclass
+class Event:
+    """One item of a job's stream; `kind` is progress, log, metric, preview or job."""
+
+    seq: int
+    time: float
+    kind: str
+    data: Any
+
+
+def job_id_for(service: str, request_id: str) -> str:
+    digest = xxhash.xxh3_64_hexdigest(service + "\0" + request_id)
+    return f"{service}-{digest}"
+
+
+class JobContext:
+    """What a job's work function sees: its spec, the store, and ways to report."""
+
+    def __init__(self, manager: JobManager, record: JobRecord) -> None:
+        self._manager = manager
+        self.record = record
+        self.cancelled = threading.Event()
+
+    @property
+    def job_id(self) -> str:
+        return self.record.job_id
+
+    @property
+    def spec(self) -> dict[str, Any]:
+        return self.record.spec
+
+    @property
+    def store(self) -> Store:
+        return self._manager.store
+
+    def check_cancelled(self) -> None:
+        if self.cancelled.is_set():
+            raise JobCancelled(self.job_id)
+
+    def progress(self, phase: str, done: int, total: int, unit: str = "") -> None:
+        self.check_cancelled()
+        self.record.progress = Progress(phase, int(done), int(total), unit)
+        self._manager._emit(self.record.job_id, "progress", self.record.progress)
+
+    def log(self, message: str, level: str = "info") -> None:
+        log.log(logging.getLevelName(level.upper()), "[%s] %s", self.job_id, message)
+        self._manager._emit(self.record.job_id, "log", {"level": level, "message": message})
+
+    def metric(self, name: str, value: float, step: int = 0) -> None:
+        self._manager._emit(self.record.job_id, "metric", {"name": name, "value": float(value), "step": step})
+
+    def preview(self, name: str, png: bytes, step: int = 0, key: str = "") -> None:
+        self._manager._emit(self.record.job_id, "preview", {"name": name, "png": png, "step": step, "key": key})
+
+
+WorkFn = Callable[[JobContext], dict[str, str]]
+
+
+class JobManager:
+    """Runs one service's jobs on a small thread pool and keeps their records and events."""
+
+    def __init__(self, service: str, store: Store, work: WorkFn, *, max_workers: int = 1) -> None:
+        self.service = service
+        self.store = store
+        self._work = work
+        self._pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix=f"{service}-job")
+        self._lock = threading.Condition()
+        self._records: dict[str, JobRecord] = {}
+        self._events: dict[str, list[Event]] = {}
+        self._contexts: dict[str, JobContext] = {}
+
+    # -- store -------------------------------------------------------------------------------
+    def _record_key(self, job_id: str) -> str:
+        return f"jobs/{job_id}/record.json"
+
+    def _persist(self, record: JobRecord) -> None:
+        record.updated_at = time.time()
+        try:
+            self.store.put_bytes(self._record_key(record.job_id), record.to_json().encode())
+        except StagetuneError as exc:  # the job goes on; its record is refreshed at the next change
+            log.warning("could not save job record %s: %s", record.job_id, exc)
+
+    def _load(self, job_id: str) -> JobRecord | None:
+        key = self._record_key(job_id)
+        if not self.store.exists(key):
+            return None
+        return JobRecord.from_json(self.store.get_bytes(key).decode())
+
+    # -- events ------------------------------------------------------------------------------
+    def _emit(self, job_id: str, kind: str, data: Any) -> None:
+        with self._lock:
+            events = self._events.setdefault(job_id, [])
+            events.append(Event(len(events) + 1, time.time(), kind, data))
+            self._lock.notify_all()
+
+    def _set_state(self, record: JobRecord, state: JobState, **changes: Any) -> None:
+        with self._lock:  # state and its event change together: a watcher never sees one alone
+            record.state = state
+            for name, value in changes.items():
+                setattr(record, name, value)
+            self._emit(record.job_id, "job", dataclasses.replace(record))
+        if state.terminal:
+            metrics.JOBS.labels(self.service, state.value).inc()
+        self._persist(record)
+
+    # -- API ---------------------------------------------------------------------------------
+    def submit(self, request_id: str, spec: dict[str, Any]) -> JobRecord:
+        """Start a job, or return the one this request already started (idempotent)."""
+        if not request_id:
+            request_id = uuid.uuid4().hex
+        job_id = job_id_for(self.service, request_id)
+        with self._lock:
+            live = self._records.get(job_id)
+            if live is not None and (not live.state.terminal or live.state == JobState.SUCCEEDED):
+                return live
+            stored = live or self._load(job_id)
+            if stored is not None and stored.state == JobState.SUCCEEDED:
+                self._records[job_id] = stored
+                return stored
+            if stored is not None and not stored.state.terminal and stored.owner == INSTANCE_ID:
+                return stored
+            record = JobRecord(job_id=job_id, request_id=request_id, service=self.service, spec=spec)
+            if stored is not None:
+                record.created_at = stored.created_at
+            self._records[job_id] = record
+            self._events[job_id] = []
+            context = JobContext(self, record)
+            self._contexts[job_id] = context
+        self._persist(record)
+        self._emit(job_id, "job", dataclasses.replace(record))
+        self._pool.submit(self._run, context)
+        return record
+
+    def _run(self, context: JobContext) -> None:
+        record = context.record
+        if context.cancelled.is_set():
+            self._set_state(record, JobState.CANCELLED)
+            return
+        self._set_state(record, JobState.RUNNING)
+        try:
+            outputs = self._work(context)
+        except JobCancelled:
+            self._set_state(record, JobState.CANCELLED, error="cancelled")
+        except StagetuneError as exc:
+            context.log(str(exc), "error")
+            self._set_state(record, JobState.FAILED, error=str(exc), error_field=exc.field or "")
+        except Exception as exc:  # noqa: BLE001 - a job's failure is reported, never kills the server
+            log.error("job %s crashed:\n%s", record.job_id, traceback.format_exc())
+            self._set_state(record, JobState.FAILED, error=f"{type(exc).__name__}: {exc}")
+        else:
+            self._set_state(record, JobState.SUCCEEDED, outputs={k: str(v) for k, v in (outputs or {}).items()})
+
+    def get(self, job_id: str) -> JobRecord:
+        with self._lock:
+            record = self._records.get(job_id)
+        if record is None:
+            record = self._load(job_id)
+        if record is None:
+            raise NotFoundError(f"no such job: {job_id}", field="job_id")
+        return record
+
+    def cancel(self, job_id: str) -> JobRecord:
+        record = self.get(job_id)
+        context = self._contexts.get(job_id)
+        if context is not None and not record.state.terminal:
+            context.cancelled.set()
+        return record
+
+    def list(self) -> list[JobRecord]:
+        records: dict[str, JobRecord] = {}
+        for key in self.store.list("jobs/"):
+            if key.endswith("/record.json") and key.split("/")[1].startswith(f"{self.service}-"):
+                record = JobRecord.from_json(self.store.get_bytes(key).decode())
+                records[record.job_id] = record
+        with self._lock:
+            records.update(self._records)
+        return sorted(records.values(), key=lambda r: r.created_at)
+
+    def watch(self, job_id: str, after_seq: int = 0, *, poll: float = 0.5,
+              alive: Callable[[], bool] = lambda: True) -> Iterator[Event]:
+        """Yield the job's events after `after_seq` until it ends (or the caller goes away)."""
+        record = self.get(job_id)
+        if job_id not in self._events:  # a job from an earlier process: only its final record
+            yield Event(1, record.updated_at, "job", record)
+            return
+        seq = after_seq
+        while True:
+            with self._lock:
+                events = self._events[job_id]
+                if len(events) <= seq and not self._records[job_id].state.terminal:
+                    self._lock.wait(timeout=poll)
+                    events = self._events[job_id]
+                new = events[seq:]
+                done = self._records[job_id].state.terminal
+            yield from new
+            seq += len(new)
+            if done and not new:
+                return
+            if not alive():
+                return
+
+    def shutdown(self) -> None:
+        for context in self._contexts.values():
+            context.cancelled.set()
+        self._pool.shutdown(wait=True, cancel_futures=True)

@@ -1,0 +1,61 @@
+"""Prometheus metrics every service exposes.
+
+Names follow ops-facts.md: the common gRPC server names so stock dashboards work, our own under
+`stagetune_` in base units, labels bounded (service, method, code, stage — never job ids).
+In the embedded mode the five servers share one process and so one registry and one HTTP port.
+"""
+
+from __future__ import annotations
+
+import threading
+
+from prometheus_client import REGISTRY, Counter, Histogram, start_http_server
+
+GRPC_STARTED = Counter(
+    "grpc_server_started_total", "RPCs started on the server.", ["grpc_service", "grpc_method"]
+)
+GRPC_HANDLED = Counter(
+    "grpc_server_handled_total",
+    "RPCs completed on the server, by status code.",
+    ["grpc_service", "grpc_method", "grpc_code"],
+)
+GRPC_SECONDS = Histogram(
+    "grpc_server_handling_seconds",
+    "Time to complete an RPC (streams: until the stream ends).",
+    ["grpc_service", "grpc_method"],
+    buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 30, 120, 600, 3600),
+)
+JOBS = Counter("stagetune_jobs_total", "Jobs that reached a final state.", ["service", "state"])
+ITEMS_ENCODED = Counter("stagetune_cache_items_encoded_total", "Cache entries computed.", ["stage"])
+CACHE_HITS = Counter("stagetune_cache_hits_total", "Cache entries found already computed.", ["stage"])
+CACHE_BYTES = Counter("stagetune_cache_written_bytes_total", "Bytes written to caches.", ["stage"])
+BATCH_SECONDS = Histogram(
+    "stagetune_encode_batch_seconds",
+    "Time to encode one batch.",
+    ["stage"],
+    buckets=(0.01, 0.05, 0.1, 0.5, 1, 2, 5, 10, 30, 60),
+)
+TRAIN_STEPS = Counter("stagetune_train_steps_total", "Optimizer steps taken.", ["model_family"])
+TRAIN_STEP_SECONDS = Histogram(
+    "stagetune_train_step_seconds",
+    "Wall time of one optimizer step.",
+    ["model_family"],
+    buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30),
+)
+TRAIN_LOSS = Histogram(
+    "stagetune_train_loss", "Training loss per step.", ["model_family"],
+    buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5),
+)
+
+_http_lock = threading.Lock()
+_http_port: int | None = None
+
+
+def serve_metrics(port: int, host: str = "127.0.0.1") -> int:
+    """Serve /metrics once per process; later calls return the port already serving."""
+    global _http_port
+    with _http_lock:
+        if _http_port is None:
+            server, _ = start_http_server(port, addr=host, registry=REGISTRY)
+            _http_port = server.server_port
+        return _http_port

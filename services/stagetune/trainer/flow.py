@@ -1,0 +1,79 @@
+"""Flow-matching training targets (SD3, Sana): DESIGN.md §6.
+
+σ is drawn per sample from a logit-normal (default), uniform or Beta distribution, shifted
+statically (σ' = sσ / (1 + (s − 1)σ)) or by resolution (s = exp(mu), mu linear in the latent
+sequence length, from the scheduler config); the model sees x_t = (1 − σ)x + σ·noise at
+t = 1000σ and learns the velocity noise − x under MSE.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+
+
+@dataclasses.dataclass(frozen=True)
+class FlowSchedule:
+    shift: float = 3.0
+    auto_shift: bool = False
+    use_uniform: bool = False
+    use_beta: bool = False
+    beta_alpha: float = 2.0
+    beta_beta: float = 2.0
+    sigmoid_scale: float = 1.0
+    # From the scheduler config (FlowMatchEulerDiscreteScheduler's dynamic shifting parameters).
+    base_seq_len: int = 256
+    max_seq_len: int = 4096
+    base_shift: float = 0.5
+    max_shift: float = 1.15
+
+    def mu(self, seq_len: int) -> float:
+        slope = (self.max_shift - self.base_shift) / (self.max_seq_len - self.base_seq_len)
+        return self.base_shift + slope * (seq_len - self.base_seq_len)
+
+    def shift_for(self, seq_len: int) -> float:
+        return math.exp(self.mu(seq_len)) if self.auto_shift else self.shift
+
+
+def sample_sigmas(schedule: FlowSchedule, batch: int, seq_len: int, generator: torch.Generator) -> torch.Tensor:
+    """Per-sample σ in (0, 1), drawn with the trainer's own generator (so resume is exact)."""
+    if schedule.use_beta:
+        u = torch.rand(batch, generator=generator, dtype=torch.float64)
+        beta = torch.distributions.Beta(
+            torch.tensor(schedule.beta_alpha, dtype=torch.float64), torch.tensor(schedule.beta_beta, dtype=torch.float64)
+        )
+        # Inverse-CDF sampling keeps every draw on our generator (Beta.sample would use the global RNG).
+        sigmas = _beta_icdf(u, beta).float()
+    elif schedule.use_uniform:
+        sigmas = torch.rand(batch, generator=generator)
+    else:
+        sigmas = torch.sigmoid(torch.randn(batch, generator=generator) * schedule.sigmoid_scale)
+    s = schedule.shift_for(seq_len)
+    if s != 1.0:
+        sigmas = s * sigmas / (1 + (s - 1) * sigmas)
+    return sigmas
+
+
+def _beta_icdf(u: torch.Tensor, beta: torch.distributions.Beta, points: int = 1 << 16) -> torch.Tensor:
+    """Inverse CDF from a fine grid of the density (torch has no Beta icdf), linear in between."""
+    grid = torch.linspace(0, 1, points + 1, dtype=torch.float64)[1:-1]
+    pdf = beta.log_prob(grid).exp()
+    cdf = torch.cumsum(pdf, 0)
+    cdf = cdf / cdf[-1]
+    idx = torch.searchsorted(cdf, u).clamp(1, len(cdf) - 1)
+    c0, c1 = cdf[idx - 1], cdf[idx]
+    frac = ((u - c0) / (c1 - c0).clamp_min(1e-300)).clamp(0, 1)
+    return grid[idx - 1] + frac * (grid[idx] - grid[idx - 1])
+
+
+def noisy_input(latents: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """x_t and the velocity target for a batch."""
+    s = sigmas.view(-1, *([1] * (latents.ndim - 1))).to(latents.dtype)
+    return (1 - s) * latents + s * noise, noise - latents
+
+
+def timesteps_for(sigmas: torch.Tensor) -> torch.Tensor:
+    return sigmas * 1000.0

@@ -1,0 +1,243 @@
+"""The training loop: one optimizer step reads top to bottom in `Trainer.step`.
+
+Everything random draws from state the checkpoint saves (the trainer's generator, torch's global
+RNG for LoRA dropout, the sampler's position), so a killed and resumed run ends with the same
+weights, bit for bit on CPU, as one that never stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import xxhash
+
+from stagetune.core import metrics
+from stagetune.core.cache import ShardedCache
+from stagetune.core.errors import ConfigError, PreconditionError
+from stagetune.core.jobs import JobCancelled
+from stagetune.core.store.base import Store
+from stagetune.trainer import checkpoint
+from stagetune.trainer.flow import FlowSchedule, noisy_input, sample_sigmas, timesteps_for
+from stagetune.trainer.lora import LORA_FILE, add_lora, load_lora_bytes, lora_file_bytes
+from stagetune.trainer.sampler import BucketBatchSampler, SamplerState, expand_repeats
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class TrainData:
+    """What the cache stages produced, resolved to keys per manifest row."""
+
+    rows: Sequence[dict]
+    latents: ShardedCache
+    latent_keys: Sequence[str]  # per row
+    texts: ShardedCache
+    text_key: Callable[[str], str]  # caption -> embedding cache key
+
+
+@dataclasses.dataclass
+class Reporter:
+    """How the loop talks to the outside (job events, validation) without knowing gRPC."""
+
+    progress: Callable[[int, int], None] = lambda step, total: None
+    log: Callable[[str], None] = lambda message: None
+    metric: Callable[[str, float, int], None] = lambda name, value, step: None
+    validate: Callable[[int, bytes], None] | None = None  # (step, LoRA file bytes), must not block
+    cancelled: Callable[[], bool] = lambda: False
+
+
+def config_fingerprint(cfg: Any, data: TrainData) -> str:
+    """What must match for a checkpoint to be resumed as the same run."""
+    fields = {k: getattr(cfg, k) for k in (
+        "seed", "learning_rate", "train_batch_size", "gradient_accumulation_steps", "lora_rank",
+        "lora_alpha", "lora_dropout", "flow_schedule_shift", "pretrained_model_name_or_path")}
+    fields["latent_keys"] = xxhash.xxh3_64_hexdigest("".join(data.latent_keys))
+    return xxhash.xxh3_64_hexdigest(json.dumps(fields, sort_keys=True, default=str))
+
+
+class Trainer:
+    def __init__(self, cfg: Any, family: Any, data: TrainData, output: Store, reporter: Reporter) -> None:
+        self.cfg = cfg
+        self.family = family
+        self.data = data
+        self.output = output
+        self.report = reporter
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(str(cfg.mixed_precision))
+        self.global_step = 0
+
+    # -- set-up ------------------------------------------------------------------------------
+    def setup(self) -> None:
+        cfg = self.cfg
+        torch.manual_seed(cfg.seed or 0)
+        self.generator = torch.Generator().manual_seed(cfg.seed or 0)
+        weight_dtype = self.autocast_dtype or torch.float32
+        self.model = self.family.load_transformer(cfg.pretrained_model_name_or_path, revision=cfg.revision,
+                                                  dtype=weight_dtype).to(self.device)
+        if cfg.gradient_checkpointing:
+            self.model.enable_gradient_checkpointing()
+        self.params = add_lora(self.model, rank=cfg.lora_rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
+                               target_modules=list(self.family.LORA_TARGET_MODULES))
+        self.model.train()
+        self.optimizer = torch.optim.AdamW(
+            self.params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
+            weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon,
+        )
+        warmup = cfg.lr_warmup_steps if cfg.lr_scheduler == "constant_with_warmup" else 0
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0
+        )
+        samples = expand_repeats(self.data.rows)
+        self.sampler = BucketBatchSampler(samples, cfg.train_batch_size, cfg.seed or 0)
+        if len(self.sampler) == 0:
+            raise PreconditionError(
+                f"no bucket holds a full batch of train_batch_size={cfg.train_batch_size}: "
+                "add images, raise repeats or lower train_batch_size", field="train_batch_size")
+        self.schedule = FlowSchedule(
+            shift=cfg.flow_schedule_shift, auto_shift=bool(cfg.flow_schedule_auto_shift),
+            use_uniform=bool(cfg.flow_use_uniform_schedule), use_beta=bool(cfg.flow_use_beta_schedule),
+            beta_alpha=cfg.flow_beta_schedule_alpha, beta_beta=cfg.flow_beta_schedule_beta,
+            sigmoid_scale=cfg.flow_sigmoid_scale, **self.family.flow_shift_params(cfg.pretrained_model_name_or_path),
+        )
+        self.total_steps = self._total_steps()
+        self.fingerprint = config_fingerprint(cfg, self.data)
+        self._resume()
+
+    def _total_steps(self) -> int:
+        cfg = self.cfg
+        if cfg.max_train_steps and cfg.max_train_steps > 0:
+            return int(cfg.max_train_steps)
+        per_epoch = math.ceil(len(self.sampler) / cfg.gradient_accumulation_steps)
+        if not cfg.num_train_epochs or cfg.num_train_epochs <= 0:
+            raise ConfigError("set max_train_steps or num_train_epochs", field="max_train_steps")
+        return int(cfg.num_train_epochs) * per_epoch
+
+    def _resume(self) -> None:
+        found = checkpoint.resolve_resume(self.output, self.cfg.resume_from_checkpoint)
+        if found is None:
+            return
+        store, step = found
+        files, state = checkpoint.load_checkpoint(store, step)
+        if state.get("fingerprint") != self.fingerprint:
+            self.report.log(f"checkpoint-{step} was made with other settings or data; resuming it anyway")
+        load_lora_bytes(self.model, files[LORA_FILE])
+        self.optimizer.load_state_dict(torch.load(io.BytesIO(files["optimizer.pt"]), weights_only=True))
+        self.scheduler.load_state_dict(torch.load(io.BytesIO(files["scheduler.pt"]), weights_only=True))
+        rng = torch.load(io.BytesIO(files["random_states.pt"]), weights_only=True)
+        torch.set_rng_state(rng["torch"])
+        self.generator.set_state(rng["generator"])
+        self.sampler.state = SamplerState(**state["sampler"])
+        self.global_step = int(state["step"])
+        self.report.log(f"resuming from checkpoint-{step} (step {self.global_step} of {self.total_steps})")
+
+    # -- one step ----------------------------------------------------------------------------
+    def _batch_tensors(self, batch: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        latents, embeds, pooled = [], [], []
+        for ref in batch:
+            row = self.data.rows[ref.row]
+            latents.append(self.data.latents.get(self.data.latent_keys[ref.row])["latents"])
+            captions = row["captions"] or [""]
+            pick = int(torch.randint(len(captions), (1,), generator=self.generator)) if len(captions) > 1 else 0
+            caption = captions[pick]
+            if float(torch.rand(1, generator=self.generator)) < self.cfg.caption_dropout_probability:
+                caption = ""
+            entry = self.data.texts.get(self.data.text_key(caption))
+            embeds.append(entry["prompt_embeds"])
+            pooled.append(entry["pooled_prompt_embeds"])
+        return (torch.stack(latents).to(self.device), torch.stack(embeds).to(self.device),
+                torch.stack(pooled).to(self.device))
+
+    def _micro_step(self) -> float:
+        batch, _ = self.sampler.next_batch()
+        latents, embeds, pooled = self._batch_tensors(batch)
+        noise = torch.randn(latents.shape, generator=self.generator).to(self.device, latents.dtype)
+        if self.cfg.noise_offset and float(torch.rand(1, generator=self.generator)) < self.cfg.noise_offset_probability:
+            offset = torch.randn((latents.shape[0], latents.shape[1], 1, 1), generator=self.generator)
+            noise = noise + self.cfg.noise_offset * offset.to(self.device, latents.dtype)
+        seq_len = (latents.shape[-1] // 2) * (latents.shape[-2] // 2)
+        sigmas = sample_sigmas(self.schedule, latents.shape[0], seq_len, self.generator).to(self.device)
+        noisy, target = noisy_input(latents, noise, sigmas)
+        with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
+            pred = self.model(hidden_states=noisy, timestep=timesteps_for(sigmas), encoder_hidden_states=embeds,
+                              pooled_projections=pooled, return_dict=False)[0]
+        loss = torch.nn.functional.mse_loss(pred.float(), target.float())
+        (loss / self.cfg.gradient_accumulation_steps).backward()
+        return float(loss.detach())
+
+    def step(self) -> float:
+        """One optimizer step over `gradient_accumulation_steps` micro-batches; returns the mean loss."""
+        losses = [self._micro_step() for _ in range(self.cfg.gradient_accumulation_steps)]
+        if self.cfg.max_grad_norm and self.cfg.max_grad_norm > 0:
+            if self.cfg.grad_clip_method == "value":
+                torch.nn.utils.clip_grad_value_(self.params, self.cfg.max_grad_norm)
+            else:
+                torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.global_step += 1
+        return sum(losses) / len(losses)
+
+    # -- outputs -----------------------------------------------------------------------------
+    def lora_bytes(self) -> bytes:
+        return lora_file_bytes(self.model, self.family.pipeline_class())
+
+    def save_checkpoint(self) -> None:
+        def tensor_bytes(obj: Any) -> bytes:
+            buffer = io.BytesIO()
+            torch.save(obj, buffer)
+            return buffer.getvalue()
+
+        files = {
+            LORA_FILE: self.lora_bytes(),
+            "optimizer.pt": tensor_bytes(self.optimizer.state_dict()),
+            "scheduler.pt": tensor_bytes(self.scheduler.state_dict()),
+            "random_states.pt": tensor_bytes({"torch": torch.get_rng_state(), "generator": self.generator.get_state()}),
+        }
+        state = {"sampler": dataclasses.asdict(self.sampler.state), "fingerprint": self.fingerprint,
+                 "total_steps": self.total_steps}
+        name = checkpoint.save_checkpoint(self.output, self.global_step, files, state,
+                                          self.cfg.checkpoints_total_limit)
+        self.report.log(f"saved {name}")
+
+    def _validate(self) -> None:
+        if self.report.validate is not None and self.cfg.validation_prompt:
+            self.report.validate(self.global_step, self.lora_bytes())
+
+    # -- the run -----------------------------------------------------------------------------
+    def train(self) -> dict[str, str]:
+        cfg = self.cfg
+        family = getattr(self.family, "NAME", "unknown")
+        self.report.progress(self.global_step, self.total_steps)
+        while self.global_step < self.total_steps:
+            if self.report.cancelled():
+                self.save_checkpoint()  # Ctrl-C or Cancel: the next run resumes here
+                raise JobCancelled("training cancelled")
+            started = time.perf_counter()
+            loss = self.step()
+            elapsed = time.perf_counter() - started
+            metrics.TRAIN_STEPS.labels(family).inc()
+            metrics.TRAIN_STEP_SECONDS.labels(family).observe(elapsed)
+            metrics.TRAIN_LOSS.labels(family).observe(loss)
+            self.report.metric("loss", loss, self.global_step)
+            self.report.metric("lr", self.scheduler.get_last_lr()[0], self.global_step)
+            self.report.progress(self.global_step, self.total_steps)
+            if cfg.checkpointing_steps and self.global_step % cfg.checkpointing_steps == 0:
+                self.save_checkpoint()
+            if cfg.validation_steps and self.global_step % cfg.validation_steps == 0 \
+                    and self.global_step < self.total_steps:
+                self._validate()
+        final = self.lora_bytes()
+        self.output.put_bytes(LORA_FILE, final)
+        self.report.log(f"wrote {LORA_FILE} ({len(final)} bytes) after {self.global_step} steps")
+        if self.report.validate is not None and cfg.validation_prompt:
+            self.report.validate(self.global_step, final)
+        return {"lora": LORA_FILE, "steps": str(self.global_step)}

@@ -1,0 +1,101 @@
+"""Sampling images from a base model plus an optional LoRA adapter.
+
+The pipeline is loaded once per (family, model, revision, dtype) and kept; adapters are loaded
+per request from the store and unloaded afterwards, so one validation server serves every
+checkpoint of every job on that base model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import tempfile
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from stagetune.core.store.base import Store
+
+_pipelines: dict[tuple, Any] = {}
+_lock = threading.Lock()
+
+
+@dataclasses.dataclass
+class Sampling:
+    guidance_scale: float = 3.0
+    num_inference_steps: int = 20
+    seed: int = 0
+    negative_prompt: str = ""
+    resolutions: list[tuple[int, int]] = dataclasses.field(default_factory=lambda: [(1024, 1024)])
+    skip_guidance_layers: list[int] = dataclasses.field(default_factory=list)
+    skip_layer_guidance_scale: float = 2.8
+    skip_layer_guidance_start: float = 0.01
+    skip_layer_guidance_stop: float = 0.2
+
+
+def get_pipeline(family: Any, name_or_path: str, revision: str | None, dtype: torch.dtype) -> Any:
+    key = (family.NAME, name_or_path, revision, dtype)
+    with _lock:
+        if key not in _pipelines:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+            pipe = family.pipeline_class().from_pretrained(name_or_path, revision=revision, torch_dtype=dtype)
+            pipe.set_progress_bar_config(disable=True)
+            _pipelines[key] = pipe.to(device)
+        return _pipelines[key]
+
+
+@contextmanager
+def adapter(pipe: Any, store: Store, adapter_key: str) -> Iterator[None]:
+    """Load the adapter file with its metadata (rank/alpha) for the duration of the block."""
+    if not adapter_key:
+        yield
+        return
+    local = store.local_path(adapter_key)
+    with tempfile.TemporaryDirectory() as tmp:
+        if local is None:
+            local = Path(tmp) / "pytorch_lora_weights.safetensors"
+            local.write_bytes(store.get_bytes(adapter_key))
+        pipe.load_lora_weights(str(local.parent), weight_name=local.name, adapter_name="validation")
+    try:
+        yield
+    finally:
+        pipe.delete_adapters("validation")
+
+
+def sample(pipe: Any, prompt: str, width: int, height: int, options: Sampling) -> Image.Image:
+    device = pipe.device if hasattr(pipe, "device") else torch.device("cpu")
+    generator = torch.Generator(device=device).manual_seed(options.seed)
+    kwargs: dict[str, Any] = {}
+    if options.skip_guidance_layers:
+        kwargs.update(
+            skip_guidance_layers=list(options.skip_guidance_layers),
+            skip_layer_guidance_scale=options.skip_layer_guidance_scale,
+            skip_layer_guidance_start=options.skip_layer_guidance_start,
+            skip_layer_guidance_stop=options.skip_layer_guidance_stop,
+        )
+    with torch.inference_mode():
+        result = pipe(
+            prompt=prompt,
+            negative_prompt=options.negative_prompt or None,
+            width=width,
+            height=height,
+            num_inference_steps=options.num_inference_steps,
+            guidance_scale=options.guidance_scale,
+            generator=generator,
+            **kwargs,
+        )
+    return result.images[0]
+
+
+def png_bytes(image: Image.Image, max_edge: int | None = None) -> bytes:
+    if max_edge and max(image.size) > max_edge:
+        image = image.copy()
+        image.thumbnail((max_edge, max_edge))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
