@@ -12,6 +12,43 @@ import abc
 from collections.abc import Iterator
 from pathlib import Path
 
+from stagetune.core.errors import InputError
+
+
+class InvalidKeyError(InputError):
+    """A key that could escape the store's root or mean different objects on different stores."""
+
+
+def check_key(key: str) -> str:
+    """Reject keys a local folder and an S3 bucket would not treat alike.
+
+    `a//b`, `./a`, `a/../b` or `/a` name one file on disk but different (or escaping) objects on S3,
+    so they are refused everywhere rather than normalised silently.
+    """
+    if not isinstance(key, str) or not key:
+        raise InvalidKeyError(f"invalid store key {key!r}: must be a non-empty string", field="key")
+    if key.startswith("/") or key.endswith("/"):
+        raise InvalidKeyError(
+            f"invalid store key {key!r}: must be relative and not end with '/'", field="key"
+        )
+    if "\\" in key or "\x00" in key:
+        raise InvalidKeyError(f"invalid store key {key!r}: no backslashes or NUL bytes", field="key")
+    for part in key.split("/"):
+        if part in ("", ".", ".."):
+            raise InvalidKeyError(
+                f"invalid store key {key!r}: empty, '.' and '..' path components are not allowed", field="key"
+            )
+    return key
+
+
+def check_prefix(prefix: str) -> str:
+    """Prefixes follow key rules but may be empty or end with `/` (S3 prefixes are plain string prefixes)."""
+    if not isinstance(prefix, str):
+        raise InvalidKeyError(f"invalid store prefix {prefix!r}: must be a string", field="prefix")
+    if prefix:
+        check_key(prefix[:-1] if prefix.endswith("/") and len(prefix) > 1 else prefix)
+    return prefix
+
 
 class Store(abc.ABC):
     """A flat key → bytes store with prefix listing."""
@@ -53,5 +90,20 @@ class Store(abc.ABC):
         return None
 
     def delete_prefix(self, prefix: str) -> None:
+        """Remove every key under `prefix`; an empty prefix is refused so a typo cannot wipe the store."""
+        if not prefix:
+            raise InvalidKeyError("delete_prefix needs a non-empty prefix", field="prefix")
         for key in list(self.list(prefix)):
             self.delete(key)
+
+    def close(self) -> None:  # noqa: B027 - optional hook, most stores hold nothing
+        """Release connections or handles; the store must not be used afterwards."""
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.url!r})"
