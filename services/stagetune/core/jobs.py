@@ -97,7 +97,7 @@ class Event:
 
 
 def job_id_for(service: str, request_id: str) -> str:
-    digest = xxhash.xxh3_64_hexdigest(service + "\0" + request_id)
+    digest = xxhash.xxh3_64_hexdigest(f"{service}\0{request_id}".encode())
     return f"{service}-{digest}"
 
 

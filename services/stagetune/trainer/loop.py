@@ -59,8 +59,8 @@ def config_fingerprint(cfg: Any, data: TrainData) -> str:
     fields = {k: getattr(cfg, k) for k in (
         "seed", "learning_rate", "train_batch_size", "gradient_accumulation_steps", "lora_rank",
         "lora_alpha", "lora_dropout", "flow_schedule_shift", "pretrained_model_name_or_path")}
-    fields["latent_keys"] = xxhash.xxh3_64_hexdigest("".join(data.latent_keys))
-    return xxhash.xxh3_64_hexdigest(json.dumps(fields, sort_keys=True, default=str))
+    fields["latent_keys"] = xxhash.xxh3_64_hexdigest("".join(data.latent_keys).encode())
+    return xxhash.xxh3_64_hexdigest(json.dumps(fields, sort_keys=True, default=str).encode())
 
 
 class Trainer:

@@ -62,7 +62,7 @@ def vae_job(ctx: JobContext) -> dict[str, str]:
     ctx.store.put_bytes(keys_key, json.dumps(keys, sort_keys=True).encode())
     ctx.log(f"latents: {stats.encoded} encoded, {stats.hits} cache hits of {stats.total}")
     return {"cache_prefix": prefix, "keys": keys_key, "fingerprint": encoder.fingerprint,
-            "keys_digest": xxhash.xxh3_64_hexdigest(json.dumps(keys, sort_keys=True)), **stats.as_outputs()}
+            "keys_digest": xxhash.xxh3_64_hexdigest(json.dumps(keys, sort_keys=True).encode()), **stats.as_outputs()}
 
 
 class VaeServicer(JobServicer, vae_pb2_grpc.VaeServiceServicer):

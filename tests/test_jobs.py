@@ -1,0 +1,99 @@
+"""The job framework every service shares: idempotent Start, Watch, Get, Cancel, restart survival."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+from stagetune.core.errors import ConfigError, NotFoundError
+from stagetune.core.jobs import JobManager, JobState
+from stagetune.core.store.local import LocalStore
+
+
+def _wait(manager: JobManager, job_id: str) -> list:
+    return list(manager.watch(job_id))
+
+
+def test_submit_is_idempotent_on_request_id(tmp_path: Path) -> None:
+    calls = []
+
+    def work(ctx):
+        calls.append(ctx.spec["n"])
+        ctx.progress("counting", 1, 2, "things")
+        ctx.log("halfway")
+        return {"answer": ctx.spec["n"] * 2}
+
+    manager = JobManager("demo", LocalStore(tmp_path), work)
+    first = manager.submit("req-1", {"n": 21})
+    events = _wait(manager, first.job_id)
+    again = manager.submit("req-1", {"n": 21})
+    assert again.job_id == first.job_id
+    assert calls == [21], "a retried Start must not run the work twice"
+    assert manager.get(first.job_id).outputs == {"answer": "42"}
+    kinds = [e.kind for e in events]
+    assert kinds[0] == "job" and kinds[-1] == "job"
+    assert "progress" in kinds and "log" in kinds
+    assert events[-1].data.state == JobState.SUCCEEDED
+    assert [e.seq for e in events] == list(range(1, len(events) + 1))
+
+
+def test_failure_keeps_the_field_and_the_message(tmp_path: Path) -> None:
+    def work(ctx):
+        raise ConfigError("unknown key 'lerning_rate'", field="lerning_rate")
+
+    manager = JobManager("demo", LocalStore(tmp_path), work)
+    job = manager.submit("r", {})
+    _wait(manager, job.job_id)
+    record = manager.get(job.job_id)
+    assert record.state == JobState.FAILED
+    assert record.error_field == "lerning_rate"
+    assert "lerning_rate" in record.error
+
+
+def test_cancel_stops_a_running_job(tmp_path: Path) -> None:
+    started = threading.Event()
+
+    def work(ctx):
+        started.set()
+        for i in range(1000):
+            ctx.progress("looping", i, 1000)
+            threading.Event().wait(0.01)
+        return {}
+
+    manager = JobManager("demo", LocalStore(tmp_path), work)
+    job = manager.submit("r", {})
+    assert started.wait(5)
+    manager.cancel(job.job_id)
+    _wait(manager, job.job_id)
+    assert manager.get(job.job_id).state == JobState.CANCELLED
+
+
+def test_records_outlive_the_manager(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path)
+    manager = JobManager("demo", store, lambda ctx: {"ok": "yes"})
+    job = manager.submit("r", {})
+    _wait(manager, job.job_id)
+    manager.shutdown()
+    reborn = JobManager("demo", store, lambda ctx: pytest.fail("must not run again"))
+    assert reborn.get(job.job_id).outputs == {"ok": "yes"}
+    assert [r.job_id for r in reborn.list()] == [job.job_id]
+    assert reborn.submit("r", {}).state == JobState.SUCCEEDED
+    events = list(reborn.watch(job.job_id))
+    assert events[-1].data.state == JobState.SUCCEEDED
+    with pytest.raises(NotFoundError, match="no such job"):
+        reborn.get("demo-0000")
+
+
+def test_a_job_left_running_by_a_dead_process_runs_again(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path)
+    manager = JobManager("demo", store, lambda ctx: {"run": "first"})
+    job = manager.submit("r", {})
+    _wait(manager, job.job_id)
+    record = manager.get(job.job_id)
+    record.state, record.owner = JobState.RUNNING, "a-dead-process"
+    store.put_bytes(f"jobs/{job.job_id}/record.json", record.to_json().encode())
+    reborn = JobManager("demo", store, lambda ctx: {"run": "second"})
+    again = reborn.submit("r", {})
+    list(reborn.watch(again.job_id))
+    assert reborn.get(job.job_id).outputs == {"run": "second"}
