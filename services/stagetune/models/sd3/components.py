@@ -1,0 +1,262 @@
+"""Loading SD3's parts, the one way every service does it.
+
+Every loader goes through ``from_pretrained(name_or_path, subfolder=…, revision=…, torch_dtype=…)``, the code
+path a hub id takes, so the tiny test model exercises exactly what production runs.
+
+In the embedded mode all five services share one interpreter: frozen parts (VAE, text encoders) are
+memoised process-wide so they are loaded once, keyed by (path, revision, dtype, device, component). The
+transformer is trained, so every call returns a fresh copy; schedulers carry per-run step state, so they are
+never shared either. Tokenizers are cheap and hugging-face fast tokenizers are not safe to share between
+threads (setting padding/truncation mutates them), so each call gets its own.
+
+torch and diffusers are imported inside the functions: config validation imports this module for
+``SD3_LORA_TARGET_MODULES`` and must stay fast.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from stagetune.core.errors import InputError, NotFoundError
+from stagetune.models.fingerprint import is_hub_id
+
+if TYPE_CHECKING:
+    import torch
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+    from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5Tokenizer
+
+# SimpleTuner's default LoRA targets for SD3 (``lora_type: standard``): attention projections of the
+# image stream only. Source: bghira/SimpleTuner, simpletuner/helpers/models/sd3/model.py,
+# ``SD3.DEFAULT_LORA_TARGET`` (commit 06b96af6803a6ad7723b4d75a56d94dad1a06dfa). PEFT matches them as
+# name suffixes, so they also hit ``attn2`` in SD3.5's dual-attention blocks, but never the context
+# stream's ``add_*_proj``/``to_add_out``.
+SD3_LORA_TARGET_MODULES: tuple[str, ...] = ("to_k", "to_q", "to_v", "to_out.0")
+# SimpleTuner's default LyCORIS targets for SD3 (same file, ``DEFAULT_LYCORIS_TARGET``): module class names.
+SD3_LYCORIS_TARGET_MODULES: tuple[str, ...] = ("Attention",)
+# diffusers' own choice (examples/dreambooth/train_dreambooth_lora_sd3.py): both streams.
+DIFFUSERS_SD3_LORA_TARGET_MODULES: tuple[str, ...] = (
+    "attn.to_q",
+    "attn.to_k",
+    "attn.to_v",
+    "attn.to_out.0",
+    "attn.add_q_proj",
+    "attn.add_k_proj",
+    "attn.add_v_proj",
+    "attn.to_add_out",
+)
+
+MODEL_FIELD = "pretrained_model_name_or_path"
+T = TypeVar("T")
+
+_memo: dict[tuple[str, ...], Any] = {}
+_memo_lock = threading.Lock()
+_key_locks: dict[tuple[str, ...], threading.Lock] = {}
+
+
+@dataclass(frozen=True)
+class SD3TextModels:
+    """SD3's three tokenizers and text encoders (CLIP-L, CLIP-G, T5), in the pipeline's order."""
+
+    tokenizer: CLIPTokenizer
+    tokenizer_2: CLIPTokenizer
+    tokenizer_3: T5Tokenizer
+    text_encoder: CLIPTextModelWithProjection
+    text_encoder_2: CLIPTextModelWithProjection
+    text_encoder_3: T5EncoderModel
+
+
+def _dtype(dtype: torch.dtype | None) -> torch.dtype:
+    import torch
+
+    return torch.float32 if dtype is None else dtype
+
+
+def _source_key(name_or_path: str) -> str:
+    """Local folders are keyed by their resolved path, so ``./m`` and ``/abs/m`` share one load."""
+    if is_hub_id(name_or_path):
+        return name_or_path
+    return str(Path(name_or_path).expanduser().resolve())
+
+
+def check_model_source(name_or_path: str, subfolder: str | None, *, field: str = MODEL_FIELD) -> None:
+    """Fail with the path in the message before ``from_pretrained`` would try the network for a bad path."""
+    if is_hub_id(name_or_path):
+        return
+    root = Path(name_or_path).expanduser()
+    if not root.is_dir():
+        raise NotFoundError(f"model folder {name_or_path} does not exist", field=field)
+    if subfolder and not (root / subfolder).is_dir():
+        raise NotFoundError(f"model folder {name_or_path} has no subfolder {subfolder!r}", field=field)
+
+
+def _from_pretrained(
+    loader: Callable[..., T],
+    name_or_path: str,
+    subfolder: str | None,
+    *,
+    field: str = MODEL_FIELD,
+    **kwargs: Any,
+) -> T:
+    """Call ``loader`` and turn its OSErrors (missing files, unknown hub id) into errors naming the input."""
+    check_model_source(name_or_path, subfolder, field=field)
+    where = f"{name_or_path}/{subfolder}" if subfolder else name_or_path
+    try:
+        if subfolder:
+            return loader(name_or_path, subfolder=subfolder, **kwargs)
+        return loader(name_or_path, **kwargs)
+    except OSError as exc:
+        if is_hub_id(name_or_path):
+            raise NotFoundError(f"cannot load {where} from the Hugging Face hub: {exc}", field=field) from exc
+        raise InputError(f"cannot load {where}: {exc}", field=field) from exc
+
+
+def _memoised(key: tuple[str, ...], load: Callable[[], T]) -> T:
+    """Load once per key; concurrent callers of one key wait for the first load instead of repeating it."""
+    with _memo_lock:
+        if key in _memo:
+            return _memo[key]
+        key_lock = _key_locks.setdefault(key, threading.Lock())
+    with key_lock:
+        with _memo_lock:
+            if key in _memo:
+                return _memo[key]
+        value = load()
+        with _memo_lock:
+            _memo[key] = value
+            _key_locks.pop(key, None)
+    return value
+
+
+def clear_component_cache() -> None:
+    """Forget the shared frozen models (tests, or to free memory once a stage is done with them)."""
+    with _memo_lock:
+        _memo.clear()
+
+
+def _freeze(module: T) -> T:
+    module.requires_grad_(False)  # type: ignore[attr-defined]
+    module.eval()  # type: ignore[attr-defined]
+    return module
+
+
+def load_transformer(
+    name_or_path: str,
+    *,
+    revision: str | None = None,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+    subfolder: str = "transformer",
+) -> SD3Transformer2DModel:
+    """A fresh transformer on every call: it is trained, so no two callers may share its parameters."""
+    from diffusers import SD3Transformer2DModel
+
+    model = _from_pretrained(
+        SD3Transformer2DModel.from_pretrained,
+        name_or_path,
+        subfolder,
+        revision=revision,
+        torch_dtype=_dtype(dtype),
+    )
+    return model.to(device)
+
+
+def load_vae(
+    name_or_path: str,
+    *,
+    revision: str | None = None,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+    subfolder: str | None = "vae",
+    field: str = MODEL_FIELD,
+) -> AutoencoderKL:
+    """The shared, frozen VAE. ``subfolder=None`` for a standalone VAE (SimpleTuner's
+    ``pretrained_vae_model_name_or_path``)."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    dtype = _dtype(dtype)
+    key = (
+        "vae",
+        _source_key(name_or_path),
+        revision or "",
+        subfolder or "",
+        str(dtype),
+        str(torch.device(device)),
+    )
+
+    def load() -> AutoencoderKL:
+        vae = _from_pretrained(
+            AutoencoderKL.from_pretrained,
+            name_or_path,
+            subfolder,
+            field=field,
+            revision=revision,
+            torch_dtype=dtype,
+        )
+        return _freeze(vae.to(device))
+
+    return _memoised(key, load)
+
+
+def load_scheduler(
+    name_or_path: str, *, revision: str | None = None, subfolder: str = "scheduler"
+) -> FlowMatchEulerDiscreteScheduler:
+    """A fresh scheduler per call: ``set_timesteps``/``step`` keep per-run state."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return _from_pretrained(
+        FlowMatchEulerDiscreteScheduler.from_pretrained, name_or_path, subfolder, revision=revision
+    )
+
+
+def load_tokenizers(
+    name_or_path: str, *, revision: str | None = None
+) -> tuple[CLIPTokenizer, CLIPTokenizer, T5Tokenizer]:
+    """SD3's three tokenizers, new objects on each call (see the module docstring on thread safety)."""
+    from transformers import CLIPTokenizer, T5Tokenizer
+
+    return (
+        _from_pretrained(CLIPTokenizer.from_pretrained, name_or_path, "tokenizer", revision=revision),
+        _from_pretrained(CLIPTokenizer.from_pretrained, name_or_path, "tokenizer_2", revision=revision),
+        _from_pretrained(T5Tokenizer.from_pretrained, name_or_path, "tokenizer_3", revision=revision),
+    )
+
+
+def load_text_encoders(
+    name_or_path: str,
+    *,
+    revision: str | None = None,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+) -> SD3TextModels:
+    """The three tokenizers (fresh) and the three shared, frozen text encoders."""
+    import torch
+    from transformers import CLIPTextModelWithProjection, T5EncoderModel
+
+    dtype = _dtype(dtype)
+    source = _source_key(name_or_path)
+
+    def encoder(cls: Any, subfolder: str) -> Any:
+        key = ("text", source, revision or "", subfolder, str(dtype), str(torch.device(device)))
+
+        def load() -> Any:
+            model = _from_pretrained(
+                cls.from_pretrained, name_or_path, subfolder, revision=revision, dtype=dtype
+            )
+            return _freeze(model.to(device))
+
+        return _memoised(key, load)
+
+    tokenizer, tokenizer_2, tokenizer_3 = load_tokenizers(name_or_path, revision=revision)
+    return SD3TextModels(
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2,
+        tokenizer_3=tokenizer_3,
+        text_encoder=encoder(CLIPTextModelWithProjection, "text_encoder"),
+        text_encoder_2=encoder(CLIPTextModelWithProjection, "text_encoder_2"),
+        text_encoder_3=encoder(T5EncoderModel, "text_encoder_3"),
+    )

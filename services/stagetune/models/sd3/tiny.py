@@ -1,0 +1,188 @@
+"""A tiny SD3 pipeline with random weights, for tests and benchmarks on machines without weights or GPUs.
+
+It has every part of the real one (MMDiT, 16-channel VAE with SD3's shift and scale and ×8
+downsampling, CLIP-L, CLIP-G with its "!" padding, T5, flow-match scheduler with shift 3) at toy widths,
+and it is written with ``save_pretrained`` so that services load it through the same ``from_pretrained``
+calls as a hub model.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from stagetune.core.errors import InputError
+
+# Real SD3 values: the VAE's latent normalisation and the scheduler's static shift.
+SD3_VAE_SHIFT_FACTOR = 0.0609
+SD3_VAE_SCALING_FACTOR = 1.5305
+SD3_SCHEDULER_SHIFT = 3.0
+
+
+@dataclass(frozen=True)
+class TinySD3Dims:
+    """Widths of the tiny model; the relations between them mirror the real model's.
+
+    CLIP-L + CLIP-G hidden widths (64) are narrower than T5's (96), as 768 + 1280 < 4096 in SD3, so the
+    zero-padding of CLIP states to T5's width is exercised; pooled = both CLIP projections (64).
+    """
+
+    clip_l_hidden: int = 32
+    clip_l_projection: int = 32
+    clip_g_hidden: int = 32
+    clip_g_projection: int = 32
+    clip_layers: int = 2
+    clip_heads: int = 4
+    t5_d_model: int = 96
+    t5_vocab_size: int = 512
+    t5_layers: int = 2
+    t5_heads: int = 4
+    transformer_layers: int = 2
+    transformer_heads: int = 4
+    transformer_head_dim: int = 8
+    latent_channels: int = 16
+    vae_block_out_channels: tuple[int, ...] = (16, 16, 32, 32)
+
+    @property
+    def pooled_projection_dim(self) -> int:
+        return self.clip_l_projection + self.clip_g_projection
+
+
+TINY_SD3 = TinySD3Dims()
+
+
+def build_tiny_sd3(output_dir: Path, *, seed: int = 0) -> Path:
+    """Write a tiny random-weight SD3 pipeline in diffusers format to ``output_dir`` and return it.
+
+    The same seed gives byte-identical files, so tests and benchmarks can compare fingerprints and outputs
+    across runs. The folder is assembled beside ``output_dir`` and renamed into place, so a crashed build
+    never leaves a half-written model that loads; ``output_dir`` must not exist or be empty.
+    """
+    output_dir = Path(output_dir)
+    if output_dir.exists() and (not output_dir.is_dir() or any(output_dir.iterdir())):
+        raise InputError(f"{output_dir} already exists and is not an empty folder", field="output")
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", suffix=".tmp", dir=output_dir.parent))
+    try:
+        _build_into(staging / "model", seed=seed, dims=TINY_SD3)
+        if output_dir.exists():
+            output_dir.rmdir()
+        (staging / "model").rename(output_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return output_dir
+
+
+def _build_into(folder: Path, *, seed: int, dims: TinySD3Dims) -> None:
+    import torch
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    from stagetune.models.tokenizers import CLIP_VOCAB_SIZE, build_clip_tokenizer, build_t5_tokenizer
+
+    with tempfile.TemporaryDirectory(prefix="stagetune-tok-") as scratch:
+        tokenizer = build_clip_tokenizer(Path(scratch) / "clip_l")
+        tokenizer_2 = build_clip_tokenizer(Path(scratch) / "clip_g", pad_token="!")
+        tokenizer_3 = build_t5_tokenizer(Path(scratch) / "t5", vocab_size=dims.t5_vocab_size, seed=seed)
+
+    # Each component draws from its own seed, so resizing one leaves the others' weights unchanged; the
+    # global RNG is forked so that building a model does not disturb the caller's random stream.
+    with torch.random.fork_rng(devices=[]):
+
+        def seeded(offset: int) -> None:
+            torch.manual_seed(seed * 1000 + offset)
+
+        def clip(hidden: int, projection: int, act: str) -> CLIPTextModelWithProjection:
+            config = CLIPTextConfig(
+                vocab_size=CLIP_VOCAB_SIZE,
+                hidden_size=hidden,
+                intermediate_size=hidden * 4,
+                projection_dim=projection,
+                num_hidden_layers=dims.clip_layers,
+                num_attention_heads=dims.clip_heads,
+                max_position_embeddings=77,
+                hidden_act=act,
+                bos_token_id=49406,
+                eos_token_id=49407,
+                pad_token_id=1,
+            )
+            return CLIPTextModelWithProjection(config)
+
+        seeded(1)
+        text_encoder = clip(dims.clip_l_hidden, dims.clip_l_projection, "quick_gelu")
+        seeded(2)
+        text_encoder_2 = clip(dims.clip_g_hidden, dims.clip_g_projection, "gelu")
+        seeded(3)
+        text_encoder_3 = T5EncoderModel(
+            T5Config(
+                vocab_size=dims.t5_vocab_size,
+                d_model=dims.t5_d_model,
+                d_kv=16,
+                d_ff=dims.t5_d_model * 2,
+                num_layers=dims.t5_layers,
+                num_heads=dims.t5_heads,
+                relative_attention_num_buckets=32,
+                feed_forward_proj="gated-gelu",
+                tie_word_embeddings=False,
+                pad_token_id=0,
+                eos_token_id=1,
+                decoder_start_token_id=0,
+            )
+        )
+        seeded(4)
+        transformer = SD3Transformer2DModel(
+            sample_size=32,
+            patch_size=2,
+            in_channels=dims.latent_channels,
+            out_channels=dims.latent_channels,
+            num_layers=dims.transformer_layers,
+            attention_head_dim=dims.transformer_head_dim,
+            num_attention_heads=dims.transformer_heads,
+            joint_attention_dim=dims.t5_d_model,
+            caption_projection_dim=dims.transformer_heads * dims.transformer_head_dim,
+            pooled_projection_dim=dims.pooled_projection_dim,
+            pos_embed_max_size=96,
+        )
+        seeded(5)
+        blocks = len(dims.vae_block_out_channels)
+        vae = AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D",) * blocks,
+            up_block_types=("UpDecoderBlock2D",) * blocks,
+            block_out_channels=dims.vae_block_out_channels,
+            layers_per_block=1,
+            latent_channels=dims.latent_channels,
+            norm_num_groups=8,
+            sample_size=64,
+            shift_factor=SD3_VAE_SHIFT_FACTOR,
+            scaling_factor=SD3_VAE_SCALING_FACTOR,
+            use_quant_conv=False,
+            use_post_quant_conv=False,
+        )
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=SD3_SCHEDULER_SHIFT)
+
+    pipeline = StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=scheduler,
+        vae=vae,
+        text_encoder=text_encoder.eval(),
+        tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2.eval(),
+        tokenizer_2=tokenizer_2,
+        text_encoder_3=text_encoder_3.eval(),
+        tokenizer_3=tokenizer_3,
+    )
+    pipeline.save_pretrained(folder, safe_serialization=True)
+    (folder / "stagetune_tiny.json").write_text(
+        json.dumps({"family": "sd3", "seed": seed, "dims": asdict(dims)}, indent=2, sort_keys=True) + "\n",
+        encoding="utf-8",
+    )

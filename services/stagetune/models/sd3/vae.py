@@ -1,0 +1,112 @@
+"""SD3 latents for the VAE service: sampled per sample from its own seed, scaled as the transformer expects.
+
+A latent is a sample of the VAE's posterior, ``mean + std · noise``. Each sample's noise comes from its own
+generator seeded with that sample's seed, so a cached latent does not depend on which batch, shard or worker
+encoded it: re-encoding a sample anywhere gives the same tensor, and the cache stays content-addressed.
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+
+import torch
+
+from stagetune.core.errors import InputError
+from stagetune.models.fingerprint import digest, model_fingerprint
+from stagetune.models.sd3.components import load_vae
+
+
+class SD3LatentEncoder:
+    """Encode pixels to SD3 training latents ``(z − shift_factor) · scaling_factor`` and decode them back."""
+
+    def __init__(
+        self,
+        vae: torch.nn.Module,
+        *,
+        name_or_path: str,
+        subfolder: str | None,
+        revision: str | None,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        self.vae = vae
+        self.name_or_path = name_or_path
+        self.subfolder = subfolder
+        self.revision = revision
+        self.dtype = dtype
+        self.device = device
+        config = vae.config
+        self.shift_factor = float(config.shift_factor or 0.0)
+        self.scaling_factor = float(config.scaling_factor)
+        self.latent_channels = int(config.latent_channels)
+        self.downsample = 2 ** (len(config.block_out_channels) - 1)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str,
+        *,
+        revision: str | None = None,
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+        subfolder: str | None = "vae",
+    ) -> SD3LatentEncoder:
+        """Load through the shared component memo; ``subfolder=None`` for a standalone VAE repository."""
+        vae = load_vae(name_or_path, revision=revision, dtype=dtype, device=device, subfolder=subfolder)
+        return cls(
+            vae,
+            name_or_path=name_or_path,
+            subfolder=subfolder,
+            revision=revision,
+            dtype=dtype,
+            device=torch.device(device),
+        )
+
+    @cached_property
+    def fingerprint(self) -> str:
+        """VAE weights and config plus dtype: everything that changes a latent besides the pixels and seed."""
+        return model_fingerprint(
+            self.name_or_path,
+            [self.subfolder or ""],
+            revision=self.revision,
+            extra={"family": "sd3", "component": "vae", "dtype": str(self.dtype)},
+        )
+
+    def latent_key(self, pixel_key: str) -> str:
+        """Cache key of a latent: the key of its pixels (image bytes, crop, size) under this VAE."""
+        return digest("sd3-latent-v1", pixel_key, self.fingerprint)
+
+    def _check_pixels(self, pixels: torch.Tensor) -> None:
+        if pixels.ndim != 4 or pixels.shape[1] != 3:
+            raise InputError(f"pixels must be [B, 3, H, W], got {list(pixels.shape)}", field="pixels")
+        height, width = pixels.shape[-2:]
+        if height % self.downsample or width % self.downsample:
+            raise InputError(
+                f"image size {width}×{height} is not a multiple of the VAE's {self.downsample}",
+                field="pixels",
+            )
+
+    @torch.no_grad()
+    def encode(self, pixels: torch.Tensor, seeds: list[int]) -> torch.Tensor:
+        """Pixels in [-1, 1], one seed per sample → float32 latents [B, C, H/8, W/8], already scaled."""
+        self._check_pixels(pixels)
+        if len(seeds) != pixels.shape[0]:
+            raise InputError(f"{pixels.shape[0]} images but {len(seeds)} seeds", field="seeds")
+        posterior = self.vae.encode(pixels.to(device=self.device, dtype=self.dtype)).latent_dist
+        mean = posterior.mean.float()
+        std = posterior.std.float()
+        # Noise is drawn on the CPU in float32 so the same seed gives the same latent on any device and dtype.
+        noise = torch.stack(
+            [
+                torch.randn(mean.shape[1:], generator=torch.Generator().manual_seed(int(seed)))
+                for seed in seeds
+            ]
+        ).to(mean.device)
+        z = mean + std * noise
+        return (z - self.shift_factor) * self.scaling_factor
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Scaled latents → float32 pixels (about [-1, 1], not clamped), for previews and tests."""
+        z = latents.to(device=self.device, dtype=torch.float32) / self.scaling_factor + self.shift_factor
+        return self.vae.decode(z.to(self.dtype)).sample.float()
