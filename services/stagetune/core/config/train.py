@@ -1,0 +1,739 @@
+"""config.json: SimpleTuner's training options, read unchanged and checked before any work starts.
+
+Users bring the config.json they train SimpleTuner with. Three kinds of key exist:
+
+- supported keys become typed `TrainConfig` fields, with SimpleTuner's defaults (a few deliberate
+  departures are noted on the fields);
+- every other key SimpleTuner's parser knows (`simpletuner_keys.OPTIONS`) is accepted only at
+  SimpleTuner's default value, where it changes nothing; any other value raises `NotSupportedError`,
+  because silently ignoring it would train a different job than the user asked for;
+- anything else is a typo: `ConfigError` with the closest known key.
+
+Values are read the way SimpleTuner's `mapping_to_cli_args` + argparse read them: `--key` and `key`
+are the same key, `null` (and an empty string) means "SimpleTuner's default", numbers may be strings,
+booleans may be the strings SimpleTuner's `_parse_bool_flag` accepts, and `{env:VAR}` is replaced by
+the environment variable (SimpleTuner substitutes an empty string for an unset variable; we refuse,
+naming it, since an empty path or token is never what the user meant).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from stagetune.core.config import simpletuner_keys as st
+from stagetune.core.config.keys import check_keys, normalise_key, suggest, unknown_key_error
+from stagetune.core.errors import ConfigError, NotSupportedError
+
+WHERE = "config.json"
+
+#: SD3's T5 sequence length (SimpleTuner's `SD3.check_user_config` clamps to it unless
+#: i_know_what_i_am_doing).
+SD3_T5_MAX_LENGTH = 154
+
+#: Optimizer spellings that mean torch.optim.AdamW. SimpleTuner itself only knows "torch-adamw".
+ADAMW_ALIASES = frozenset({"adamw", "torch-adamw", "torch_adamw", "adamw_torch", "adamw-torch", "torch.optim.adamw"})
+
+#: config.json keys (canonical SimpleTuner spelling) that map to a differently named TrainConfig field.
+FIELD_FOR_KEY = {
+    "checkpoint_step_interval": "checkpointing_steps",
+    "validation_step_interval": "validation_steps",
+}
+KEY_FOR_FIELD = {v: k for k, v in FIELD_FOR_KEY.items()}
+
+#: Keys whose empty string SimpleTuner passes through (its `allow_empty` fields) instead of meaning "default":
+#: an empty negative prompt means "no negative prompt", not "blurry, cropped, ugly".
+ALLOW_EMPTY = frozenset({"validation_prompt", "validation_negative_prompt"})
+
+#: Supported keys whose value must be one of a few; other values SimpleTuner accepts are "not supported yet".
+SUPPORTED_VALUES: dict[str, frozenset[Any]] = {
+    "model_type": frozenset({"lora"}),
+    "model_family": frozenset({"sd3"}),
+    "lr_scheduler": frozenset({"constant", "constant_with_warmup"}),
+    "lora_type": frozenset({"standard"}),
+    "sd3_clip_uncond_behaviour": frozenset({"empty_string"}),
+    "sd3_t5_uncond_behaviour": frozenset({"empty_string"}),
+    "mixed_precision": frozenset({"no", "bf16", "fp16"}),
+    "attention_mechanism": frozenset({"diffusers"}),
+    "base_model_precision": frozenset({"no_change"}),
+    "text_encoder_1_precision": frozenset({"no_change"}),
+    "text_encoder_2_precision": frozenset({"no_change"}),
+    "text_encoder_3_precision": frozenset({"no_change"}),
+    "report_to": frozenset({"none"}),
+    "push_to_hub": frozenset({False}),
+    "validation_preview": frozenset({False}),
+}
+
+
+def _opt(key: str) -> st.Option:
+    return st.OPTIONS.get(key) or st.LEGACY_GLOBAL_OPTIONS[key]
+
+
+def _default(key: str) -> Any:
+    """SimpleTuner's default, so TrainConfig's defaults cannot drift from the catalogue."""
+    return _opt(KEY_FOR_FIELD.get(key, key)).default
+
+
+class TrainConfig(BaseModel):
+    """The supported part of config.json, typed and checked; what every stage reads instead of the raw file.
+
+    Defaults are SimpleTuner 4.8.0's unless a field says otherwise. Relative paths are resolved against
+    `base_dir`.
+    """
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    # model
+    model_type: Literal["lora"] = "lora"  # SimpleTuner's default is "full": the loader refuses a missing key
+    model_family: Literal["sd3"] = "sd3"
+    pretrained_model_name_or_path: str
+    revision: str | None = None
+    variant: str | None = None
+    output_dir: Path = Path(_default("output_dir"))
+    data_backend_config: Path | None = None
+    seed: int | None = None  # as SimpleTuner: 0 means "from the clock", -1 "random"; the trainer resolves it
+
+    # dataset-level defaults that datasets inherit (see dataset_defaults())
+    resolution: int | float = _default("resolution")
+    resolution_type: Literal["pixel", "area", "pixel_area"] = _default("resolution_type")
+    crop: bool = _default("crop")
+    crop_style: Literal["center", "centre", "corner", "random", "face"] = _default("crop_style")
+    crop_aspect: Literal["square", "preserve", "closest", "random"] = _default("crop_aspect")
+    minimum_image_size: int | float | None = None
+    maximum_image_size: int | float | None = None
+    target_downsample_size: int | float | None = None
+    # SimpleTuner's global spelling "instance_prompt" is normalised to the dataset-level "instanceprompt"
+    caption_strategy: Literal["filename", "textfile", "instanceprompt", "parquet"] = "filename"
+    instance_prompt: str | None = None
+    caption_dropout_probability: float = Field(_default("caption_dropout_probability"), ge=0.0, le=1.0)
+
+    # schedule and optimiser
+    train_batch_size: int = Field(_default("train_batch_size"), ge=1)
+    gradient_accumulation_steps: int = Field(_default("gradient_accumulation_steps"), ge=1)
+    learning_rate: float = Field(_default("learning_rate"), gt=0.0)
+    lr_scheduler: Literal["constant", "constant_with_warmup"] = _default("lr_scheduler")
+    lr_warmup_steps: int = Field(_default("lr_warmup_steps"), ge=0)
+    max_train_steps: int | None = None  # wins over num_train_epochs when > 0
+    num_train_epochs: int = Field(_default("num_train_epochs"), ge=0)
+    max_grad_norm: float = Field(_default("max_grad_norm"), ge=0.0)  # 0 disables clipping
+    # SimpleTuner's default "value" clips each gradient element; DESIGN.md §6: we clip by global norm
+    grad_clip_method: Literal["norm", "value"] = "norm"
+    # torch.optim.AdamW; SimpleTuner's default adamw_bf16 is not supported yet (the loader warns)
+    optimizer: Literal["torch-adamw"] = "torch-adamw"
+    # SimpleTuner 4.8 only passes these to DeepSpeed; its torch-adamw uses the same numbers as defaults.
+    # We honour them for AdamW, so a user who sets them gets what the option names promise.
+    adam_beta1: float = Field(_default("adam_beta1"), ge=0.0, lt=1.0)
+    adam_beta2: float = Field(_default("adam_beta2"), ge=0.0, lt=1.0)
+    adam_weight_decay: float = Field(_default("adam_weight_decay"), ge=0.0)
+    adam_epsilon: float = Field(_default("adam_epsilon"), gt=0.0)
+
+    # LoRA
+    lora_rank: int = Field(_default("lora_rank"), ge=1)
+    lora_alpha: float | None = None  # None means alpha = rank, as SimpleTuner
+    lora_dropout: float = Field(_default("lora_dropout"), ge=0.0, lt=1.0)
+    lora_type: Literal["standard"] = "standard"
+
+    # checkpoints
+    checkpointing_steps: int = Field(_default("checkpointing_steps"), ge=0)
+    checkpoints_total_limit: int | None = _default("checkpoints_total_limit")
+    resume_from_checkpoint: str | None = _default("resume_from_checkpoint")  # "latest", a path, or None
+
+    # validation
+    validation_steps: int = Field(_default("validation_steps"), ge=0)
+    validation_prompt: str | None = None
+    validation_resolution: list[tuple[int, int]] = Field(default_factory=lambda: [(256, 256)])
+    validation_guidance: float = _default("validation_guidance")
+    validation_num_inference_steps: int = Field(_default("validation_num_inference_steps"), ge=1)
+    validation_seed: int | None = None
+    validation_negative_prompt: str = _default("validation_negative_prompt")
+    validation_guidance_skip_layers: list[int] | None = None
+    validation_guidance_skip_layers_start: float = Field(
+        _default("validation_guidance_skip_layers_start"), ge=0.0, le=1.0
+    )
+    validation_guidance_skip_layers_stop: float = Field(
+        _default("validation_guidance_skip_layers_stop"), ge=0.0, le=1.0
+    )
+    validation_guidance_skip_scale: float = _default("validation_guidance_skip_scale")
+    user_prompt_library: Path | None = None
+    user_prompts: dict[str, str] = Field(default_factory=dict)  # the library's {nickname: prompt}, loaded
+
+    # flow matching (SD3)
+    flow_schedule_shift: float = Field(_default("flow_schedule_shift"), ge=0.0)
+    flow_schedule_auto_shift: bool = False
+    flow_use_uniform_schedule: bool = False
+    flow_use_beta_schedule: bool = False
+    flow_beta_schedule_alpha: float = Field(_default("flow_beta_schedule_alpha"), gt=0.0)
+    flow_beta_schedule_beta: float = Field(_default("flow_beta_schedule_beta"), gt=0.0)
+    flow_sigmoid_scale: float = _default("flow_sigmoid_scale")
+
+    # text encoders
+    t5_padding: Literal["unmodified", "zero"] = _default("t5_padding")
+    tokenizer_max_length: int = Field(SD3_T5_MAX_LENGTH, ge=1, le=SD3_T5_MAX_LENGTH)
+    sd3_clip_uncond_behaviour: Literal["empty_string"] = "empty_string"
+    sd3_t5_uncond_behaviour: Literal["empty_string"] = "empty_string"  # unset: follows the CLIP setting
+
+    # precision, batching, memory
+    mixed_precision: Literal["no", "bf16", "fp16"] = _default("mixed_precision")
+    vae_batch_size: int = Field(_default("vae_batch_size"), ge=1)
+    text_encoder_batch_size: int = Field(_default("text_encoder_batch_size"), ge=1)
+    write_batch_size: int = Field(_default("write_batch_size"), ge=1)
+    gradient_checkpointing: bool = _default("gradient_checkpointing")
+    noise_offset: float = Field(_default("noise_offset"), ge=0.0)
+    noise_offset_probability: float = Field(_default("noise_offset_probability"), ge=0.0, le=1.0)
+    attention_mechanism: Literal["diffusers"] = "diffusers"
+    base_model_precision: Literal["no_change"] = "no_change"
+    text_encoder_1_precision: Literal["no_change"] = "no_change"
+    text_encoder_2_precision: Literal["no_change"] = "no_change"
+    text_encoder_3_precision: Literal["no_change"] = "no_change"
+
+    # accepted, with no effect until the feature they belong to exists
+    report_to: Literal["none"] = "none"
+    push_to_hub: Literal[False] = False
+    validation_preview: Literal[False] = False
+    validation_preview_steps: int = Field(_default("validation_preview_steps"), ge=1)
+    base_model_default_dtype: Literal["bf16", "fp32"] = _default("base_model_default_dtype")  # only when quantising
+    quantize_via: Literal["cpu", "accelerator", "pipeline"] = _default("quantize_via")
+
+    # bookkeeping
+    base_dir: Path = Field(default_factory=Path.cwd)
+    source_path: Path | None = None
+    explicit_keys: frozenset[str] = frozenset()  # TrainConfig fields the user set (in file or overrides)
+    warnings: list[str] = Field(default_factory=list)
+
+    def dataset_defaults(self) -> dict[str, Any]:
+        """config.json's dataset-level values, for datasets in multidatabackend.json that do not set them."""
+        return {key: getattr(self, key) for key in DATASET_DEFAULT_KEYS}
+
+    @property
+    def uses_max_train_steps(self) -> bool:
+        """SimpleTuner: max_train_steps > 0 decides the run's length, else num_train_epochs does."""
+        return self.max_train_steps is not None and self.max_train_steps > 0
+
+
+DATASET_DEFAULT_KEYS = (
+    "resolution",
+    "resolution_type",
+    "crop",
+    "crop_style",
+    "crop_aspect",
+    "minimum_image_size",
+    "maximum_image_size",
+    "target_downsample_size",
+    "caption_strategy",
+    "instance_prompt",
+)
+
+#: config.json keys (canonical spelling) that are TrainConfig fields.
+SUPPORTED_KEYS = frozenset(
+    KEY_FOR_FIELD.get(name, name)
+    for name in TrainConfig.model_fields
+    if name not in {"user_prompts", "base_dir", "source_path", "explicit_keys", "warnings"}
+)
+
+_ENV_PATTERN = re.compile(r"\{env:([^{}]*)\}")
+_BOOL_TRUE = {"1", "true", "yes", "y", "on"}
+_BOOL_FALSE = {"0", "false", "no", "n", "off"}
+
+
+# --------------------------------------------------------------------------------------------------- helpers
+
+
+def _expand_env(value: Any, key: str) -> Any:
+    """`{env:VAR}` anywhere in a string (also inside lists and objects), as SimpleTuner's template_vars."""
+    if isinstance(value, str):
+
+        def replace(match: re.Match[str]) -> str:
+            name = match.group(1)
+            if name not in os.environ:
+                raise ConfigError(
+                    f"{key}: environment variable {name!r} is not set (used as {{env:{name}}} in {WHERE})",
+                    field=key,
+                )
+            return os.environ[name]
+
+        return _ENV_PATTERN.sub(replace, value)
+    if isinstance(value, list):
+        return [_expand_env(v, key) for v in value]
+    if isinstance(value, dict):
+        return {k: _expand_env(v, key) for k, v in value.items()}
+    return value
+
+
+def _coerce(key: str, value: Any, kind: str) -> Any:
+    """Parse a value as SimpleTuner's argparse type would, accepting JSON numbers and booleans directly."""
+    if kind in ("bool", "bool_or_str"):
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, int | float) and value in (0, 1):
+            return bool(value)
+        if isinstance(value, str):
+            text = value.strip().lower()
+            if text in _BOOL_TRUE:
+                return True
+            if text in _BOOL_FALSE:
+                return False
+            if kind == "bool_or_str":
+                return value
+        raise ConfigError(f"{key}: expected true or false, got {value!r}", field=key)
+    if kind == "int":
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}", field=key)
+        if isinstance(value, int):
+            return value
+        try:
+            number = float(value.strip()) if isinstance(value, str) else float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}", field=key) from None
+        if not number.is_integer():
+            raise ConfigError(f"{key}: expected an integer, got {value!r}", field=key)
+        return int(number)
+    if kind == "float":
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a number, got {value!r}", field=key)
+        try:
+            number = float(value.strip()) if isinstance(value, str) else float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}: expected a number, got {value!r}", field=key) from None
+        if not math.isfinite(number):
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}", field=key)
+        return number
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bool | int | float):
+        return str(value) if not isinstance(value, bool) else str(value).lower()
+    return value  # lists/objects: validated by the field that takes them
+
+
+def _is_default(key: str, value: Any) -> bool:
+    option = st.OPTIONS.get(key) or st.LEGACY_OPTIONS[key]
+    try:
+        coerced = _coerce(key, value, option.type)
+    except ConfigError:
+        return False
+    default = option.default
+    if isinstance(default, bool) or isinstance(coerced, bool):
+        return coerced is default
+    return coerced == default
+
+
+def _check_choice(key: str, value: Any, choices: tuple[Any, ...] | None) -> None:
+    """A value SimpleTuner rejects is a ConfigError; one it accepts but we do not, NotSupportedError."""
+    if choices is not None and value not in choices:
+        hint = suggest(str(value), [str(c) for c in choices])
+        message = f"{key}: invalid value {_show(value)}; SimpleTuner accepts {_list(choices)}"
+        if hint:
+            message += f" (did you mean {hint!r}?)"
+        raise ConfigError(message, field=key)
+    allowed = SUPPORTED_VALUES.get(key)
+    if allowed is not None and value not in allowed:
+        raise NotSupportedError(
+            f"not supported yet: {key}={_show(value)} (stagetune supports {_list(allowed)})", field=key
+        )
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    return str(value)
+
+
+def _list(values: Any) -> str:
+    return ", ".join(sorted(_show(v) for v in values))
+
+
+def parse_validation_resolution(value: Any, key: str = "validation_resolution") -> list[tuple[int, int]]:
+    """ "1024x1024,1280x768" or 1024 → [(width, height), ...], as SimpleTuner's parse_validation_resolutions.
+
+    SimpleTuner reads a bare number under 128 as megapixels; only "1" (→ 1024) converts sensibly there, so any
+    other such value is refused rather than turned into a surprising size.
+    """
+    items = value if isinstance(value, list) else [value]
+    parts: list[str] = []
+    for item in items:
+        if isinstance(item, bool) or not isinstance(item, str | int | float):
+            raise ConfigError(f"{key}: expected WIDTHxHEIGHT or a number, got {item!r}", field=key)
+        parts.extend(p.strip() for p in str(item).split(","))
+    out: list[tuple[int, int]] = []
+    for part in parts:
+        text = part.lower()
+        if not text:
+            continue
+        if "x" in text:
+            pieces = text.split("x")
+            if len(pieces) != 2 or not all(p.strip().isdigit() for p in pieces):
+                raise ConfigError(f"{key}: invalid resolution {part!r} (expected WIDTHxHEIGHT)", field=key)
+            width, height = (int(p) for p in pieces)
+        else:
+            try:
+                number = float(text)
+            except ValueError:
+                raise ConfigError(f"{key}: invalid resolution {part!r} (expected WIDTHxHEIGHT)", field=key) from None
+            if number < 128:
+                if number != 1:
+                    raise ConfigError(
+                        f"{key}: {part!r} looks like megapixels; give pixels, e.g. 1024 or 1024x1024",
+                        field=key,
+                    )
+                number = 1024.0
+            if not number.is_integer():
+                raise ConfigError(f"{key}: invalid resolution {part!r}", field=key)
+            width = height = int(number)
+        if width <= 0 or height <= 0:
+            raise ConfigError(f"{key}: invalid resolution {part!r}", field=key)
+        out.append((width, height))
+    if not out:
+        raise ConfigError(f"{key}: no resolution given", field=key)
+    return out
+
+
+def _parse_skip_layers(value: Any, key: str) -> list[int]:
+    """[7, 8, 9], "[7, 8, 9]", "7,8,9" or 7; SimpleTuner json-loads the string form."""
+    raw = value
+    if isinstance(raw, str):
+        text = raw.strip()
+        try:
+            raw = json.loads(text) if text.startswith("[") else [p for p in text.split(",") if p.strip()]
+        except json.JSONDecodeError:
+            raise ConfigError(f"{key}: expected a list of layer indices, got {value!r}", field=key) from None
+    if not isinstance(raw, list):
+        raw = [raw]
+    layers = [_coerce(key, item, "int") for item in raw]
+    if any(layer < 0 for layer in layers):
+        raise ConfigError(f"{key}: layer indices must be >= 0, got {value!r}", field=key)
+    return layers
+
+
+def _resolve_path(value: str | Path, base_dir: Path, source_path: Path | None) -> Path:
+    """Relative paths resolve against base_dir (SimpleTuner: the directory train.sh runs in).
+
+    When the file is not there but is next to the config (or its parent, for SimpleTuner's "config/…"
+    style), that one is used, so a config moved out of SimpleTuner's tree keeps working.
+    """
+    path = Path(value).expanduser()
+    if path.is_absolute():
+        return path
+    candidates = [base_dir / path]
+    if source_path is not None:
+        candidates += [source_path.parent / path, source_path.parent.parent / path]
+    for candidate in candidates:
+        if candidate.exists():
+            return candidate
+    return candidates[0]
+
+
+def load_user_prompt_library(path: Path) -> dict[str, str]:
+    """{nickname: prompt} (or {nickname: {"prompt": …}}), as SimpleTuner's PromptLibraryService."""
+    key = "user_prompt_library"
+    try:
+        payload = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{key}: prompt library file not found: {path}", field=key) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{key}: cannot read {path}: {exc}", field=key) from None
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{key}: {path} is not valid JSON: {exc}", field=key) from None
+    if not isinstance(payload, dict):
+        raise ConfigError(f"{key}: {path} must be a JSON object of nickname -> prompt", field=key)
+    prompts: dict[str, str] = {}
+    for raw_name, entry in payload.items():
+        name = str(raw_name).strip()
+        if not name:
+            continue
+        if isinstance(entry, dict):
+            extra = sorted(k for k, v in entry.items() if k != "prompt" and v is not None)
+            if extra:
+                raise NotSupportedError(
+                    f"not supported yet: {key} entry {name!r} in {path} sets {', '.join(extra)}", field=key
+                )
+            entry = entry.get("prompt")
+        if not isinstance(entry, str) or not entry.strip():
+            raise ConfigError(f"{key}: entry {name!r} in {path} must be a non-empty prompt string", field=key)
+        prompts[name] = entry
+    return prompts
+
+
+def _read_source(source: Path | str | Mapping[str, Any]) -> tuple[dict[str, Any], Path | None]:
+    if isinstance(source, Mapping):
+        return dict(source), None
+    path = Path(source)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{path} is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must be a JSON object of option -> value")
+    return data, path
+
+
+def _canonical(raw: Mapping[str, Any], what: str) -> dict[str, tuple[str, Any]]:
+    """Canonical key → (key as written, value); one option given under two spellings is an error."""
+    out: dict[str, tuple[str, Any]] = {}
+    for raw_key, value in raw.items():
+        if not isinstance(raw_key, str):
+            raise ConfigError(f"{what}: keys must be strings, got {raw_key!r}")
+        key = normalise_key(raw_key)
+        key = st.ALIASES.get(key, key)
+        key = st.RENAMED_LEGACY_KEYS.get(key, key)
+        if key in out:
+            raise ConfigError(f"{what}: {out[key][0]!r} and {raw_key!r} set the same option {key!r}", field=key)
+        out[key] = (raw_key, value)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ loader
+
+
+def load_train_config(
+    source: Path | str | Mapping[str, Any],
+    *,
+    overrides: Mapping[str, Any] | None = None,
+    base_dir: Path | None = None,
+) -> TrainConfig:
+    """Read config.json (a path or an already-parsed mapping) into a checked TrainConfig.
+
+    `overrides` (e.g. command-line flags) win over the file, in any key spelling. `base_dir` is where
+    relative paths resolve (default: the current directory, as SimpleTuner). No model or dataset is
+    touched, except that `user_prompt_library` is read so a missing file fails now rather than at the first
+    validation.
+    """
+    data, source_path = _read_source(source)
+    base = Path(base_dir) if base_dir is not None else Path.cwd()
+    merged = _canonical(data, WHERE)
+    for key, item in _canonical(overrides or {}, "overrides").items():
+        merged[key] = item
+
+    warnings: list[str] = []
+    values: dict[str, Any] = {}
+    known = SUPPORTED_KEYS | set(st.OPTIONS) | set(st.LEGACY_OPTIONS) | st.IGNORED_KEYS
+    for key, (raw_key, value) in merged.items():
+        value = _expand_env(value, key)
+        if value is None or (isinstance(value, str) and not value.strip() and key not in ALLOW_EMPTY):
+            if key not in known:
+                raise unknown_key_error(key, known, WHERE)
+            continue  # SimpleTuner skips null and empty values: its default applies
+        if key in st.IGNORED_KEYS:
+            warnings.append(
+                f"{raw_key} is ignored in {WHERE} (SimpleTuner ignores it too; per-dataset options go in "
+                "multidatabackend.json)"
+            )
+            continue
+        values[key] = value
+
+    unsupported = (set(st.OPTIONS) | set(st.LEGACY_OPTIONS)) - SUPPORTED_KEYS
+    inert = {key: (values[key],) for key in unsupported & values.keys() if _is_default(key, values[key])}
+    given = check_keys(
+        values,
+        supported=SUPPORTED_KEYS,
+        recognised_unsupported=unsupported,
+        where=WHERE,
+        inert_values=inert,
+    )
+
+    fields = _convert_supported(given)
+    explicit = frozenset(fields)
+
+    if "model_type" not in fields:
+        raise NotSupportedError(
+            f"not supported yet: model_type=full (SimpleTuner's default when {WHERE} does not set "
+            "model_type); set model_type to lora",
+            field="model_type",
+        )
+    if "model_family" not in fields:
+        raise ConfigError(f"model_family is required in {WHERE} (stagetune supports sd3)", field="model_family")
+    if "pretrained_model_name_or_path" not in fields:
+        raise ConfigError(
+            f"pretrained_model_name_or_path is required in {WHERE}", field="pretrained_model_name_or_path"
+        )
+    if "optimizer" not in fields:
+        warnings.append(
+            "optimizer not set: SimpleTuner's default adamw_bf16 is not supported yet, using torch-adamw "
+            "(torch.optim.AdamW)"
+        )
+
+    output_dir = Path(fields.get("output_dir", _default("output_dir"))).expanduser()
+    fields["output_dir"] = output_dir if output_dir.is_absolute() else base / output_dir
+    if "data_backend_config" in fields:
+        fields["data_backend_config"] = _resolve_path(fields["data_backend_config"], base, source_path)
+    if "user_prompt_library" in fields:
+        library = _resolve_path(fields["user_prompt_library"], base, source_path)
+        fields["user_prompt_library"] = library
+        fields["user_prompts"] = load_user_prompt_library(library)
+
+    _cross_check(fields, explicit, warnings)
+
+    try:
+        config = TrainConfig(
+            **fields, base_dir=base, source_path=source_path, explicit_keys=explicit, warnings=warnings
+        )
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        field = str(error["loc"][0]) if error["loc"] else None
+        raise ConfigError(f"{field}: {error['msg']} (got {error.get('input')!r})", field=field) from None
+    _warn_after(config)
+    return config
+
+
+def _convert_supported(given: Mapping[str, Any]) -> dict[str, Any]:
+    """Typed values for TrainConfig, with SimpleTuner's value rules and our not-supported-yet checks."""
+    fields: dict[str, Any] = {}
+    for key, value in given.items():
+        option = _opt(key)
+        name = FIELD_FOR_KEY.get(key, key)
+        if key == "optimizer":
+            fields[name] = _convert_optimizer(value)
+            continue
+        if key == "validation_resolution":
+            fields[name] = parse_validation_resolution(value)
+            continue
+        if key == "validation_guidance_skip_layers":
+            fields[name] = _parse_skip_layers(value, key)
+            continue
+        if key in ("resolution", "minimum_image_size", "maximum_image_size", "target_downsample_size"):
+            # pixels (int) or, with resolution_type "area", megapixels (float), as in multidatabackend.json
+            number = _coerce(key, value, "float")
+            fields[name] = int(number) if number.is_integer() and not _is_float_literal(value) else number
+            continue
+        if key == "resume_from_checkpoint":
+            fields[name] = _convert_resume(value)
+            continue
+        converted = _coerce(key, value, option.type)
+        if isinstance(converted, str):
+            converted = converted.strip()
+        if key == "lr_scheduler" and converted == "cosine_with_warmup":
+            converted = "cosine"  # SimpleTuner's alias
+        if key == "caption_strategy" and converted == "instance_prompt":
+            converted = "instanceprompt"
+        choices = option.choices
+        if key == "caption_strategy":
+            choices = (*(choices or ()), "instanceprompt")
+        _check_choice(key, converted, choices)
+        if key == "validation_prompt" and converted == "":
+            converted = None
+        fields[name] = converted
+    return fields
+
+
+def _is_float_literal(value: Any) -> bool:
+    return isinstance(value, float) or (isinstance(value, str) and any(c in value for c in ".eE"))
+
+
+def _convert_optimizer(value: Any) -> str:
+    key = "optimizer"
+    if not isinstance(value, str):
+        raise ConfigError(f"{key}: expected an optimizer name, got {value!r}", field=key)
+    name = value.strip()
+    if name.lower() in ADAMW_ALIASES:
+        return "torch-adamw"
+    if name in st.OPTIMIZERS:
+        raise NotSupportedError(f"not supported yet: optimizer={name} (stagetune supports torch-adamw)", field=key)
+    hint = suggest(name, [*st.OPTIMIZERS, "adamw"])
+    message = f"{key}: unknown optimizer {name!r}"
+    if hint:
+        message += f" (did you mean {hint!r}?)"
+    raise ConfigError(message, field=key)
+
+
+def _convert_resume(value: Any) -> str | None:
+    if isinstance(value, bool):
+        if value:
+            return "latest"
+        return None
+    text = str(value).strip()
+    if text.lower() in {"none", "false", "no", "off"}:
+        return None
+    if text.lower() == "latest":
+        return "latest"
+    return text
+
+
+def _cross_check(fields: dict[str, Any], explicit: frozenset[str], warnings: list[str]) -> None:
+    """Rules between options that SimpleTuner applies at startup, or that would silently do nothing."""
+    max_steps = fields.get("max_train_steps")
+    epochs = fields.get("num_train_epochs", _default("num_train_epochs"))
+    if max_steps is not None and max_steps < 0:
+        raise ConfigError(f"max_train_steps must be >= 0, got {max_steps}", field="max_train_steps")
+    if max_steps:
+        if "num_train_epochs" in explicit and epochs > 0:
+            warnings.append(
+                f"max_train_steps={max_steps} and num_train_epochs={epochs} are both set: max_train_steps "
+                "decides the run's length (SimpleTuner 4.8 refuses this pair; set num_train_epochs to 0)"
+            )
+    elif epochs <= 0:
+        raise ConfigError(
+            "set max_train_steps or num_train_epochs to a value > 0 (both are 0 or unset)",
+            field="max_train_steps",
+        )
+
+    warmup = fields.get("lr_warmup_steps", 0)
+    scheduler = fields.get("lr_scheduler", _default("lr_scheduler"))
+    if scheduler == "constant" and warmup > 0:
+        fields["lr_scheduler"] = "constant_with_warmup"
+        warnings.append(
+            f"lr_scheduler=constant with lr_warmup_steps={warmup}: using constant_with_warmup, as SimpleTuner does"
+        )
+    if warmup > 0 and max_steps and warmup >= max_steps:
+        warnings.append(
+            f"lr_warmup_steps={warmup} >= max_train_steps={max_steps}: the learning rate never reaches learning_rate"
+        )
+
+    if fields.get("tokenizer_max_length", SD3_T5_MAX_LENGTH) > SD3_T5_MAX_LENGTH:
+        warnings.append(
+            f"tokenizer_max_length={fields['tokenizer_max_length']} is above SD3's T5 limit: using "
+            f"{SD3_T5_MAX_LENGTH}, as SimpleTuner does"
+        )
+        fields["tokenizer_max_length"] = SD3_T5_MAX_LENGTH
+
+    if "sd3_t5_uncond_behaviour" not in fields and "sd3_clip_uncond_behaviour" in fields:
+        fields["sd3_t5_uncond_behaviour"] = fields["sd3_clip_uncond_behaviour"]
+
+    if fields.get("flow_use_uniform_schedule") and fields.get("flow_use_beta_schedule"):
+        warnings.append(
+            "flow_use_uniform_schedule and flow_use_beta_schedule are both set: the uniform schedule is "
+            "used, as in SimpleTuner"
+        )
+    if fields.get("flow_schedule_auto_shift") and "flow_schedule_shift" in explicit:
+        warnings.append(
+            "flow_schedule_auto_shift is set: the resolution-dependent shift replaces "
+            f"flow_schedule_shift={fields['flow_schedule_shift']}"
+        )
+
+    if "grad_clip_method" not in explicit and fields.get("max_grad_norm", _default("max_grad_norm")) > 0:
+        warnings.append(
+            "grad_clip_method not set: clipping by global gradient norm (SimpleTuner's default 'value' "
+            "clips each element at max_grad_norm; set grad_clip_method to value to match it)"
+        )
+
+    if fields.get("caption_strategy") == "instanceprompt" and not fields.get("instance_prompt"):
+        warnings.append(
+            "caption_strategy=instanceprompt without instance_prompt: every dataset must set its own instance_prompt"
+        )
+
+
+def _warn_after(config: TrainConfig) -> None:
+    """Checks on final values (defaults included), e.g. skip-layer guidance that can never fire."""
+    layers = config.validation_guidance_skip_layers
+    if layers:
+        if config.validation_guidance <= 1.0:
+            config.warnings.append(
+                f"validation_guidance_skip_layers={layers} has no effect: skip-layer guidance runs only with "
+                f"classifier-free guidance, and validation_guidance={config.validation_guidance} is <= 1"
+            )
+        else:
+            steps = config.validation_num_inference_steps
+            start = steps * config.validation_guidance_skip_layers_start
+            stop = steps * config.validation_guidance_skip_layers_stop
+            active = [i for i in range(steps) if start < i < stop]
+            if not active:
+                config.warnings.append(
+                    f"validation_guidance_skip_layers={layers} never fires: with {steps} inference steps no "
+                    f"step i satisfies {start:g} < i < {stop:g} (validation_guidance_skip_layers_start/stop)"
+                )
