@@ -88,6 +88,7 @@ def test_cache_key_changes_with_every_option(encoder: SD3TextEncoder, tiny_sd3_p
         encoder.cache_key("a cat", t5_padding="zero"),
         encoder.cache_key(""),
     }
+    assert SD3TextEncoder.from_pretrained(str(tiny_sd3_path), dtype=None).fingerprint == encoder.fingerprint
     bf16 = SD3TextEncoder.from_pretrained(str(tiny_sd3_path), dtype=torch.bfloat16)
     assert bf16.models.text_encoder_3.dtype == torch.bfloat16
     assert bf16.fingerprint != encoder.fingerprint

@@ -72,6 +72,7 @@ def test_latent_key_follows_pixels_and_vae(encoder: SD3LatentEncoder, tiny_sd3_p
     key = encoder.latent_key("pixels-abc")
     assert len(key) == 32 and key == encoder.latent_key("pixels-abc")
     assert encoder.latent_key("pixels-abd") != key
+    assert SD3LatentEncoder.from_pretrained(str(tiny_sd3_path), dtype=None).fingerprint == encoder.fingerprint
     half = SD3LatentEncoder.from_pretrained(str(tiny_sd3_path), dtype=torch.bfloat16)
     assert half.fingerprint != encoder.fingerprint and half.latent_key("pixels-abc") != key
     assert half.vae.dtype == torch.bfloat16

@@ -72,10 +72,14 @@ class SD3TextEncoder:
         name_or_path: str,
         *,
         revision: str | None = None,
-        dtype: torch.dtype = torch.float32,
+        dtype: torch.dtype | None = torch.float32,
         device: str | torch.device = "cpu",
     ) -> SD3TextEncoder:
-        """Load through the shared component memo, so the embedded services hold one copy of the encoders."""
+        """Load through the shared component memo, so the embedded services hold one copy of the encoders.
+
+        ``dtype=None`` means float32, and gets float32's fingerprint: callers that leave it unset share caches.
+        """
+        dtype = torch.float32 if dtype is None else dtype
         models = load_text_encoders(name_or_path, revision=revision, dtype=dtype, device=device)
         return cls(
             models, name_or_path=name_or_path, revision=revision, dtype=dtype, device=torch.device(device)

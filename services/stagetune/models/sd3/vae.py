@@ -47,11 +47,15 @@ class SD3LatentEncoder:
         name_or_path: str,
         *,
         revision: str | None = None,
-        dtype: torch.dtype = torch.float32,
+        dtype: torch.dtype | None = torch.float32,
         device: str | torch.device = "cpu",
         subfolder: str | None = "vae",
     ) -> SD3LatentEncoder:
-        """Load through the shared component memo; ``subfolder=None`` for a standalone VAE repository."""
+        """Load through the shared component memo; ``subfolder=None`` for a standalone VAE repository.
+
+        ``dtype=None`` means float32, with float32's fingerprint.
+        """
+        dtype = torch.float32 if dtype is None else dtype
         vae = load_vae(name_or_path, revision=revision, dtype=dtype, device=device, subfolder=subfolder)
         return cls(
             vae,
