@@ -41,13 +41,6 @@ log = logging.getLogger(__name__)
 
 SERVICES = ("ingest", "vae", "text", "trainer", "validation")
 
-#: Global config.json keys that SimpleTuner datasets inherit when they do not set them.
-DATASET_DEFAULT_KEYS = (
-    "resolution", "resolution_type", "crop", "crop_style", "crop_aspect", "minimum_image_size",
-    "maximum_image_size", "target_downsample_size", "caption_strategy", "instance_prompt",
-)
-
-
 def service_binding(name: str, store: Store) -> Any:
     if name not in SERVICES:
         raise InputError(f"unknown service {name!r}: choose one of {', '.join(SERVICES)}", field="service")
@@ -141,7 +134,7 @@ def run_training(
             on_phase(result)
             return result
 
-        defaults = {k: getattr(cfg, k) for k in DATASET_DEFAULT_KEYS if getattr(cfg, k, None) is not None}
+        defaults = cfg.dataset_defaults()
         ingested = phase("ingest", ingest, ingest_pb2.StartIngestRequest(
             request_id=f"{run_id}-ingest", data_backend_config_json=backends_json,
             dataset_defaults_json=json.dumps(defaults), base_dir=str(base_dir),

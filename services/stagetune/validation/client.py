@@ -14,14 +14,14 @@ from stagetune.v1 import common_pb2, validation_pb2, validation_pb2_grpc
 def validation_request(cfg: Any, *, request_id: str, adapter_key: str, step: int, output_prefix: str
                        ) -> validation_pb2.StartValidationRequest:
     prompts = [validation_pb2.ValidationPrompt(name="validation", prompt=cfg.validation_prompt)]
-    for name, prompt in (getattr(cfg, "user_prompt_library_prompts", None) or {}).items():
+    for name, prompt in (cfg.user_prompts or {}).items():
         prompts.append(validation_pb2.ValidationPrompt(name=name, prompt=prompt))
     sampling = validation_pb2.SamplingOptions(
         guidance_scale=cfg.validation_guidance,
         num_inference_steps=cfg.validation_num_inference_steps,
         seed=cfg.validation_seed if cfg.validation_seed is not None else (cfg.seed or 0),
         negative_prompt=cfg.validation_negative_prompt or "",
-        resolutions=[validation_pb2.Resolution(width=w, height=h) for w, h in cfg.validation_resolutions],
+        resolutions=[validation_pb2.Resolution(width=w, height=h) for w, h in cfg.validation_resolution],
         skip_guidance_layers=list(cfg.validation_guidance_skip_layers or []),
         skip_layer_guidance_scale=cfg.validation_guidance_skip_scale,
         skip_layer_guidance_start=cfg.validation_guidance_skip_layers_start,
