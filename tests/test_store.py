@@ -138,9 +138,7 @@ def test_multipart_upload_of_a_large_object(store: Store, tmp_path: Path) -> Non
 # -- local store specifics ----------------------------------------------------------------------------
 
 
-def test_local_failed_write_keeps_old_object_and_no_temp_files(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_local_failed_write_keeps_old_object_and_no_temp_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     store = LocalStore(tmp_path)
     store.put_bytes("k/obj", b"old")
 
@@ -213,9 +211,7 @@ def test_s3_listing_paginates_past_1000_keys(s3_server: S3Server) -> None:
     assert list(store.list("")) == ["other/x"]
 
 
-def test_s3_lists_by_prefix_never_the_whole_bucket(
-    s3_server: S3Server, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_s3_lists_by_prefix_never_the_whole_bucket(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> None:
     store = open_store(s3_server.url(fresh_bucket(), prefix="tenant/a"))
     assert isinstance(store, S3Store)
     store.put_bytes("cache/x/1", b".")
@@ -436,3 +432,46 @@ def test_secret_key_never_appears_in_errors_or_url() -> None:
 def test_check_key_accepts_ordinary_keys() -> None:
     for key in ["a", "cache/vae/ab12/shards/x-1.safetensors", "jobs/j-1/events.jsonl", ".hidden", "a..b"]:
         assert check_key(key) == key
+
+
+def test_s3_retries_transient_connection_errors(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> None:
+    import urllib3
+
+    store = open_store(s3_server.url(fresh_bucket(), retries="3"))
+    assert isinstance(store, S3Store)
+    store.backoff = 0.01
+    store.put_bytes("k", b"value")
+    real = store._client.get_object
+    failures = iter([urllib3.exceptions.ProtocolError("connection reset"), ConnectionResetError("reset")])
+
+    def flaky(*args: object, **kwargs: object):  # noqa: ANN202
+        for exc in failures:
+            raise exc
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(store._client, "get_object", flaky)
+    assert store.get_bytes("k") == b"value"
+
+
+def test_s3_listing_resumes_after_the_last_key_on_errors(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> None:
+    import urllib3
+
+    store = open_store(s3_server.url(fresh_bucket()))
+    assert isinstance(store, S3Store)
+    store.backoff = 0.01
+    keys = [f"l/{i}" for i in range(6)]
+    for key in keys:
+        store.put_bytes(key, b".")
+    real = store._client.list_objects
+    starts: list[object] = []
+
+    def flaky(bucket: str, **kwargs: object):  # noqa: ANN202
+        starts.append(kwargs.get("start_after"))
+        for n, obj in enumerate(real(bucket, **kwargs)):  # type: ignore[arg-type]
+            if len(starts) == 1 and n == 3:
+                raise urllib3.exceptions.ReadTimeoutError(None, "/", "read timed out")  # type: ignore[arg-type]
+            yield obj
+
+    monkeypatch.setattr(store._client, "list_objects", flaky)
+    assert list(store.list("l/")) == keys  # no duplicates, nothing skipped
+    assert starts == [None, "l/2"]
