@@ -1,0 +1,687 @@
+"""SimpleTuner's `multidatabackend.json`, read unchanged.
+
+Users bring the file they already train with, so every key SimpleTuner documents (DATALOADER.md and
+`helpers/data_backend/config/*.py`) is *recognised*: the ones stagetune implements work, the rest raise
+"not supported yet: KEY" unless set to a value that changes nothing, and unknown keys raise an error with
+the closest known key. Silently ignoring a key would train on a different dataset than the user wrote.
+
+`cache_dir_vae` (image datasets) and `cache_dir` (text_embeds) are accepted and recorded but not used:
+stagetune's latent and embedding caches are content-addressed in the object store
+(`cache/vae/<fingerprint>/`, `cache/text/<fingerprint>/`), so a folder per dataset is not needed and two
+datasets over the same images share their latents. `skip_file_discovery` is accepted for the same reason:
+ingest's manifest is keyed by the listing, so an unchanged dataset is never re-bucketed anyway.
+
+`pixel_area` is converted as SimpleTuner does (DESIGN.md §6): a resolution of E pixels means E²/1e6
+megapixels, and `minimum_image_size`, `maximum_image_size` and `target_downsample_size` above 10 are
+pixel edges converted the same way (values ≤ 10 are taken as megapixels already).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from stagetune.core.config.keys import check_keys, normalise_key
+from stagetune.core.errors import ConfigError, NotSupportedError
+
+IMAGE_KEYS_SUPPORTED = frozenset(
+    {
+        "id",
+        "type",
+        "dataset_type",
+        "disabled",
+        "disable",
+        "instance_data_dir",
+        "crop",
+        "crop_aspect",
+        "crop_style",
+        "resolution",
+        "resolution_type",
+        "minimum_image_size",
+        "maximum_image_size",
+        "target_downsample_size",
+        "minimum_aspect_ratio",
+        "maximum_aspect_ratio",
+        "cache_dir_vae",
+        "skip_file_discovery",
+        "caption_strategy",
+        "metadata_backend",
+        "instance_prompt",
+        "prepend_instance_prompt",
+        "only_instance_prompt",
+        "disable_multiline_split",
+        "repeats",
+        "is_regularisation_data",
+        "is_regularization_data",
+        "vae_batch_size",
+        "probability",
+    }
+)
+
+# Every other dataset key SimpleTuner knows (DATALOADER.md headings, ImageBackendConfig fields and the
+# keys factory.py / builders read). Accepted only at the inert value listed in INERT_VALUES.
+IMAGE_KEYS_RECOGNISED = frozenset(
+    {
+        "audio",
+        "aws_access_key_id",
+        "aws_bucket_name",
+        "aws_data_prefix",
+        "aws_endpoint_url",
+        "aws_max_pool_connections",
+        "aws_region_name",
+        "aws_secret_access_key",
+        "aws_session_token",
+        "cache_dir",
+        "cache_dir_conditioning_image_embeds",
+        "cache_file_suffix",
+        "caption_filter_list",
+        "caption_shuffle",
+        "compress_cache",
+        "conditioning",
+        "conditioning_config",
+        "conditioning_data",
+        "conditioning_image_embed_batch_size",
+        "conditioning_image_embeds",
+        "conditioning_type",
+        "crop_aspect_buckets",
+        "csv_cache_dir",
+        "csv_caption_column",
+        "csv_file",
+        "csv_hash_filenames",
+        "csv_shorten_filenames",
+        "csv_url_column",
+        "dataset_name",
+        "default",
+        "delete_nsfw_images",
+        "delete_problematic_images",
+        "delete_unwanted_images",
+        "disable_validation",
+        "end_epoch",
+        "end_step",
+        "hash_filenames",
+        "huggingface",
+        "image_column",
+        "image_embeds",
+        "max_num_samples",
+        "max_upscale_threshold",
+        "metadata_update_interval",
+        "parquet",
+        "preserve_data_backend_cache",
+        "revision",
+        "scan_for_errors",
+        "shorten_filenames",
+        "slider_strength",
+        "source_dataset_id",
+        "split",
+        "start_epoch",
+        "start_step",
+        "text_embeds",
+        "timestep_sampling_offset",
+        "train_batch_size",
+        "vae_cache_clear_each_epoch",
+        "vae_cache_disable",
+        "vae_cache_ondemand",
+        "vae_cache_scan_behaviour",
+        "video",
+        "video_column",
+        "webshart",
+        "write_batch_size",
+        "text_encoder_batch_size",
+        "text_cache_ondemand",
+        "text_cache_disable",
+    }
+)
+
+TEXT_EMBEDS_KEYS_SUPPORTED = frozenset(
+    {"id", "type", "dataset_type", "default", "cache_dir", "disabled", "disable", "write_batch_size"}
+)
+TEXT_EMBEDS_KEYS_RECOGNISED = frozenset(
+    {
+        "caption_filter_list",
+        "compress_cache",
+        "text_cache_ondemand",
+        "text_cache_disable",
+        "text_encoder_batch_size",
+        "preserve_data_backend_cache",
+        "aws_access_key_id",
+        "aws_bucket_name",
+        "aws_data_prefix",
+        "aws_endpoint_url",
+        "aws_max_pool_connections",
+        "aws_region_name",
+        "aws_secret_access_key",
+        "aws_session_token",
+        "aws",
+        "memory_filesystem_path",
+        "memory_filesystem_size",
+        "memory_filesystem_sudo",
+    }
+)
+
+_FALSY = (None, False, "", [], {}, 0)
+INERT_VALUES: dict[str, tuple[Any, ...]] = {
+    **{key: _FALSY for key in IMAGE_KEYS_RECOGNISED | TEXT_EMBEDS_KEYS_RECOGNISED},
+    "split": (None, "train"),
+    "image_column": (None, "image"),
+    "video_column": (None, "video"),
+    "probability": (None, 1, 1.0),
+    "timestep_sampling_offset": (None, 0, 0.0),
+    "slider_strength": (None,),
+    "text_encoder_batch_size": (None, 1),
+}
+
+RESOLUTION_TYPES = ("pixel", "area", "pixel_area")
+CROP_STYLES = ("center", "centre", "random")
+CROP_STYLES_LATER = ("corner", "face")
+CROP_ASPECTS = ("square", "preserve")
+CROP_ASPECTS_LATER = ("closest", "random")
+CAPTION_STRATEGIES = ("filename", "textfile", "instanceprompt")
+CAPTION_STRATEGIES_LATER = ("parquet", "huggingface", "webshart", "csv")
+METADATA_BACKENDS = ("discovery", "json")
+METADATA_BACKENDS_LATER = ("parquet", "huggingface", "webshart")
+BACKEND_TYPES_LATER = ("aws", "csv", "huggingface", "webshart", "memory")
+DATASET_TYPES_LATER = (
+    "video",
+    "audio",
+    "conditioning",
+    "image_embeds",
+    "conditioning_image_embeds",
+    "eval",
+    "caption",
+)
+
+#: config.json keys an image dataset inherits when it does not set them (SimpleTuner `_apply_common_defaults`
+#: and `ImageBackendConfig.from_dict`), with SimpleTuner's own defaults.
+GLOBAL_DEFAULTS: dict[str, Any] = {
+    "resolution": 1024,
+    "resolution_type": "pixel_area",
+    "crop": False,
+    "crop_style": "random",
+    "crop_aspect": "square",
+    "minimum_image_size": None,
+    "maximum_image_size": None,
+    "target_downsample_size": None,
+    "caption_strategy": "filename",
+    "instance_prompt": None,
+}
+
+
+@dataclass(frozen=True)
+class DatasetConfig:
+    """One image dataset with every inherited default resolved, so later stages never look at config.json."""
+
+    id: str
+    instance_data_dir: Path
+    type: str = "local"
+    dataset_type: str = "image"
+    disabled: bool = False
+    crop: bool = False
+    crop_aspect: str = "square"
+    crop_style: str = "random"
+    resolution: float = 1024
+    resolution_type: str = "pixel_area"
+    minimum_image_size: float | None = None
+    maximum_image_size: float | None = None
+    target_downsample_size: float | None = None
+    minimum_aspect_ratio: float | None = None
+    maximum_aspect_ratio: float | None = None
+    caption_strategy: str = "filename"
+    instance_prompt: str | tuple[str, ...] | None = None
+    prepend_instance_prompt: bool = False
+    only_instance_prompt: bool = False
+    disable_multiline_split: bool = False
+    metadata_backend: str = "discovery"
+    repeats: int = 0
+    is_regularisation_data: bool = False
+    probability: float = 1.0
+    vae_batch_size: int | None = None
+    #: Recorded, not used: caches are content-addressed in the store.
+    cache_dir_vae: str | None = None
+    #: Recorded, not used: the manifest is keyed by the listing, so nothing is rescanned needlessly.
+    skip_file_discovery: str = ""
+
+    # -- the units bucketing works in (DESIGN.md §6) --------------------------------------------------
+    @property
+    def bucket_mode(self) -> str:
+        """`pixel` or `area`: `pixel_area` is `area` measured in pixel edges."""
+        return "pixel" if self.resolution_type == "pixel" else "area"
+
+    @property
+    def bucket_resolution(self) -> float:
+        """Pixels (short edge) in pixel mode, megapixels in area mode."""
+        if self.resolution_type == "pixel_area":
+            return float(self.resolution) ** 2 / 1e6
+        return float(self.resolution)
+
+    def _size_in_bucket_units(self, value: float | None) -> float | None:
+        if not value:  # SimpleTuner: 0 / "" / null all mean "no limit"
+            return None
+        value = float(value)
+        if self.resolution_type == "pixel_area" and value > 10:
+            return value * value / 1e6
+        return value
+
+    @property
+    def bucket_minimum_image_size(self) -> float | None:
+        return self._size_in_bucket_units(self.minimum_image_size)
+
+    @property
+    def bucket_maximum_image_size(self) -> float | None:
+        return self._size_in_bucket_units(self.maximum_image_size)
+
+    @property
+    def bucket_target_downsample_size(self) -> float | None:
+        return self._size_in_bucket_units(self.target_downsample_size)
+
+    @property
+    def instance_prompts(self) -> list[str]:
+        if self.instance_prompt is None:
+            return []
+        if isinstance(self.instance_prompt, str):
+            return [self.instance_prompt.strip()] if self.instance_prompt.strip() else []
+        return [p.strip() for p in self.instance_prompt if p.strip()]
+
+    def ingest_options(self) -> dict[str, Any]:
+        """Everything that changes ingest's output, for the manifest's content hash."""
+        skip = {"cache_dir_vae", "skip_file_discovery", "vae_batch_size", "disabled", "probability"}
+        out: dict[str, Any] = {}
+        for name in self.__dataclass_fields__:
+            if name in skip:
+                continue
+            value = getattr(self, name)
+            if isinstance(value, Path):
+                value = str(value)
+            elif isinstance(value, tuple):
+                value = list(value)
+            out[name] = value
+        return out
+
+
+@dataclass(frozen=True)
+class TextEmbedsConfig:
+    """The `text_embeds` entry: where SimpleTuner put its text cache; here only `write_batch_size` matters."""
+
+    id: str
+    type: str = "local"
+    default: bool = False
+    disabled: bool = False
+    #: Recorded, not used: embeddings live under `cache/text/<encoder-fingerprint>/` in the store.
+    cache_dir: str | None = None
+    write_batch_size: int | None = None
+
+
+@dataclass(frozen=True)
+class DataBackends:
+    """All entries of one multidatabackend.json."""
+
+    datasets: tuple[DatasetConfig, ...]
+    text_embeds: tuple[TextEmbedsConfig, ...] = ()
+    source: str | None = None
+
+    @property
+    def enabled(self) -> list[DatasetConfig]:
+        return [d for d in self.datasets if not d.disabled]
+
+    @property
+    def default_text_embeds(self) -> TextEmbedsConfig | None:
+        enabled = [t for t in self.text_embeds if not t.disabled]
+        for entry in enabled:
+            if entry.default:
+                return entry
+        return enabled[0] if enabled else None
+
+    def get(self, dataset_id: str) -> DatasetConfig:
+        for dataset in self.datasets:
+            if dataset.id == dataset_id:
+                return dataset
+        raise KeyError(dataset_id)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Value coercion: every error names the dataset id and the key.
+
+
+def _where(dataset_id: str) -> str:
+    return f"dataset {dataset_id!r}"
+
+
+def _bool(value: Any, dataset_id: str, key: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    if value is None:
+        return False
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in {
+        "true",
+        "1",
+        "yes",
+        "on",
+        "false",
+        "0",
+        "no",
+        "off",
+        "",
+    }:
+        return value.strip().lower() in {"true", "1", "yes", "on"}
+    raise ConfigError(f"{_where(dataset_id)}: {key} must be true or false, got {value!r}", field=key)
+
+
+def _number(value: Any, dataset_id: str, key: str, *, allow_none: bool = True) -> float | None:
+    if value is None or value == "":
+        if allow_none:
+            return None
+        raise ConfigError(f"{_where(dataset_id)}: {key} is required", field=key)
+    if isinstance(value, bool):
+        raise ConfigError(f"{_where(dataset_id)}: {key} must be a number, got {value!r}", field=key)
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{_where(dataset_id)}: {key} must be a number, got {value!r}", field=key) from None
+    if not math.isfinite(number) or number < 0:
+        raise ConfigError(
+            f"{_where(dataset_id)}: {key} must be a finite number ≥ 0, got {value!r}", field=key
+        )
+    return int(number) if number.is_integer() else number
+
+
+def _int(value: Any, dataset_id: str, key: str, default: int | None) -> int | None:
+    if value is None or value == "":
+        return default
+    number = _number(value, dataset_id, key)
+    if number is None or not float(number).is_integer():
+        raise ConfigError(f"{_where(dataset_id)}: {key} must be a whole number, got {value!r}", field=key)
+    return int(number)
+
+
+def _choice(value: Any, dataset_id: str, key: str, allowed: Sequence[str], later: Sequence[str] = ()) -> str:
+    text = str(value).strip().lower() if value is not None else ""
+    if text in allowed:
+        return text
+    if text in later:
+        raise NotSupportedError(
+            f"not supported yet: {key}={text!r} (in {_where(dataset_id)}; supported: {', '.join(allowed)})",
+            field=key,
+        )
+    raise ConfigError(
+        f"{_where(dataset_id)}: {key} must be one of {', '.join(allowed)}, got {value!r}", field=key
+    )
+
+
+def _optional_str(value: Any, dataset_id: str, key: str) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise ConfigError(f"{_where(dataset_id)}: {key} must be a string, got {value!r}", field=key)
+    return value
+
+
+# ---------------------------------------------------------------------------------------------------
+
+
+def _parse_image_dataset(
+    entry: Mapping[str, Any], defaults: Mapping[str, Any], base_dir: Path | None
+) -> DatasetConfig:
+    dataset_id = str(entry["id"])
+    where = _where(dataset_id)
+    data = check_keys(
+        entry,
+        supported=IMAGE_KEYS_SUPPORTED,
+        recognised_unsupported=IMAGE_KEYS_RECOGNISED,
+        inert_values=INERT_VALUES,
+        where=where,
+    )
+
+    def pick(key: str) -> Any:
+        value = data.get(key)
+        return defaults.get(key, GLOBAL_DEFAULTS.get(key)) if value is None else value
+
+    backend_type = _choice(data.get("type", "local"), dataset_id, "type", ("local",), BACKEND_TYPES_LATER)
+    dataset_type = _choice(
+        data.get("dataset_type") or "image", dataset_id, "dataset_type", ("image",), DATASET_TYPES_LATER
+    )
+    disabled = _bool(data.get("disabled", data.get("disable", False)), dataset_id, "disabled")
+
+    raw_dir = data.get("instance_data_dir")
+    if not raw_dir or not isinstance(raw_dir, str):
+        raise ConfigError(
+            f"{where}: instance_data_dir is required (a local folder)", field="instance_data_dir"
+        )
+    instance_dir = Path(raw_dir).expanduser()
+    if not instance_dir.is_absolute():
+        instance_dir = (base_dir or Path.cwd()) / instance_dir
+    instance_dir = instance_dir.resolve()
+
+    resolution_type = _choice(pick("resolution_type"), dataset_id, "resolution_type", RESOLUTION_TYPES)
+    resolution = _number(pick("resolution"), dataset_id, "resolution", allow_none=False)
+    assert resolution is not None
+    if resolution <= 0:
+        raise ConfigError(f"{where}: resolution must be > 0", field="resolution")
+
+    crop_style = _choice(pick("crop_style"), dataset_id, "crop_style", CROP_STYLES, CROP_STYLES_LATER)
+    crop_style = "center" if crop_style == "centre" else crop_style
+    crop_aspect = _choice(pick("crop_aspect"), dataset_id, "crop_aspect", CROP_ASPECTS, CROP_ASPECTS_LATER)
+
+    caption_strategy = _choice(
+        pick("caption_strategy"), dataset_id, "caption_strategy", CAPTION_STRATEGIES, CAPTION_STRATEGIES_LATER
+    )
+    metadata_backend = _choice(
+        data.get("metadata_backend") or "discovery",
+        dataset_id,
+        "metadata_backend",
+        METADATA_BACKENDS,
+        METADATA_BACKENDS_LATER,
+    )
+
+    instance_prompt: str | tuple[str, ...] | None
+    raw_prompt = pick("instance_prompt")
+    if raw_prompt is None or isinstance(raw_prompt, str):
+        instance_prompt = raw_prompt
+    elif isinstance(raw_prompt, list) and all(isinstance(p, str) for p in raw_prompt):
+        instance_prompt = tuple(raw_prompt)
+    else:
+        raise ConfigError(
+            f"{where}: instance_prompt must be a string or a list of strings", field="instance_prompt"
+        )
+
+    reg_raw = data.get("is_regularisation_data", data.get("is_regularization_data", False))
+    repeats = _int(data.get("repeats"), dataset_id, "repeats", 0)
+    assert repeats is not None
+
+    probability = _number(data.get("probability"), dataset_id, "probability")
+    config = DatasetConfig(
+        id=dataset_id,
+        instance_data_dir=instance_dir,
+        type=backend_type,
+        dataset_type=dataset_type,
+        disabled=disabled,
+        crop=_bool(pick("crop"), dataset_id, "crop"),
+        crop_aspect=crop_aspect,
+        crop_style=crop_style,
+        resolution=resolution,
+        resolution_type=resolution_type,
+        minimum_image_size=_number(pick("minimum_image_size"), dataset_id, "minimum_image_size"),
+        maximum_image_size=_number(pick("maximum_image_size"), dataset_id, "maximum_image_size"),
+        target_downsample_size=_number(pick("target_downsample_size"), dataset_id, "target_downsample_size"),
+        minimum_aspect_ratio=_number(data.get("minimum_aspect_ratio"), dataset_id, "minimum_aspect_ratio"),
+        maximum_aspect_ratio=_number(data.get("maximum_aspect_ratio"), dataset_id, "maximum_aspect_ratio"),
+        caption_strategy=caption_strategy,
+        instance_prompt=instance_prompt,
+        prepend_instance_prompt=_bool(
+            data.get("prepend_instance_prompt"), dataset_id, "prepend_instance_prompt"
+        ),
+        only_instance_prompt=_bool(data.get("only_instance_prompt"), dataset_id, "only_instance_prompt"),
+        disable_multiline_split=_bool(
+            data.get("disable_multiline_split"), dataset_id, "disable_multiline_split"
+        ),
+        metadata_backend=metadata_backend,
+        repeats=repeats,
+        is_regularisation_data=_bool(reg_raw, dataset_id, "is_regularisation_data"),
+        probability=1.0 if not probability else float(probability),
+        vae_batch_size=_int(data.get("vae_batch_size"), dataset_id, "vae_batch_size", None),
+        cache_dir_vae=_optional_str(data.get("cache_dir_vae"), dataset_id, "cache_dir_vae"),
+        skip_file_discovery=str(data.get("skip_file_discovery") or ""),
+    )
+    _validate_image_dataset(config)
+    return config
+
+
+def _validate_image_dataset(config: DatasetConfig) -> None:
+    """SimpleTuner's own sanity checks (config/base.py, metadata/backends/base.py), raised at load time."""
+    where = _where(config.id)
+    if config.repeats < 0:
+        raise ConfigError(f"{where}: repeats must be ≥ 0, got {config.repeats}", field="repeats")
+    needs_prompt = (
+        config.caption_strategy == "instanceprompt"
+        or config.only_instance_prompt
+        or config.prepend_instance_prompt
+    )
+    if needs_prompt and not config.instance_prompts:
+        reason = (
+            "caption_strategy=instanceprompt"
+            if config.caption_strategy == "instanceprompt"
+            else "only_instance_prompt"
+            if config.only_instance_prompt
+            else "prepend_instance_prompt"
+        )
+        raise ConfigError(f"{where}: {reason} requires a non-empty instance_prompt", field="instance_prompt")
+    if config.maximum_image_size and not config.target_downsample_size:
+        raise ConfigError(
+            f"{where}: maximum_image_size needs target_downsample_size as well (as in SimpleTuner)",
+            field="target_downsample_size",
+        )
+    mode = config.resolution_type
+    for key in ("maximum_image_size", "target_downsample_size"):
+        value = getattr(config, key)
+        if not value:
+            continue
+        if mode == "area" and value >= 20:
+            raise ConfigError(
+                f"{where}: with resolution_type=area, {key} is in megapixels and must be < 20; "
+                f"{value} looks like pixels",
+                field=key,
+            )
+        if mode == "pixel" and value < 512:
+            raise ConfigError(
+                f"{where}: with resolution_type=pixel, {key} is in pixels and must be ≥ 512; "
+                f"{value} looks like megapixels",
+                field=key,
+            )
+    if mode == "area" and config.minimum_image_size and config.minimum_image_size > 5:
+        raise ConfigError(
+            f"{where}: with resolution_type=area, minimum_image_size is in megapixels and must be ≤ 5; "
+            f"{config.minimum_image_size} looks like pixels",
+            field="minimum_image_size",
+        )
+    if mode == "area" and config.resolution > 20:
+        raise ConfigError(
+            f"{where}: with resolution_type=area, resolution is in megapixels; "
+            f"{config.resolution} looks like pixels (use resolution_type=pixel_area)",
+            field="resolution",
+        )
+
+
+def _parse_text_embeds(entry: Mapping[str, Any]) -> TextEmbedsConfig:
+    dataset_id = str(entry["id"])
+    where = _where(dataset_id)
+    data = check_keys(
+        entry,
+        supported=TEXT_EMBEDS_KEYS_SUPPORTED,
+        recognised_unsupported=TEXT_EMBEDS_KEYS_RECOGNISED,
+        inert_values=INERT_VALUES,
+        where=where,
+    )
+    backend_type = _choice(data.get("type", "local"), dataset_id, "type", ("local",), BACKEND_TYPES_LATER)
+    return TextEmbedsConfig(
+        id=dataset_id,
+        type=backend_type,
+        default=_bool(data.get("default"), dataset_id, "default"),
+        disabled=_bool(data.get("disabled", data.get("disable", False)), dataset_id, "disabled"),
+        cache_dir=_optional_str(data.get("cache_dir"), dataset_id, "cache_dir"),
+        write_batch_size=_int(data.get("write_batch_size"), dataset_id, "write_batch_size", None),
+    )
+
+
+def load_data_backend_config(
+    source: Path | str | list[Any],
+    *,
+    defaults: Mapping[str, Any] | None = None,
+    base_dir: Path | None = None,
+) -> DataBackends:
+    """Read a multidatabackend.json (path or already-parsed list) into typed, validated configs.
+
+    `defaults` are config.json's values (any `--key` spelling) that datasets inherit when they do not set
+    them. Relative `instance_data_dir` resolves against `base_dir` (default: the current directory, as
+    SimpleTuner, which resolves them against where `train.sh` runs).
+    """
+    source_name: str | None = None
+    if isinstance(source, (str, Path)):
+        path = Path(source)
+        source_name = str(path)
+        try:
+            entries = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"data backend config not found: {path}", field="data_backend_config") from None
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{path} is not valid JSON: {exc}", field="data_backend_config") from None
+    else:
+        entries = source
+    if not isinstance(entries, list):
+        raise ConfigError(
+            "multidatabackend.json must be a JSON list of dataset objects", field="data_backend_config"
+        )
+    global_defaults = {normalise_key(k): v for k, v in (defaults or {}).items()}
+    global_defaults = {k: v for k, v in global_defaults.items() if k in GLOBAL_DEFAULTS}
+
+    datasets: list[DatasetConfig] = []
+    text_embeds: list[TextEmbedsConfig] = []
+    seen: set[str] = set()
+    for index, entry in enumerate(entries):
+        if not isinstance(entry, Mapping):
+            raise ConfigError(
+                f"entry {index} of the data backend config is not an object", field="data_backend_config"
+            )
+        normalised = {normalise_key(k): v for k, v in entry.items()}
+        raw_id = normalised.get("id")
+        if not isinstance(raw_id, str) or not raw_id.strip():
+            raise ConfigError(f"entry {index} of the data backend config has no 'id'", field="id")
+        if raw_id in seen:
+            raise ConfigError(f"dataset id {raw_id!r} is used twice", field="id")
+        seen.add(raw_id)
+        dataset_type = str(normalised.get("dataset_type") or "image").strip().lower()
+        if dataset_type == "text_embeds":
+            text_embeds.append(_parse_text_embeds(entry))
+        else:
+            datasets.append(_parse_image_dataset(entry, global_defaults, base_dir))
+
+    enabled_text = [t for t in text_embeds if not t.disabled]
+    if not enabled_text:
+        raise ConfigError(
+            "the data backend config needs a text_embeds entry (dataset_type: text_embeds), "
+            "as SimpleTuner requires",
+            field="dataset_type",
+        )
+    defaults_marked = [t.id for t in enabled_text if t.default]
+    if len(defaults_marked) > 1:
+        raise ConfigError(
+            f"only one text_embeds entry can be the default; marked: {', '.join(defaults_marked)}",
+            field="default",
+        )
+    if not defaults_marked and len(enabled_text) > 1:
+        raise ConfigError('several text_embeds entries and none marked "default": true', field="default")
+    if not [d for d in datasets if not d.disabled]:
+        raise ConfigError("the data backend config has no enabled image dataset", field="dataset_type")
+    return DataBackends(datasets=tuple(datasets), text_embeds=tuple(text_embeds), source=source_name)
+
+
+__all__ = [
+    "DataBackends",
+    "DatasetConfig",
+    "GLOBAL_DEFAULTS",
+    "TextEmbedsConfig",
+    "load_data_backend_config",
+]

@@ -1,0 +1,216 @@
+"""Image reading shared by ingest (headers only) and the VAE stage (pixels).
+
+Both stages must agree on an image's size *after* EXIF rotation, otherwise the crop box ingest computed
+would be applied to a rotated picture. Every failure becomes an `InputError` naming the file and the
+reason, so ingest can list it in the report and the VAE stage can say which file broke.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from stagetune.core.errors import InputError
+
+if TYPE_CHECKING:  # torch is heavy: imported only when pixels are prepared
+    import torch
+
+#: EXIF orientations that swap width and height (90° / 270° rotations, with or without mirroring).
+_SWAPPING_ORIENTATIONS = {5, 6, 7, 8}
+_EXIF_ORIENTATION_TAG = 0x0112
+
+
+def _source_name(source: Path | str | bytes, name: str | None) -> str:
+    if name:
+        return name
+    return "<bytes>" if isinstance(source, (bytes, bytearray)) else str(source)
+
+
+def _open(source: Path | str | bytes, name: str) -> Image.Image:
+    """Open lazily, turning Pillow's many exception types and the decompression-bomb check into one error."""
+    try:
+        if isinstance(source, (bytes, bytearray)):
+            if not source:
+                raise InputError(f"{name}: empty file (0 bytes)", field=name)
+            handle: Any = io.BytesIO(source)
+        else:
+            path = Path(source)
+            if path.stat().st_size == 0:
+                raise InputError(f"{name}: empty file (0 bytes)", field=name)
+            handle = path
+        with warnings.catch_warnings():
+            # Pillow only warns between MAX_IMAGE_PIXELS and twice that; treat both the same.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            return Image.open(handle)
+    except InputError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise InputError(
+            f"{name}: image too large (decompression-bomb limit Image.MAX_IMAGE_PIXELS="
+            f"{Image.MAX_IMAGE_PIXELS}): {exc}",
+            field=name,
+        ) from None
+    except UnidentifiedImageError:
+        raise InputError(f"{name}: not an image or unsupported format", field=name) from None
+    except FileNotFoundError:
+        raise InputError(f"{name}: file not found", field=name) from None
+    except PermissionError:
+        raise InputError(f"{name}: unreadable (permission denied)", field=name) from None
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise InputError(f"{name}: cannot read image header: {exc}", field=name) from None
+
+
+def _orientation(image: Image.Image) -> int:
+    try:
+        return int(image.getexif().get(_EXIF_ORIENTATION_TAG, 1) or 1)
+    except Exception:  # a broken EXIF block must not make a good image unusable
+        return 1
+
+
+def read_image_size(source: Path | str | bytes, *, name: str | None = None) -> tuple[int, int]:
+    """(W, H) as the picture is displayed (after EXIF rotation), from the header only, pixels untouched.
+
+    Ingest buckets thousands of images this way; decoding them would cost minutes.
+    """
+    label = _source_name(source, name)
+    image = _open(source, label)
+    with image:
+        width, height = image.size
+        if width <= 0 or height <= 0:
+            raise InputError(f"{label}: invalid image dimensions {width}x{height}", field=label)
+        if _orientation(image) in _SWAPPING_ORIENTATIONS:
+            width, height = height, width
+    return int(width), int(height)
+
+
+def check_complete(data: bytes, *, name: str) -> None:
+    """Detect truncated JPEG/PNG files from their bytes without decoding pixels.
+
+    Ingest already reads every file to hash it; a missing end marker is the usual sign of an interrupted
+    download, and catching it here puts the file in the report instead of crashing the VAE stage later.
+    """
+    if data[:3] == b"\xff\xd8\xff":
+        last_scan = data.rfind(b"\xff\xda")
+        if last_scan < 0 or data.find(b"\xff\xd9", last_scan) < 0:
+            raise InputError(f"{name}: truncated JPEG (no end-of-image marker)", field=name)
+    elif data[:8] == b"\x89PNG\r\n\x1a\n":
+        if b"IEND" not in data[-64:]:
+            raise InputError(f"{name}: truncated PNG (no IEND chunk)", field=name)
+
+
+def _to_rgb(image: Image.Image, name: str) -> Image.Image:
+    """Convert any Pillow mode to 8-bit RGB the way a viewer would show it.
+
+    Transparent pixels are composited on white (not black: SimpleTuner's `convert("RGB")` drops alpha,
+    which turns transparent backgrounds into whatever colour the hidden pixels had). 16-bit and 32-bit
+    greyscale are scaled to 8 bits rather than clipped, which would make most of the picture white.
+    """
+    import numpy as np
+
+    mode = image.mode
+    if mode == "RGB":
+        return image
+    if mode == "P":
+        image = image.convert("RGBA") if "transparency" in image.info else image.convert("RGB")
+        mode = image.mode
+        if mode == "RGB":
+            return image
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    if mode.startswith("I;16") or mode == "I":
+        array = np.asarray(image, dtype=np.float64)
+        # "I" comes from 16-bit PNG/TIFF greyscale in practice: its range is 0..65535.
+        scaled = np.clip(np.round(array / 257.0), 0, 255).astype(np.uint8)
+        return Image.fromarray(scaled, mode="L").convert("RGB")
+    if mode == "F":
+        array = np.asarray(image, dtype=np.float64)
+        peak = float(array.max()) if array.size else 0.0
+        factor = 255.0 if peak <= 1.0 else 1.0
+        scaled = np.clip(np.round(array * factor), 0, 255).astype(np.uint8)
+        return Image.fromarray(scaled, mode="L").convert("RGB")
+    try:
+        return image.convert("RGB")  # L, 1, CMYK, YCbCr, HSV …
+    except (ValueError, OSError) as exc:
+        raise InputError(f"{name}: cannot convert image mode {mode} to RGB: {exc}", field=name) from None
+
+
+def load_image_rgb(source: Path | str | bytes, *, name: str | None = None) -> Image.Image:
+    """Decode fully, rotate per EXIF and convert to RGB; any failure is an `InputError` for this file."""
+    label = _source_name(source, name)
+    image = _open(source, label)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image.load()
+        image = ImageOps.exif_transpose(image) or image
+        return _to_rgb(image, label)
+    except InputError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise InputError(f"{label}: image too large (decompression-bomb limit): {exc}", field=label) from None
+    except (OSError, ValueError, SyntaxError, EOFError) as exc:
+        reason = str(exc) or type(exc).__name__
+        if "truncated" in reason.lower():
+            raise InputError(f"{label}: truncated image ({reason})", field=label) from None
+        raise InputError(f"{label}: cannot decode image: {reason}", field=label) from None
+
+
+def _field(sample: Any, key: str) -> Any:
+    if isinstance(sample, Mapping):
+        return sample.get(key)
+    return getattr(sample, key, None)
+
+
+def _size(value: Sequence[int] | None) -> tuple[int, int] | None:
+    if value is None:
+        return None
+    return int(value[0]), int(value[1])
+
+
+def prepare_pixels(image: Image.Image, sample: Any) -> torch.Tensor:
+    """Apply a manifest row's geometry and return a [3, H, W] float tensor in [-1, 1].
+
+    Order as SimpleTuner's TrainingSample: optional downsample, LANCZOS resize to the intermediary size,
+    crop box, then exactly the target size (a no-op unless the box was clipped at an edge). The row
+    carries every number, so the VAE stage never recomputes buckets and cannot disagree with ingest.
+    """
+    import numpy as np
+    import torch
+
+    name = str(_field(sample, "path") or _field(sample, "sample_id") or "<image>")
+    original = _size(_field(sample, "original_size"))
+    if original is not None and tuple(image.size) != original:
+        raise InputError(
+            f"{name}: image is {image.size[0]}x{image.size[1]} but the manifest says "
+            f"{original[0]}x{original[1]} (file changed since ingest?)",
+            field=name,
+        )
+    if image.mode != "RGB":
+        image = _to_rgb(image, name)
+    downsample = _size(_field(sample, "downsample_size"))
+    intermediary = _size(_field(sample, "intermediary_size"))
+    target = _size(_field(sample, "target_size"))
+    crop_box = _field(sample, "crop_box")
+    if target is None or intermediary is None or crop_box is None:
+        raise InputError(f"{name}: manifest row lacks target_size/intermediary_size/crop_box", field=name)
+    if downsample is not None and image.size != downsample:
+        image = image.resize(downsample, Image.Resampling.LANCZOS)
+    if image.size != intermediary:
+        image = image.resize(intermediary, Image.Resampling.LANCZOS)
+    left, top, right, bottom = (int(v) for v in crop_box)
+    image = image.crop((left, top, right, bottom))
+    if image.size != target:
+        image = image.resize(target, Image.Resampling.LANCZOS)
+    array = np.asarray(image, dtype=np.uint8)
+    tensor = torch.from_numpy(array.copy()).permute(2, 0, 1).to(torch.float32)
+    return tensor.div_(127.5).sub_(1.0)
+
+
+__all__ = ["check_complete", "load_image_rgb", "prepare_pixels", "read_image_size"]

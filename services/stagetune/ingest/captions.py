@@ -1,0 +1,79 @@
+"""Caption strategies, as SimpleTuner's `PromptHandler` (helpers/prompts.py) applies them.
+
+- `filename`: the file's stem with underscores turned into spaces (`prepare_instance_prompt_from_filename`;
+  nothing else is stripped, so `a_cat_01.png` gives "a cat 01").
+- `textfile`: `<stem>.txt` beside the image; when it contains a newline it is split into one caption per
+  line and empty lines dropped (`prepare_instance_prompt_from_textfile`), unless `disable_multiline_split`.
+  We also strip surrounding whitespace of each caption (SimpleTuner keeps `\\r` of CRLF files and trailing
+  blanks, which only make distinct text-cache entries for the same caption).
+- `instanceprompt`: the dataset's `instance_prompt` (a string, or a list of strings) for every image.
+- `only_instance_prompt` replaces any caption with the instance prompt; `prepend_instance_prompt` puts
+  `instance_prompt + " "` before each caption.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from stagetune.core.config.dataset import DatasetConfig
+
+
+@dataclass(frozen=True)
+class CaptionResult:
+    captions: list[str]
+    #: Bytes that decided the captions (the textfile's content), for the manifest's content hash.
+    source_bytes: bytes = b""
+    #: Why the image has no usable caption (the sample is filtered out and reported), or None.
+    problem: str | None = None
+
+
+def caption_file_for(image_path: Path) -> Path:
+    """`os.path.splitext(path)[0] + ".txt"`, as SimpleTuner."""
+    return image_path.with_suffix(".txt")
+
+
+def _split_textfile(text: str, disable_multiline_split: bool) -> list[str]:
+    if not disable_multiline_split and "\n" in text:
+        parts = text.split("\n")
+    else:
+        parts = [text]
+    return [part.strip() for part in parts if part.strip()]
+
+
+def resolve_captions(config: DatasetConfig, image_path: Path) -> CaptionResult:
+    prompts = config.instance_prompts
+    if config.only_instance_prompt or config.caption_strategy == "instanceprompt":
+        return CaptionResult(captions=list(prompts))
+    if config.caption_strategy == "filename":
+        captions = [image_path.stem.replace("_", " ")]
+        source = b""
+    elif config.caption_strategy == "textfile":
+        caption_path = caption_file_for(image_path)
+        try:
+            source = caption_path.read_bytes()
+        except FileNotFoundError:
+            return CaptionResult(captions=[], problem=f"caption file missing: {caption_path.name}")
+        except OSError as exc:
+            return CaptionResult(captions=[], problem=f"caption file unreadable: {caption_path.name}: {exc}")
+        try:
+            text = source.decode("utf-8-sig")
+        except UnicodeDecodeError as exc:
+            return CaptionResult(
+                captions=[],
+                source_bytes=source,
+                problem=f"caption file is not UTF-8: {caption_path.name}: {exc}",
+            )
+        captions = _split_textfile(text, config.disable_multiline_split)
+        if not captions:
+            return CaptionResult(
+                captions=[], source_bytes=source, problem=f"caption file empty: {caption_path.name}"
+            )
+    else:  # load_data_backend_config rejects every other strategy
+        raise ValueError(f"unsupported caption_strategy {config.caption_strategy!r}")
+    if config.prepend_instance_prompt and prompts:
+        captions = [f"{prompts[0]} {caption}" for caption in captions]
+    return CaptionResult(captions=captions, source_bytes=source)
+
+
+__all__ = ["CaptionResult", "caption_file_for", "resolve_captions"]
