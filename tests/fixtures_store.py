@@ -24,6 +24,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
 from stagetune.core.store import Store, open_store
 
 log = logging.getLogger("stagetune.tests.s3")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
 from stagetune.core.config.dataset import DatasetConfig
 from stagetune.ingest.buckets import (
     BucketPlanner,

@@ -7,6 +7,7 @@ import threading
 
 import pytest
 import torch
+
 from stagetune.core.cache import ShardedCache
 from stagetune.core.errors import NotFoundError
 from stagetune.core.store import Store

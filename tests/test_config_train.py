@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from stagetune.core.config import simpletuner_keys as st
 from stagetune.core.config.keys import normalise_key
 from stagetune.core.config.train import (

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+
 from stagetune.core.config.dataset import DatasetConfig, load_data_backend_config
 from stagetune.core.errors import ConfigError, NotSupportedError
 

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+
 from stagetune.core.errors import InputError
 from stagetune.core.imaging import check_complete, load_image_rgb, prepare_pixels, read_image_size
 

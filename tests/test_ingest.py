@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
+
 from stagetune.core.config.dataset import load_data_backend_config
 from stagetune.core.errors import ConfigError, InputError, NotFoundError
 from stagetune.core.imaging import load_image_rgb, prepare_pixels

@@ -6,6 +6,7 @@ import threading
 from pathlib import Path
 
 import pytest
+
 from stagetune.core.errors import ConfigError, NotFoundError
 from stagetune.core.jobs import JobManager, JobState
 from stagetune.core.store.local import LocalStore

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from stagetune.core.errors import ConfigError
 from stagetune.models.sd3.text import SD3TextEncoder
 from stagetune.models.sd3.tiny import TINY_SD3

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from stagetune.core.errors import InputError, NotFoundError
 from stagetune.models import fingerprint as fp
 from stagetune.models.sd3 import components

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from stagetune.core.errors import InputError
 from stagetune.models.sd3.vae import SD3LatentEncoder
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from fixtures_store import S3Server, fresh_bucket
+
 from stagetune.core.errors import ConfigError, InputError, NotFoundError, StoreUnavailableError
 from stagetune.core.store import (
     InvalidKeyError,

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
+
 from stagetune.core.errors import NotFoundError
 from stagetune.core.store.local import LocalStore
 from stagetune.trainer import checkpoint
@@ -49,8 +51,8 @@ def test_noisy_input_and_target() -> None:
     assert torch.equal(timesteps_for(torch.tensor([0.25])), torch.tensor([250.0]))
 
 
-def _rows(buckets: dict[str, int], repeats: int = 0) -> list[dict]:
-    return [{"bucket": b, "repeats": repeats} for b, n in buckets.items() for _ in range(n)]
+def _rows(buckets: dict[str, int], repeats: int = 0) -> list[SimpleNamespace]:
+    return [SimpleNamespace(bucket=b, repeats=repeats) for b, n in buckets.items() for _ in range(n)]
 
 
 def test_batches_hold_one_bucket_and_drop_remainders() -> None:

@@ -7,12 +7,12 @@ from pathlib import Path
 from stagetune.core.store.base import Store
 
 
-def open_output(output_dir: str, base_dir: Path | None = None) -> Store:
+def open_output(output_dir: str | Path, base_dir: Path | None = None) -> Store:
     """`s3://…` opens that store; anything else is a local folder (relative to the config's folder)."""
-    if "://" in output_dir:
+    if "://" in str(output_dir):
         from stagetune.core.store import open_store
 
-        return open_store(output_dir)
+        return open_store(str(output_dir))
     from stagetune.core.store.local import LocalStore
 
     path = Path(output_dir).expanduser()

@@ -30,7 +30,7 @@ def text_job(ctx: JobContext) -> dict[str, str]:
     captions: set[str] = {""}  # the empty caption serves caption dropout and unconditional guidance
     if spec.get("manifest_id"):
         for row in load_manifest(ctx.store, spec["manifest_id"]):
-            captions.update(row["captions"])
+            captions.update(row.captions)
     captions.update(spec.get("extra_captions") or [])
     ordered = sorted(captions)
     family = get_family(spec.get("model_family") or "sd3")

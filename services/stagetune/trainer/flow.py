@@ -41,9 +41,8 @@ def sample_sigmas(schedule: FlowSchedule, batch: int, seq_len: int, generator: t
     """Per-sample σ in (0, 1), drawn with the trainer's own generator (so resume is exact)."""
     if schedule.use_beta:
         u = torch.rand(batch, generator=generator, dtype=torch.float64)
-        beta = torch.distributions.Beta(
-            torch.tensor(schedule.beta_alpha, dtype=torch.float64), torch.tensor(schedule.beta_beta, dtype=torch.float64)
-        )
+        alpha, beta_ = (torch.tensor(v, dtype=torch.float64) for v in (schedule.beta_alpha, schedule.beta_beta))
+        beta = torch.distributions.Beta(alpha, beta_)
         # Inverse-CDF sampling keeps every draw on our generator (Beta.sample would use the global RNG).
         sigmas = _beta_icdf(u, beta).float()
     elif schedule.use_uniform:

@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 class TrainData:
     """What the cache stages produced, resolved to keys per manifest row."""
 
-    rows: Sequence[dict]
+    rows: Sequence[Any]
     latents: ShardedCache
     latent_keys: Sequence[str]  # per row
     texts: ShardedCache
@@ -144,7 +144,7 @@ class Trainer:
         for ref in batch:
             row = self.data.rows[ref.row]
             latents.append(self.data.latents.get(self.data.latent_keys[ref.row])["latents"])
-            captions = row["captions"] or [""]
+            captions = row.captions or [""]
             pick = int(torch.randint(len(captions), (1,), generator=self.generator)) if len(captions) > 1 else 0
             caption = captions[pick]
             if float(torch.rand(1, generator=self.generator)) < self.cfg.caption_dropout_probability:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 from collections import defaultdict
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -29,12 +30,12 @@ class SamplerState:
     position: int = 0  # batches already yielded in this epoch
 
 
-def expand_repeats(rows: Sequence[dict]) -> list[SampleRef]:
+def expand_repeats(rows: Sequence[Any]) -> list[SampleRef]:
     """SimpleTuner's `repeats`: 0 means each sample once, N means N extra copies."""
     refs = []
     for index, row in enumerate(rows):
-        for copy in range(int(row.get("repeats", 0)) + 1):
-            refs.append(SampleRef(index, copy, str(row["bucket"])))
+        for copy in range(int(row.repeats or 0) + 1):
+            refs.append(SampleRef(index, copy, str(row.bucket)))
     return refs
 
 

@@ -37,7 +37,7 @@ def train_job(ctx: JobContext) -> dict[str, str]:
     data = TrainData(
         rows=rows,
         latents=ShardedCache(store, spec["latent_cache"]),
-        latent_keys=[latent_keys[row["sample_id"]] for row in rows],
+        latent_keys=[latent_keys[row.sample_id] for row in rows],
         texts=ShardedCache(store, spec["text_cache"]),
         text_key=text_keys.__getitem__,
     )

@@ -15,6 +15,7 @@ from stagetune.core.encode import chunks, encode_missing
 from stagetune.core.grpc_server import JobServicer, ServiceBinding, job_to_proto
 from stagetune.core.jobs import JobContext, JobManager
 from stagetune.core.store.base import Store
+from stagetune.ingest.manifest import ManifestRow
 from stagetune.v1 import common_pb2, vae_pb2, vae_pb2_grpc
 
 SERVICE = "vae"
@@ -39,25 +40,25 @@ def vae_job(ctx: JobContext) -> dict[str, str]:
     prefix = latent_cache_prefix(encoder.fingerprint)
     cache = ShardedCache(ctx.store, prefix)
 
-    def batches(todo: list[dict]) -> Iterable[list[dict]]:
-        by_size: dict[tuple[int, int], list[dict]] = defaultdict(list)  # a batch needs one pixel size
+    def batches(todo: list[ManifestRow]) -> Iterable[list[ManifestRow]]:
+        by_size: dict[tuple[int, int], list[ManifestRow]] = defaultdict(list)  # a batch needs one pixel size
         for row in todo:
-            by_size[tuple(row["target_size"])].append(row)
+            by_size[tuple(row.target_size)].append(row)
         for size in sorted(by_size):
             yield from chunks(by_size[size], spec.get("vae_batch_size") or 4)
 
-    def encode(batch: list[dict]) -> list[dict[str, torch.Tensor]]:
-        pixels = torch.stack([prepare_pixels(load_image_rgb(row["path"]), row) for row in batch])
-        seeds = [int(row["pixel_key"][:15], 16) for row in batch]
+    def encode(batch: list[ManifestRow]) -> list[dict[str, torch.Tensor]]:
+        pixels = torch.stack([prepare_pixels(load_image_rgb(row.path), row) for row in batch])
+        seeds = [int(row.pixel_key[:15], 16) for row in batch]
         latents = encoder.encode(pixels, seeds)
         return [{"latents": latent.contiguous()} for latent in latents]
 
     stats = encode_missing(
-        stage=SERVICE, items=rows, key_of=lambda row: encoder.latent_key(row["pixel_key"]), cache=cache,
+        stage=SERVICE, items=rows, key_of=lambda row: encoder.latent_key(row.pixel_key), cache=cache,
         batches=batches, encode=encode, write_batch_size=spec.get("write_batch_size") or 128,
         progress=lambda done, total: ctx.progress("encoding latents", done, total, "images"),
     )
-    keys = {row["sample_id"]: encoder.latent_key(row["pixel_key"]) for row in rows}
+    keys = {row.sample_id: encoder.latent_key(row.pixel_key) for row in rows}
     keys_key = f"jobs/{ctx.job_id}/latent_keys.json"
     ctx.store.put_bytes(keys_key, json.dumps(keys, sort_keys=True).encode())
     ctx.log(f"latents: {stats.encoded} encoded, {stats.hits} cache hits of {stats.total}")
