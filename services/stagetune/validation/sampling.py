@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 
 from stagetune.core.store.base import Store
+from stagetune.models.loading import MODEL_LOAD_LOCK
 
 _pipelines: dict[tuple, Any] = {}
 _lock = threading.Lock()
@@ -43,7 +44,8 @@ def get_pipeline(family: Any, name_or_path: str, revision: str | None, dtype: to
     with _lock:
         if key not in _pipelines:
             device = "cuda" if torch.cuda.is_available() else "cpu"
-            pipe = family.pipeline_class().from_pretrained(name_or_path, revision=revision, torch_dtype=dtype)
+            with MODEL_LOAD_LOCK:
+                pipe = family.pipeline_class().from_pretrained(name_or_path, revision=revision, torch_dtype=dtype)
             pipe.set_progress_bar_config(disable=True)
             _pipelines[key] = pipe.to(device)
         return _pipelines[key]

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from stagetune.core.errors import InputError, NotFoundError
 from stagetune.models.fingerprint import is_hub_id
+from stagetune.models.loading import MODEL_LOAD_LOCK
 
 if TYPE_CHECKING:
     import torch
@@ -105,9 +106,10 @@ def _from_pretrained(
     check_model_source(name_or_path, subfolder, field=field)
     where = f"{name_or_path}/{subfolder}" if subfolder else name_or_path
     try:
-        if subfolder:
-            return loader(name_or_path, subfolder=subfolder, **kwargs)
-        return loader(name_or_path, **kwargs)
+        with MODEL_LOAD_LOCK:
+            if subfolder:
+                return loader(name_or_path, subfolder=subfolder, **kwargs)
+            return loader(name_or_path, **kwargs)
     except OSError as exc:
         if is_hub_id(name_or_path):
             raise NotFoundError(f"cannot load {where} from the Hugging Face hub: {exc}", field=field) from exc
