@@ -9,11 +9,16 @@ from pathlib import Path
 
 
 def _store(url: str | None):  # noqa: ANN202 - imported lazily
+    import os
+
     from stagetune.core.store import default_store_url, open_store
 
     store = open_store(url)
-    if not url:
-        print(f"store: {default_store_url()} (set --store or STAGETUNE_STORE to change)", file=sys.stderr)
+    if not url and not os.environ.get("STAGETUNE_STORE"):
+        print(f"store: {default_store_url()} (the default; set --store or STAGETUNE_STORE to change)",
+              file=sys.stderr)
+    else:
+        print(f"store: {store.url}", file=sys.stderr)
     return store
 
 
@@ -69,8 +74,28 @@ def _describe(result) -> str:  # noqa: ANN001
     return ""
 
 
+def _quiet_libraries(level: str) -> None:
+    """Our progress bars and messages only: the libraries' own bars and notices drown them."""
+    if level.upper() == "DEBUG":
+        return
+    import warnings
+
+    import diffusers
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    diffusers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=FutureWarning, module="diffusers")
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from stagetune.pipeline import run_training, start_embedded
+
+    _quiet_libraries(args.log_level)
+    # Job messages reach the terminal as Watch events; the services' own log lines would repeat them.
+    logging.getLogger("stagetune.core.jobs").setLevel(logging.ERROR)
 
     store = _store(args.store)
     servers = start_embedded(store)

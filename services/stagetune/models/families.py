@@ -27,14 +27,15 @@ class SD3Family:
         return load_transformer(name_or_path, revision=revision, dtype=dtype)
 
     def text_encoder(self, name_or_path: str, *, revision: str | None = None, dtype: Any = None) -> Any:
+        """The weights load on the first `encode`: fingerprints and cache keys need only the files."""
         from stagetune.models.sd3.text import SD3TextEncoder
 
-        return SD3TextEncoder.from_pretrained(name_or_path, revision=revision, dtype=dtype)
+        return SD3TextEncoder.from_pretrained(name_or_path, revision=revision, dtype=dtype, load=False)
 
     def latent_encoder(self, name_or_path: str, *, revision: str | None = None, dtype: Any = None) -> Any:
         from stagetune.models.sd3.vae import SD3LatentEncoder
 
-        return SD3LatentEncoder.from_pretrained(name_or_path, revision=revision, dtype=dtype)
+        return SD3LatentEncoder.from_pretrained(name_or_path, revision=revision, dtype=dtype, load=False)
 
     def pipeline_class(self) -> type:
         from diffusers import StableDiffusion3Pipeline

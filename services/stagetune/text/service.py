@@ -34,7 +34,7 @@ def text_job(ctx: JobContext) -> dict[str, str]:
     captions.update(spec.get("extra_captions") or [])
     ordered = sorted(captions)
     family = get_family(spec.get("model_family") or "sd3")
-    ctx.progress("loading text encoders", 0, 1)
+    ctx.progress("fingerprinting text encoders", 0, 1)
     encoder = family.text_encoder(spec["model"], revision=spec.get("revision") or None,
                                   dtype=parse_dtype(spec.get("dtype")))
     options = {"t5_max_length": spec.get("max_sequence_length") or 154,

@@ -34,7 +34,7 @@ def vae_job(ctx: JobContext) -> dict[str, str]:
     spec = ctx.spec
     rows = load_manifest(ctx.store, spec["manifest_id"])
     family = get_family(spec.get("model_family") or "sd3")
-    ctx.progress("loading vae", 0, 1)
+    ctx.progress("fingerprinting vae", 0, 1)
     encoder = family.latent_encoder(spec["model"], revision=spec.get("revision") or None,
                                     dtype=parse_dtype(spec.get("dtype")))
     prefix = latent_cache_prefix(encoder.fingerprint)

@@ -45,7 +45,7 @@ def get_pipeline(family: Any, name_or_path: str, revision: str | None, dtype: to
         if key not in _pipelines:
             device = "cuda" if torch.cuda.is_available() else "cpu"
             with MODEL_LOAD_LOCK:
-                pipe = family.pipeline_class().from_pretrained(name_or_path, revision=revision, torch_dtype=dtype)
+                pipe = family.pipeline_class().from_pretrained(name_or_path, revision=revision, dtype=dtype)
             pipe.set_progress_bar_config(disable=True)
             _pipelines[key] = pipe.to(device)
         return _pipelines[key]

@@ -51,20 +51,29 @@ class SD3TextEncoder:
 
     def __init__(
         self,
-        models: SD3TextModels,
+        models: SD3TextModels | None,
         *,
         name_or_path: str,
         revision: str | None,
         dtype: torch.dtype,
         device: torch.device,
     ) -> None:
-        self.models = models
+        self._models = models
         self.name_or_path = name_or_path
         self.revision = revision
         self.dtype = dtype
         self.device = device
         # Fast tokenizers mutate their padding/truncation state per call: one caller at a time.
         self._tokenize_lock = threading.Lock()
+
+    @property
+    def models(self) -> SD3TextModels:
+        """Loaded on first use: a run whose captions are all cached never loads the encoders."""
+        if self._models is None:
+            self._models = load_text_encoders(
+                self.name_or_path, revision=self.revision, dtype=self.dtype, device=self.device
+            )
+        return self._models
 
     @classmethod
     def from_pretrained(
@@ -74,13 +83,14 @@ class SD3TextEncoder:
         revision: str | None = None,
         dtype: torch.dtype | None = torch.float32,
         device: str | torch.device = "cpu",
+        load: bool = True,
     ) -> SD3TextEncoder:
         """Load through the shared component memo, so the embedded services hold one copy of the encoders.
 
         ``dtype=None`` means float32, and gets float32's fingerprint: callers that leave it unset share caches.
         """
         dtype = torch.float32 if dtype is None else dtype
-        models = load_text_encoders(name_or_path, revision=revision, dtype=dtype, device=device)
+        models = load_text_encoders(name_or_path, revision=revision, dtype=dtype, device=device) if load else None
         return cls(
             models, name_or_path=name_or_path, revision=revision, dtype=dtype, device=torch.device(device)
         )

@@ -21,7 +21,7 @@ class SD3LatentEncoder:
 
     def __init__(
         self,
-        vae: torch.nn.Module,
+        vae: torch.nn.Module | None,
         *,
         name_or_path: str,
         subfolder: str | None,
@@ -29,17 +29,36 @@ class SD3LatentEncoder:
         dtype: torch.dtype,
         device: torch.device,
     ) -> None:
-        self.vae = vae
+        self._vae = vae
         self.name_or_path = name_or_path
         self.subfolder = subfolder
         self.revision = revision
         self.dtype = dtype
         self.device = device
-        config = vae.config
-        self.shift_factor = float(config.shift_factor or 0.0)
-        self.scaling_factor = float(config.scaling_factor)
-        self.latent_channels = int(config.latent_channels)
-        self.downsample = 2 ** (len(config.block_out_channels) - 1)
+
+    @property
+    def vae(self) -> torch.nn.Module:
+        """Loaded on first use: a run whose latents are all cached never loads the VAE."""
+        if self._vae is None:
+            self._vae = load_vae(self.name_or_path, revision=self.revision, dtype=self.dtype, device=self.device,
+                                 subfolder=self.subfolder)
+        return self._vae
+
+    @property
+    def shift_factor(self) -> float:
+        return float(self.vae.config.shift_factor or 0.0)
+
+    @property
+    def scaling_factor(self) -> float:
+        return float(self.vae.config.scaling_factor)
+
+    @property
+    def latent_channels(self) -> int:
+        return int(self.vae.config.latent_channels)
+
+    @property
+    def downsample(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
     @classmethod
     def from_pretrained(
@@ -50,13 +69,16 @@ class SD3LatentEncoder:
         dtype: torch.dtype | None = torch.float32,
         device: str | torch.device = "cpu",
         subfolder: str | None = "vae",
+        load: bool = True,
     ) -> SD3LatentEncoder:
         """Load through the shared component memo; ``subfolder=None`` for a standalone VAE repository.
 
         ``dtype=None`` means float32, with float32's fingerprint.
         """
         dtype = torch.float32 if dtype is None else dtype
-        vae = load_vae(name_or_path, revision=revision, dtype=dtype, device=device, subfolder=subfolder)
+        vae = None
+        if load:
+            vae = load_vae(name_or_path, revision=revision, dtype=dtype, device=device, subfolder=subfolder)
         return cls(
             vae,
             name_or_path=name_or_path,
