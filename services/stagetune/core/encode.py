@@ -26,6 +26,7 @@ class EncodeStats:
     encoded: int = 0
     bytes_written: int = 0
     seconds: float = 0.0
+    load_seconds: float = 0.0  # loading the encoder, only when something had to be encoded
 
     def as_outputs(self) -> dict[str, str]:
         return {k: str(v) for k, v in dataclasses.asdict(self).items()}
@@ -41,6 +42,7 @@ def encode_missing(
     encode: Callable[[list[Item]], list[dict[str, torch.Tensor]]],
     write_batch_size: int,
     progress: Callable[[int, int], None] = lambda done, total: None,
+    load: Callable[[], object] = lambda: None,
 ) -> EncodeStats:
     """Encode the items whose key is not in `cache` yet; each distinct key is encoded once."""
     started = time.perf_counter()
@@ -53,6 +55,10 @@ def encode_missing(
     stats = EncodeStats(total=len(unique), hits=len(unique) - len(todo))
     metrics.CACHE_HITS.labels(stage).inc(stats.hits)
     progress(stats.hits, stats.total)
+    if todo:
+        load_started = time.perf_counter()
+        load()
+        stats.load_seconds = time.perf_counter() - load_started
     with cache.writer(write_batch_size) as writer:
         for batch in batches(todo):
             batch_started = time.perf_counter()

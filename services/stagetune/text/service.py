@@ -54,6 +54,7 @@ def text_job(ctx: JobContext) -> dict[str, str]:
         batches=lambda todo: chunks(todo, spec.get("batch_size") or 8), encode=encode,
         write_batch_size=spec.get("write_batch_size") or 128,
         progress=lambda done, total: ctx.progress("encoding captions", done, total, "captions"),
+        load=lambda: encoder.models,
     )
     keys_key = f"jobs/{ctx.job_id}/text_keys.json"
     ctx.store.put_bytes(keys_key, json.dumps({c: key_of(c) for c in ordered}, sort_keys=True).encode())

@@ -56,6 +56,7 @@ def vae_job(ctx: JobContext) -> dict[str, str]:
     stats = encode_missing(
         stage=SERVICE, items=rows, key_of=lambda row: encoder.latent_key(row.pixel_key), cache=cache,
         batches=batches, encode=encode, write_batch_size=spec.get("write_batch_size") or 128,
+        load=lambda: encoder.vae,
         progress=lambda done, total: ctx.progress("encoding latents", done, total, "images"),
     )
     keys = {row.sample_id: encoder.latent_key(row.pixel_key) for row in rows}
