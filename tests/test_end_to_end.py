@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -208,3 +209,34 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path: Path, tiny_sd3_path: P
     assert resumed.keys() == straight.keys()
     for key in straight:
         assert torch.equal(resumed[key], straight[key]), f"{key} differs after kill and resume"
+
+
+def test_ctrl_c_saves_a_checkpoint_and_the_next_run_resumes(tmp_path: Path, tiny_sd3_path: Path) -> None:
+    make_dataset(tmp_path / "data")
+    config = write_configs(tmp_path, tiny_sd3_path, steps=2000, validation=False, checkpointing_steps=100000)
+    store = tmp_path / "store"
+    proc = _cli(config, store)
+    seen: list[str] = []
+    reader = threading.Thread(target=lambda: seen.extend(iter(lambda: proc.stdout.read(256), "")), daemon=True)
+    reader.start()
+    deadline = time.time() + 300
+    while "trainer: training" not in "".join(seen) and time.time() < deadline:
+        assert proc.poll() is None, "".join(seen)
+        time.sleep(0.05)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGINT)
+    proc.wait(timeout=120)
+    reader.join(timeout=10)
+    log = "".join(seen)
+    assert proc.returncode == 130, log
+    assert "run the same command again to resume" in log
+    saved = sorted(int(p.name.split("-")[1]) for p in (tmp_path / "output").glob("checkpoint-*"))
+    assert len(saved) == 1 and 0 < saved[0] < 2000, saved
+
+    # A shorter run now: the same command resumes from the Ctrl-C checkpoint and finishes.
+    config = write_configs(tmp_path, tiny_sd3_path, steps=saved[0] + 3, validation=False,
+                           checkpointing_steps=100000)
+    proc = _cli(config, store)
+    log, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, log
+    assert f"resuming from checkpoint-{saved[0]}" in log

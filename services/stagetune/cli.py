@@ -90,10 +90,26 @@ def _quiet_libraries(level: str) -> None:
     warnings.filterwarnings("ignore", category=FutureWarning, module="diffusers")
 
 
+def _stop_cleanly_on_signals() -> None:
+    """Ctrl-C and SIGTERM (what Kubernetes sends) both mean: save a checkpoint, then stop.
+
+    Installed explicitly because a process started in the background by a non-interactive shell
+    inherits SIGINT as ignored, and Python keeps that.
+    """
+    import signal
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    signal.signal(signal.SIGINT, interrupt)
+    signal.signal(signal.SIGTERM, interrupt)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from stagetune.pipeline import run_training, start_embedded
 
     _quiet_libraries(args.log_level)
+    _stop_cleanly_on_signals()
     # Job messages reach the terminal as Watch events; the services' own log lines would repeat them.
     logging.getLogger("stagetune.core.jobs").setLevel(logging.ERROR)
 

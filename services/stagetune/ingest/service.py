@@ -50,7 +50,8 @@ def _report_lines(report: Any) -> list[str]:
     data = report if isinstance(report, dict) else getattr(report, "__dict__", {})
     lines = []
     for bad in data.get("bad_files", []):
-        lines.append(f"skipped {bad.get('path')}: {bad.get('reason')}")
+        path, reason = str(bad.get("path")), str(bad.get("reason"))
+        lines.append(f"skipped {path}: {reason.removeprefix(path + ': ')}")
     for pruned in data.get("pruned_buckets", []):
         lines.append(str(pruned.get("message", pruned)))
     return lines

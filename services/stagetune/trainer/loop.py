@@ -215,11 +215,25 @@ class Trainer:
     # -- the run -----------------------------------------------------------------------------
     def train(self) -> dict[str, str]:
         cfg = self.cfg
+        try:
+            self._train_steps()
+        except JobCancelled:
+            if self.global_step > 0:
+                self.save_checkpoint()  # Ctrl-C, SIGTERM or Cancel: the next run resumes here
+            raise
+        final = self.lora_bytes()
+        self.output.put_bytes(LORA_FILE, final)
+        self.report.log(f"wrote {LORA_FILE} ({len(final)} bytes) after {self.global_step} steps")
+        if self.report.validate is not None and cfg.validation_prompt:
+            self.report.validate(self.global_step, final)
+        return {"lora": LORA_FILE, "steps": str(self.global_step)}
+
+    def _train_steps(self) -> None:
+        cfg = self.cfg
         family = getattr(self.family, "NAME", "unknown")
         self.report.progress(self.global_step, self.total_steps)
         while self.global_step < self.total_steps:
             if self.report.cancelled():
-                self.save_checkpoint()  # Ctrl-C or Cancel: the next run resumes here
                 raise JobCancelled("training cancelled")
             started = time.perf_counter()
             loss = self.step()
@@ -235,9 +249,3 @@ class Trainer:
             if cfg.validation_steps and self.global_step % cfg.validation_steps == 0 \
                     and self.global_step < self.total_steps:
                 self._validate()
-        final = self.lora_bytes()
-        self.output.put_bytes(LORA_FILE, final)
-        self.report.log(f"wrote {LORA_FILE} ({len(final)} bytes) after {self.global_step} steps")
-        if self.report.validate is not None and cfg.validation_prompt:
-            self.report.validate(self.global_step, final)
-        return {"lora": LORA_FILE, "steps": str(self.global_step)}
