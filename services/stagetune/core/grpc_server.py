@@ -16,7 +16,7 @@ from concurrent import futures
 from typing import Any
 
 import grpc
-from google.protobuf import any_pb2
+from google.protobuf import any_pb2, json_format
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
@@ -24,7 +24,8 @@ from grpc_status import rpc_status
 
 from stagetune.core import metrics
 from stagetune.core.errors import StagetuneError
-from stagetune.core.jobs import Event, JobManager, JobRecord, JobState
+from stagetune.core.jobs import Event, JobContext, JobManager, JobRecord, JobState
+from stagetune.core.store.base import Store
 from stagetune.v1 import common_pb2
 
 log = logging.getLogger(__name__)
@@ -72,10 +73,15 @@ def event_to_proto(event: Event) -> common_pb2.Event:
 
 
 class JobServicer:
-    """Watch / Get / Cancel / List for any service; subclasses add `Start`."""
+    """Start / Watch / Get / Cancel / List for any service: a service is its request type and work."""
 
     def __init__(self, manager: JobManager) -> None:
         self.manager = manager
+
+    def Start(self, request: Any, context: grpc.ServicerContext) -> common_pb2.Job:
+        spec = json_format.MessageToDict(request, preserving_proto_field_name=True)
+        spec.pop("request_id", None)
+        return job_to_proto(self.manager.submit(request.request_id, spec))
 
     def Watch(self, request: common_pb2.WatchJobRequest, context: grpc.ServicerContext
               ) -> Iterator[common_pb2.Event]:
@@ -187,6 +193,15 @@ class ServiceBinding:
     add_to_server: Callable[[Any, grpc.Server], None]
     servicer: Any
     manager: JobManager | None = None
+
+
+def job_service(store: Store, *, name: str, servicer_base: type, add_to_server: Callable[[Any, grpc.Server], None],
+                request_type: type, work: Callable[[JobContext], dict[str, str]]) -> ServiceBinding:
+    """A stage service: the generated servicer base, its Start request type, and the work function."""
+    manager = JobManager(name, store, work, request_type=request_type)
+    servicer_cls = type(servicer_base.__name__.removesuffix("Servicer"), (JobServicer, servicer_base), {})
+    full_name = request_type.DESCRIPTOR.file.package + "." + servicer_base.__name__.removesuffix("Servicer")
+    return ServiceBinding(full_name, add_to_server, servicer_cls(manager), manager)
 
 
 @dataclasses.dataclass

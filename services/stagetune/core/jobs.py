@@ -118,6 +118,13 @@ class JobContext:
         return self.record.spec
 
     @property
+    def request(self) -> Any:
+        """The Start request as its typed message (the spec is kept as JSON so records outlive the process)."""
+        from google.protobuf import json_format
+
+        return json_format.ParseDict(self.record.spec, self._manager.request_type())
+
+    @property
     def store(self) -> Store:
         return self._manager.store
 
@@ -147,9 +154,11 @@ WorkFn = Callable[[JobContext], dict[str, str]]
 class JobManager:
     """Runs one service's jobs on a small thread pool and keeps their records and events."""
 
-    def __init__(self, service: str, store: Store, work: WorkFn, *, max_workers: int = 1) -> None:
+    def __init__(self, service: str, store: Store, work: WorkFn, *, max_workers: int = 1,
+                 request_type: type | None = None) -> None:
         self.service = service
         self.store = store
+        self.request_type = request_type
         self._work = work
         self._pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix=f"{service}-job")
         self._lock = threading.Condition()
@@ -182,14 +191,16 @@ class JobManager:
             self._lock.notify_all()
 
     def _set_state(self, record: JobRecord, state: JobState, **changes: Any) -> None:
-        with self._lock:  # state and its event change together: a watcher never sees one alone
+        # The record is saved before its event goes out: whoever sees the event and then reads the
+        # record (from any process) reads the new state. A watcher never sees one without the other.
+        with self._lock:
             record.state = state
             for name, value in changes.items():
                 setattr(record, name, value)
+            self._persist(record)
             self._emit(record.job_id, "job", dataclasses.replace(record))
         if state.terminal:
             metrics.JOBS.labels(self.service, state.value).inc()
-        self._persist(record)
 
     # -- API ---------------------------------------------------------------------------------
     def submit(self, request_id: str, spec: dict[str, Any]) -> JobRecord:

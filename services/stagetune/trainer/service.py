@@ -6,12 +6,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import grpc
-
-from stagetune.core.grpc_server import JobServicer, ServiceBinding, job_to_proto
-from stagetune.core.jobs import JobContext, JobManager
+from stagetune.core.grpc_server import ServiceBinding, job_service
+from stagetune.core.jobs import JobContext
 from stagetune.core.store.base import Store
-from stagetune.v1 import common_pb2, trainer_pb2, trainer_pb2_grpc
+from stagetune.v1 import trainer_pb2, trainer_pb2_grpc
 
 SERVICE = "trainer"
 
@@ -25,20 +23,20 @@ def train_job(ctx: JobContext) -> dict[str, str]:
     from stagetune.trainer.loop import Reporter, TrainData, Trainer
     from stagetune.validation.client import ValidationRequester
 
-    spec = ctx.spec
-    base_dir = Path(spec["base_dir"]) if spec.get("base_dir") else None
-    cfg = load_train_config(json.loads(spec["config_json"]), base_dir=base_dir)
+    req: trainer_pb2.StartTrainingRequest = ctx.request
+    base_dir = Path(req.base_dir) if req.base_dir else None
+    cfg = load_train_config(json.loads(req.config_json), base_dir=base_dir)
     for warning in getattr(cfg, "warnings", []):
         ctx.log(warning, "warning")
     store = ctx.store
-    rows = load_manifest(store, spec["manifest_id"])
-    latent_keys = json.loads(store.get_bytes(spec["latent_keys"]))
-    text_keys = json.loads(store.get_bytes(spec["text_keys"]))
+    rows = load_manifest(store, req.manifest_id)
+    latent_keys = json.loads(store.get_bytes(req.latent_keys))
+    text_keys = json.loads(store.get_bytes(req.text_keys))
     data = TrainData(
         rows=rows,
-        latents=ShardedCache(store, spec["latent_cache"]),
+        latents=ShardedCache(store, req.latent_cache),
         latent_keys=[latent_keys[row.sample_id] for row in rows],
-        texts=ShardedCache(store, spec["text_cache"]),
+        texts=ShardedCache(store, req.text_cache),
         text_key=text_keys.__getitem__,
     )
     data.latents.refresh()
@@ -46,8 +44,8 @@ def train_job(ctx: JobContext) -> dict[str, str]:
     output = open_output(cfg.output_dir, base_dir)
     family = get_family(cfg.model_family)
     validator = None
-    if spec.get("validation_endpoint") and cfg.validation_prompt:
-        validator = ValidationRequester(spec["validation_endpoint"], store, ctx.job_id, cfg, output_dir=output)
+    if req.validation_endpoint and cfg.validation_prompt:
+        validator = ValidationRequester(req.validation_endpoint, store, ctx.job_id, cfg, output_dir=output)
     reporter = Reporter(
         progress=lambda step, total: ctx.progress("training", step, total, "steps"),
         log=ctx.log,
@@ -66,24 +64,7 @@ def train_job(ctx: JobContext) -> dict[str, str]:
     return outputs
 
 
-class TrainerServicer(JobServicer, trainer_pb2_grpc.TrainerServiceServicer):
-    def Start(self, request: trainer_pb2.StartTrainingRequest, context: grpc.ServicerContext) -> common_pb2.Job:
-        spec = {
-            "config_json": request.config_json,
-            "base_dir": request.base_dir,
-            "manifest_id": request.manifest_id,
-            "latent_cache": request.latent_cache,
-            "latent_keys": request.latent_keys,
-            "text_cache": request.text_cache,
-            "text_keys": request.text_keys,
-            "validation_endpoint": request.validation_endpoint,
-        }
-        return job_to_proto(self.manager.submit(request.request_id, spec))
-
-
 def binding(store: Store) -> ServiceBinding:
-    manager = JobManager(SERVICE, store, train_job)
-    return ServiceBinding("stagetune.v1.TrainerService", trainer_pb2_grpc.add_TrainerServiceServicer_to_server,
-                          TrainerServicer(manager), manager)
-
-
+    return job_service(store, name=SERVICE, servicer_base=trainer_pb2_grpc.TrainerServiceServicer,
+                       add_to_server=trainer_pb2_grpc.add_TrainerServiceServicer_to_server,
+                       request_type=trainer_pb2.StartTrainingRequest, work=train_job)

@@ -6,17 +6,16 @@ import json
 from collections import defaultdict
 from collections.abc import Iterable
 
-import grpc
 import torch
 import xxhash
 
 from stagetune.core.cache import ShardedCache
 from stagetune.core.encode import chunks, encode_missing
-from stagetune.core.grpc_server import JobServicer, ServiceBinding, job_to_proto
-from stagetune.core.jobs import JobContext, JobManager
+from stagetune.core.grpc_server import ServiceBinding, job_service
+from stagetune.core.jobs import JobContext
 from stagetune.core.store.base import Store
 from stagetune.ingest.manifest import ManifestRow
-from stagetune.v1 import common_pb2, vae_pb2, vae_pb2_grpc
+from stagetune.v1 import vae_pb2, vae_pb2_grpc
 
 SERVICE = "vae"
 
@@ -31,12 +30,12 @@ def vae_job(ctx: JobContext) -> dict[str, str]:
     from stagetune.models.dtypes import parse_dtype
     from stagetune.models.families import get_family
 
-    spec = ctx.spec
-    rows = load_manifest(ctx.store, spec["manifest_id"])
-    family = get_family(spec.get("model_family") or "sd3")
+    req: vae_pb2.StartEncodeLatentsRequest = ctx.request
+    rows = load_manifest(ctx.store, req.manifest_id)
+    family = get_family(req.model.family or "sd3")
     ctx.progress("fingerprinting vae", 0, 1)
-    encoder = family.latent_encoder(spec["model"], revision=spec.get("revision") or None,
-                                    dtype=parse_dtype(spec.get("dtype")))
+    encoder = family.latent_encoder(req.model.name_or_path, revision=req.model.revision or None,
+                                    dtype=parse_dtype(req.model.dtype))
     prefix = latent_cache_prefix(encoder.fingerprint)
     cache = ShardedCache(ctx.store, prefix)
 
@@ -45,7 +44,7 @@ def vae_job(ctx: JobContext) -> dict[str, str]:
         for row in todo:
             by_size[tuple(row.target_size)].append(row)
         for size in sorted(by_size):
-            yield from chunks(by_size[size], spec.get("vae_batch_size") or 4)
+            yield from chunks(by_size[size], req.vae_batch_size or 4)
 
     def encode(batch: list[ManifestRow]) -> list[dict[str, torch.Tensor]]:
         pixels = torch.stack([prepare_pixels(load_image_rgb(row.path), row) for row in batch])
@@ -55,7 +54,7 @@ def vae_job(ctx: JobContext) -> dict[str, str]:
 
     stats = encode_missing(
         stage=SERVICE, items=rows, key_of=lambda row: encoder.latent_key(row.pixel_key), cache=cache,
-        batches=batches, encode=encode, write_batch_size=spec.get("write_batch_size") or 128,
+        batches=batches, encode=encode, write_batch_size=req.write_batch_size or 128,
         load=lambda: encoder.vae,
         progress=lambda done, total: ctx.progress("encoding latents", done, total, "images"),
     )
@@ -67,21 +66,7 @@ def vae_job(ctx: JobContext) -> dict[str, str]:
             "keys_digest": xxhash.xxh3_64_hexdigest(json.dumps(keys, sort_keys=True).encode()), **stats.as_outputs()}
 
 
-class VaeServicer(JobServicer, vae_pb2_grpc.VaeServiceServicer):
-    def Start(self, request: vae_pb2.StartEncodeLatentsRequest, context: grpc.ServicerContext) -> common_pb2.Job:
-        spec = {
-            "manifest_id": request.manifest_id,
-            "model": request.model.name_or_path,
-            "model_family": request.model.family,
-            "revision": request.model.revision,
-            "dtype": request.model.dtype,
-            "vae_batch_size": request.vae_batch_size,
-            "write_batch_size": request.write_batch_size,
-        }
-        return job_to_proto(self.manager.submit(request.request_id, spec))
-
-
 def binding(store: Store) -> ServiceBinding:
-    manager = JobManager(SERVICE, store, vae_job)
-    return ServiceBinding("stagetune.v1.VaeService", vae_pb2_grpc.add_VaeServiceServicer_to_server,
-                          VaeServicer(manager), manager)
+    return job_service(store, name=SERVICE, servicer_base=vae_pb2_grpc.VaeServiceServicer,
+                       add_to_server=vae_pb2_grpc.add_VaeServiceServicer_to_server,
+                       request_type=vae_pb2.StartEncodeLatentsRequest, work=vae_job)

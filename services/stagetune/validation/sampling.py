@@ -38,6 +38,21 @@ class Sampling:
     skip_layer_guidance_start: float = 0.01
     skip_layer_guidance_stop: float = 0.2
 
+    @classmethod
+    def from_proto(cls, options: Any) -> Sampling:
+        """From `SamplingOptions`; unset fields keep the defaults above."""
+        return cls(
+            guidance_scale=options.guidance_scale,
+            num_inference_steps=options.num_inference_steps or cls.num_inference_steps,
+            seed=options.seed,
+            negative_prompt=options.negative_prompt,
+            resolutions=[(r.width, r.height) for r in options.resolutions] or [(1024, 1024)],
+            skip_guidance_layers=list(options.skip_guidance_layers),
+            skip_layer_guidance_scale=options.skip_layer_guidance_scale or cls.skip_layer_guidance_scale,
+            skip_layer_guidance_start=options.skip_layer_guidance_start or cls.skip_layer_guidance_start,
+            skip_layer_guidance_stop=options.skip_layer_guidance_stop or cls.skip_layer_guidance_stop,
+        )
+
 
 def get_pipeline(family: Any, name_or_path: str, revision: str | None, dtype: torch.dtype) -> Any:
     key = (family.NAME, name_or_path, revision, dtype)
