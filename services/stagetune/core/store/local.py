@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
+from stagetune.core.atomic import atomic_write
 from stagetune.core.errors import InputError, NotFoundError
 from stagetune.core.store.base import InvalidKeyError, Store, check_key, check_prefix
 
@@ -44,42 +44,17 @@ class LocalStore(Store):
 
     # -- writes ---------------------------------------------------------------------------------
 
-    def _write_atomic(self, key: str, fill: Callable[[BinaryIO], None]) -> None:
-        path = self._path(key)
-        for attempt in range(3):
-            try:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, dir=path.parent)
-                break
-            except FileNotFoundError:
-                # A concurrent delete_prefix removed the (empty) folder between mkdir and mkstemp.
-                if attempt == 2:
-                    raise
-            except (NotADirectoryError, FileExistsError) as exc:
-                raise InputError(
-                    f"cannot store {key!r} in {self.url}: a parent of it is an object, not a folder",
-                    field="key",
-                ) from exc
+    def _write_atomic(self, key: str, fill: Callable[[BinaryIO], object]) -> None:
         try:
-            with os.fdopen(fd, "wb") as handle:
-                # mkstemp makes 0600 files; other pods/users sharing the folder must read them.
-                os.fchmod(handle.fileno(), 0o644)
-                fill(handle)
-                handle.flush()
-                if self.fsync:
-                    os.fsync(handle.fileno())
-            try:
-                os.replace(tmp, path)
-            except IsADirectoryError as exc:
-                raise InputError(
-                    f"cannot store {key!r} in {self.url}: it is a folder of other objects", field="key"
-                ) from exc
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
-            raise
+            atomic_write(self._path(key), fill, fsync=self.fsync, tmp_prefix=TMP_PREFIX)
+        except (NotADirectoryError, FileExistsError) as exc:
+            raise InputError(
+                f"cannot store {key!r} in {self.url}: a parent of it is an object, not a folder", field="key"
+            ) from exc
+        except IsADirectoryError as exc:
+            raise InputError(
+                f"cannot store {key!r} in {self.url}: it is a folder of other objects", field="key"
+            ) from exc
 
     def put_bytes(self, key: str, data: bytes) -> None:
         self._write_atomic(key, lambda handle: handle.write(data))
@@ -111,19 +86,12 @@ class LocalStore(Store):
         source = self._path(key)
         if not source.is_file():
             raise self._not_found(key)
-        target = Path(path)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-        try:
-            with os.fdopen(fd, "wb") as dst, open(source, "rb") as src:
-                shutil.copyfileobj(src, dst, _COPY_CHUNK)
-            os.replace(tmp, target)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
-            raise
+
+        def copy(handle: BinaryIO) -> None:
+            with open(source, "rb") as src:
+                shutil.copyfileobj(src, handle, _COPY_CHUNK)
+
+        atomic_write(Path(path), copy, fsync=False)
 
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
