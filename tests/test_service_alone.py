@@ -54,6 +54,11 @@ def test_service_alone_answers_health_and_reflection(service: str, tmp_path: Pat
             with pytest.raises(grpc.RpcError) as info:
                 get(common_pb2.GetJobRequest(job_id="nope"), timeout=10)
             assert info.value.code() == grpc.StatusCode.NOT_FOUND
+            from stagetune.core.client import error_from_rpc
+            from stagetune.core.errors import NotFoundError
+
+            error = error_from_rpc(info.value)  # the BadRequest detail names the offending field
+            assert isinstance(error, NotFoundError) and error.field == "job_id" and "nope" in str(error)
         body = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
         assert (f'grpc_server_handled_total{{grpc_code="NOT_FOUND",grpc_method="Get",'
                 f'grpc_service="{SERVICES[service]}"}} 1.0') in body

@@ -8,6 +8,7 @@ offending field in one interceptor, counts RPCs for Prometheus, and builds serve
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import time
@@ -149,38 +150,33 @@ class ErrorsAndMetricsInterceptor(grpc.ServerInterceptor):
         metrics.GRPC_HANDLED.labels(service, method, code.name).inc()
         metrics.GRPC_SECONDS.labels(service, method).observe(time.perf_counter() - start)
 
+    @contextlib.contextmanager
+    def _observed(self, service: str, method: str, context: grpc.ServicerContext) -> Iterator[None]:
+        """Count the RPC and turn a `StagetuneError` into its status code with the offending field."""
+        metrics.GRPC_STARTED.labels(service, method).inc()
+        start = time.perf_counter()
+        try:
+            yield
+        except StagetuneError as exc:
+            status = rpc_status.to_status(_status_for(exc))
+            self._finish(service, method, start, status.code)
+            context.abort_with_status(status)
+        except Exception:
+            self._finish(service, method, start, grpc.StatusCode.INTERNAL)
+            raise
+        self._finish(service, method, start, context.code() or grpc.StatusCode.OK)
+
     def _wrap_unary(self, behaviour: Callable, service: str, method: str) -> Callable:
         def wrapped(request: Any, context: grpc.ServicerContext) -> Any:
-            metrics.GRPC_STARTED.labels(service, method).inc()
-            start = time.perf_counter()
-            try:
-                response = behaviour(request, context)
-            except StagetuneError as exc:
-                status = _status_for(exc)
-                self._finish(service, method, start, rpc_status.to_status(status).code)
-                context.abort_with_status(rpc_status.to_status(status))
-            except Exception:
-                self._finish(service, method, start, grpc.StatusCode.INTERNAL)
-                raise
-            self._finish(service, method, start, context.code() or grpc.StatusCode.OK)
-            return response
+            with self._observed(service, method, context):
+                return behaviour(request, context)
 
         return wrapped
 
     def _wrap_stream(self, behaviour: Callable, service: str, method: str) -> Callable:
         def wrapped(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-            metrics.GRPC_STARTED.labels(service, method).inc()
-            start = time.perf_counter()
-            try:
+            with self._observed(service, method, context):
                 yield from behaviour(request, context)
-            except StagetuneError as exc:
-                status = _status_for(exc)
-                self._finish(service, method, start, rpc_status.to_status(status).code)
-                context.abort_with_status(rpc_status.to_status(status))
-            except Exception:
-                self._finish(service, method, start, grpc.StatusCode.INTERNAL)
-                raise
-            self._finish(service, method, start, context.code() or grpc.StatusCode.OK)
 
         return wrapped
 
