@@ -7,6 +7,7 @@ that a second run encodes nothing, and that a killed run resumes to the same wei
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -89,7 +90,7 @@ def write_configs(root: Path, model: Path, *, steps: int, validation: bool = Tru
             "caption_strategy": "textfile", "metadata_backend": "discovery",
         },
         {"id": "text-embeds", "type": "local", "dataset_type": "text_embeds", "default": True,
-         "cache_dir": "cache/text/sd3/shapes", "disabled": False, "write_batch_size": 128},
+         "cache_dir": "cache/text/sd3/shapes", "disabled": False, "write_batch_size": 3},
     ]
     (root / "config.json").write_text(json.dumps(config, indent=2))
     (root / "multidatabackend.json").write_text(json.dumps(datasets, indent=2))
@@ -134,6 +135,12 @@ def test_trains_end_to_end_and_second_run_encodes_nothing(tmp_path: Path, tiny_s
     # every caption, the empty one (dropout), the validation prompt and SimpleTuner's default negative prompt
     expected_captions = set(CAPTIONS) | {"", "a red square on a blue background", "blurry, cropped, ugly"}
     assert run.phase("text").outputs["encoded"] == str(len(expected_captions))
+    # Shards hold write_batch_size entries: the text_embeds entry's 3, config.json's 4 for latents.
+    store = open_store(store_url)
+    text_shards = list(store.list(run.phase("text").outputs["cache_prefix"] + "/shards/"))
+    latent_shards = list(store.list(run.phase("vae").outputs["cache_prefix"] + "/shards/"))
+    assert len(text_shards) == math.ceil(len(expected_captions) / 3)
+    assert len(latent_shards) == 2
     output = tmp_path / "output"
     lora_file = output / "pytorch_lora_weights.safetensors"
     saved = load_file(lora_file)

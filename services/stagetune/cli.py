@@ -115,6 +115,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     store = _store(args.store)
     servers = start_embedded(store)
+    if args.metrics_port is not None:
+        from stagetune.core.metrics import serve_metrics
+
+        print(f"metrics on :{serve_metrics(args.metrics_port)}/metrics", file=sys.stderr)
     endpoints = {name: server.address for name, server in servers.items()}
     bars = _Bars()
     try:
@@ -186,6 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--data_backend_config", "--data-backend-config", default=None,
                        help="multidatabackend.json (default: the config's data_backend_config)")
     train.add_argument("--store", default=None, help="object store: a folder or s3://bucket?endpoint=…")
+    train.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port")
     train.set_defaults(func=cmd_train)
 
     serve = sub.add_parser("serve", help="run one service")

@@ -154,7 +154,8 @@ def run_training(
             texts = pool.submit(phase, "text", text, text_pb2.StartEncodeTextRequest(
                 request_id=f"{run_id}-text", manifest_id=manifest_id, extra_captions=extra, model=model,
                 max_sequence_length=cfg.tokenizer_max_length, t5_padding=cfg.t5_padding,
-                batch_size=cfg.text_encoder_batch_size, write_batch_size=cfg.write_batch_size,
+                batch_size=cfg.text_encoder_batch_size,
+                write_batch_size=int(ingested.outputs.get("text_write_batch_size") or cfg.write_batch_size),
             ))
             latent_result, text_result = latents.result(), texts.result()
         run.phases += [latent_result, text_result]

@@ -41,6 +41,8 @@ def ingest_job(ctx: JobContext) -> dict[str, str]:
         "samples": str(len(result.samples)),
         "captions": str(len(result.captions)),
         "reused": str(result.reused).lower(),
+        # The text_embeds entry's write_batch_size (SimpleTuner reads it there) for the text stage.
+        "text_write_batch_size": str(getattr(backends.default_text_embeds, "write_batch_size", None) or ""),
     }
 
 
