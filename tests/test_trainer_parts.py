@@ -9,11 +9,18 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from stagetune.core.errors import NotFoundError
+from stagetune.core.errors import ConfigError, NotFoundError, NotSupportedError
 from stagetune.core.store.local import LocalStore
 from stagetune.trainer import checkpoint
 from stagetune.trainer.flow import FlowSchedule, noisy_input, sample_sigmas, timesteps_for
-from stagetune.trainer.sampler import BucketBatchSampler, SamplerState, expand_repeats
+from stagetune.trainer.sampler import (
+    BucketBatchSampler,
+    DatasetPlan,
+    SamplerState,
+    TrainingSampler,
+    expand_repeats,
+    plans_for,
+)
 
 
 def test_static_shift_matches_the_formula() -> None:
@@ -71,17 +78,61 @@ def test_repeats_zero_is_once_and_n_adds_copies() -> None:
     assert len(expand_repeats(_rows({"1.0": 3}, repeats=2))) == 9
 
 
+def _mixed(buckets: dict[str, dict[str, int]]) -> list[SimpleNamespace]:
+    """Rows of several datasets: {dataset: {bucket: count}}."""
+    return [SimpleNamespace(bucket=b, repeats=0, dataset_id=d)
+            for d, per in buckets.items() for b, n in per.items() for _ in range(n)]
+
+
+def _plans(**kwargs: DatasetPlan) -> dict[str, DatasetPlan]:
+    return dict(kwargs)
+
+
 def test_sampler_resumes_from_its_state() -> None:
-    rows = expand_repeats(_rows({"1.0": 6, "1.5": 4}))
-    straight = BucketBatchSampler(rows, 2, seed=7)
-    order = [straight.next_batch() for _ in range(12)]  # crosses an epoch boundary (5 per epoch)
-    resumed = BucketBatchSampler(rows, 2, seed=7)
-    for _ in range(7):
+    rows = expand_repeats(_mixed({"a": {"1.0": 6, "1.5": 4}, "b": {"1.0": 4}}))
+    plans = _plans(a=DatasetPlan("a", 2), b=DatasetPlan("b", 1, probability=2.0))
+    straight = TrainingSampler(rows, plans, seed=7)
+    order = [straight.next_batch() for _ in range(25)]  # crosses epoch boundaries (9 per epoch)
+    resumed = TrainingSampler(rows, plans, seed=7)
+    for _ in range(12):
         resumed.next_batch()
-    state = SamplerState(**vars(resumed.state))
-    fresh = BucketBatchSampler(rows, 2, seed=7)
-    fresh.state = state
-    assert [fresh.next_batch() for _ in range(5)] == order[7:]
+    fresh = TrainingSampler(rows, plans, seed=7)
+    fresh.state = SamplerState(**vars(resumed.state))
+    assert [fresh.next_batch() for _ in range(13)] == order[12:]
+
+
+def test_datasets_mix_by_probability_with_their_own_batch_size() -> None:
+    rows = expand_repeats(_mixed({"a": {"1.0": 40}, "b": {"1.0": 40}}))
+    plans = _plans(a=DatasetPlan("a", 2, probability=1.0), b=DatasetPlan("b", 1, probability=3.0))
+    firsts = [TrainingSampler(rows, plans, seed=s).schedule(0, 0)[0].plan.dataset_id for s in range(400)]
+    assert 0.68 < firsts.count("b") / len(firsts) < 0.82  # 3/4 expected
+    schedule = TrainingSampler(rows, plans, seed=1).schedule(0, 0)
+    assert {len(b.samples) for b in schedule if b.plan.dataset_id == "a"} == {2}
+    assert {len(b.samples) for b in schedule if b.plan.dataset_id == "b"} == {1}
+    assert len(schedule) == 20 + 40  # every dataset is exhausted before the epoch ends
+
+
+def test_start_and_end_step_gate_a_dataset() -> None:
+    rows = expand_repeats(_mixed({"a": {"1.0": 40}, "b": {"1.0": 40}}))
+    plans = _plans(a=DatasetPlan("a", 1), b=DatasetPlan("b", 1, start_step=5, end_step=9))
+    schedule = TrainingSampler(rows, plans, seed=3, gradient_accumulation_steps=2).schedule(0, 0)
+    steps_with_b = {i // 2 + 1 for i, b in enumerate(schedule) if b.plan.dataset_id == "b"}
+    assert steps_with_b and min(steps_with_b) >= 5 and max(steps_with_b) <= 9
+    never = _plans(a=DatasetPlan("a", 1, probability=0.0), b=DatasetPlan("b", 1, probability=0.0))
+    with pytest.raises(ConfigError, match="no dataset can give a batch"):
+        TrainingSampler(rows, never, seed=0).next_batch()
+
+
+def test_plans_come_from_the_ingest_report() -> None:
+    rows = _mixed({"a": {"1.0": 2}, "reg": {"1.0": 2}})
+    report = {"datasets": {"reg": {"sampling": {"probability": 0.5, "train_batch_size": 3, "start_step": 2,
+                                                "end_step": None, "is_regularisation_data": True}}}}
+    plans = plans_for(rows, report, default_batch_size=4)
+    assert plans["a"] == DatasetPlan("a", 4)
+    assert plans["reg"] == DatasetPlan("reg", 3, probability=0.5, start_step=2, regularisation=True)
+    report["datasets"]["reg"]["sampling"]["vae_cache_clear_each_epoch"] = True
+    with pytest.raises(NotSupportedError, match="vae_cache_clear_each_epoch"):
+        plans_for(rows, report, default_batch_size=4)
 
 
 def test_checkpoints_are_complete_or_ignored(tmp_path: Path) -> None:

@@ -27,7 +27,7 @@ from stagetune.core.store.base import Store
 from stagetune.trainer import checkpoint
 from stagetune.trainer.flow import FlowSchedule, noisy_input, sample_sigmas, timesteps_for
 from stagetune.trainer.lora import LORA_FILE, add_lora, load_lora_bytes, lora_file_bytes
-from stagetune.trainer.sampler import BucketBatchSampler, SamplerState, expand_repeats
+from stagetune.trainer.sampler import DatasetPlan, SamplerState, TrainingSampler, expand_repeats, plans_for
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +41,7 @@ class TrainData:
     latent_keys: Sequence[str]  # per row
     texts: ShardedCache
     text_key: Callable[[str], str]  # caption -> embedding cache key
+    report: dict = dataclasses.field(default_factory=dict)  # the ingest report (per-dataset sampling keys)
 
 
 @dataclasses.dataclass
@@ -96,7 +97,8 @@ class Trainer:
             self.optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0
         )
         samples = expand_repeats(self.data.rows)
-        self.sampler = BucketBatchSampler(samples, cfg.train_batch_size, cfg.seed or 0)
+        self.plans: dict[str, DatasetPlan] = plans_for(self.data.rows, self.data.report, cfg.train_batch_size)
+        self.sampler = TrainingSampler(samples, self.plans, cfg.seed or 0, cfg.gradient_accumulation_steps)
         if len(self.sampler) == 0:
             raise PreconditionError(
                 f"no bucket holds a full batch of train_batch_size={cfg.train_batch_size}: "
@@ -157,7 +159,7 @@ class Trainer:
 
     def _micro_step(self) -> float:
         batch, _ = self.sampler.next_batch()
-        latents, embeds, pooled = self._batch_tensors(batch)
+        latents, embeds, pooled = self._batch_tensors(list(batch.samples))
         noise = torch.randn(latents.shape, generator=self.generator).to(self.device, latents.dtype)
         if self.cfg.noise_offset and float(torch.rand(1, generator=self.generator)) < self.cfg.noise_offset_probability:
             offset = torch.randn((latents.shape[0], latents.shape[1], 1, 1), generator=self.generator)
@@ -165,12 +167,25 @@ class Trainer:
         seq_len = (latents.shape[-1] // 2) * (latents.shape[-2] // 2)
         sigmas = sample_sigmas(self.schedule, latents.shape[0], seq_len, self.generator).to(self.device)
         noisy, target = noisy_input(latents, noise, sigmas)
+        inputs = {"hidden_states": noisy, "timestep": timesteps_for(sigmas), "encoder_hidden_states": embeds,
+                  "pooled_projections": pooled, "return_dict": False}
         with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
-            pred = self.model(hidden_states=noisy, timestep=timesteps_for(sigmas), encoder_hidden_states=embeds,
-                              pooled_projections=pooled, return_dict=False)[0]
+            if batch.plan.regularisation:
+                target = self._parent_prediction(inputs)
+            pred = self.model(**inputs)[0]
         loss = torch.nn.functional.mse_loss(pred.float(), target.float())
         (loss / self.cfg.gradient_accumulation_steps).backward()
         return float(loss.detach())
+
+    def _parent_prediction(self, inputs: dict) -> torch.Tensor:
+        """Regularisation data (SimpleTuner's `is_regularisation_data`): the base model's own prediction,
+        adapter off, is the target, so the LoRA learns to leave such images alone."""
+        self.model.disable_adapters()
+        try:
+            with torch.no_grad():
+                return self.model(**inputs)[0].detach()
+        finally:
+            self.model.enable_adapters()
 
     def step(self) -> float:
         """One optimizer step over `gradient_accumulation_steps` micro-batches; returns the mean loss."""

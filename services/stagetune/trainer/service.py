@@ -18,7 +18,7 @@ def train_job(ctx: JobContext) -> dict[str, str]:
     from stagetune.core.cache import ShardedCache
     from stagetune.core.config.train import load_train_config
     from stagetune.core.outputs import open_output
-    from stagetune.ingest.run import load_manifest
+    from stagetune.ingest.manifest import load_manifest, load_report
     from stagetune.models.families import get_family
     from stagetune.trainer.loop import Reporter, TrainData, Trainer
     from stagetune.validation.client import ValidationRequester
@@ -30,6 +30,7 @@ def train_job(ctx: JobContext) -> dict[str, str]:
         ctx.log(warning, "warning")
     store = ctx.store
     rows = load_manifest(store, req.manifest_id)
+    report = load_report(store, req.manifest_id)
     latent_keys = json.loads(store.get_bytes(req.latent_keys))
     text_keys = json.loads(store.get_bytes(req.text_keys))
     data = TrainData(
@@ -38,6 +39,7 @@ def train_job(ctx: JobContext) -> dict[str, str]:
         latent_keys=[latent_keys[row.sample_id] for row in rows],
         texts=ShardedCache(store, req.text_cache),
         text_key=text_keys.__getitem__,
+        report=report,
     )
     data.latents.refresh()
     data.texts.refresh()
