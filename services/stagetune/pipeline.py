@@ -150,6 +150,7 @@ def run_training(
             latents = pool.submit(phase, "vae", vae, vae_pb2.StartEncodeLatentsRequest(
                 request_id=f"{run_id}-vae", manifest_id=manifest_id, model=model,
                 vae_batch_size=cfg.vae_batch_size, write_batch_size=cfg.write_batch_size,
+                data_backend_config_json=backends_json, base_dir=str(base_dir),
             ))
             texts = pool.submit(phase, "text", text, text_pb2.StartEncodeTextRequest(
                 request_id=f"{run_id}-text", manifest_id=manifest_id, extra_captions=extra, model=model,
