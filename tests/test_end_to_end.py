@@ -247,3 +247,33 @@ def test_ctrl_c_saves_a_checkpoint_and_the_next_run_resumes(tmp_path: Path, tiny
     log, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, log
     assert f"resuming from checkpoint-{saved[0]}" in log
+
+
+def test_caches_filled_during_training_or_not_at_all(tmp_path: Path, tiny_sd3_path: Path) -> None:
+    from stagetune.core.cache import ShardedCache
+
+    make_dataset(tmp_path / "data")
+    store_url = str(tmp_path / "store")
+    config = write_configs(tmp_path, tiny_sd3_path, steps=4, validation=False,
+                           vae_cache_ondemand=True, text_cache_ondemand=True)
+    run = train_embedded(config, store_url)
+    for stage in ("vae", "text"):  # nothing encoded before training …
+        assert run.phase(stage).outputs["encoded"] == "0" and run.phase(stage).outputs["hits"] == "0"
+    assert (tmp_path / "output" / "pytorch_lora_weights.safetensors").exists()
+    store = open_store(store_url)
+    latents = ShardedCache(store, run.phase("vae").outputs["cache_prefix"])
+    latents.refresh()
+    assert len(latents) == 8  # … every latent the trainer needed was encoded and written back
+    rerun = train_embedded(write_configs(tmp_path, tiny_sd3_path, steps=4, validation=False), store_url)
+    assert rerun.phase("vae").outputs["encoded"] == "0" and rerun.phase("vae").outputs["hits"] == "8"
+
+    # vae_cache_disable: encode during training, never write.
+    other = tmp_path / "other"
+    other.mkdir()
+    config = write_configs(other, tiny_sd3_path, steps=4, validation=False, vae_cache_disable=True,
+                           data_backend_config=str(tmp_path / "multidatabackend.json"))
+    run = train_embedded(config, str(other / "store"))
+    assert (other / "output" / "pytorch_lora_weights.safetensors").exists()
+    latents = ShardedCache(open_store(str(other / "store")), run.phase("vae").outputs["cache_prefix"])
+    latents.refresh()
+    assert len(latents) == 0

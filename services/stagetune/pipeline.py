@@ -151,12 +151,14 @@ def run_training(
                 request_id=f"{run_id}-vae", manifest_id=manifest_id, model=model,
                 vae_batch_size=cfg.vae_batch_size, write_batch_size=cfg.write_batch_size,
                 data_backend_config_json=backends_json, base_dir=str(base_dir),
+                keys_only=cfg.vae_cache_ondemand or cfg.vae_cache_disable,
             ))
             texts = pool.submit(phase, "text", text, text_pb2.StartEncodeTextRequest(
                 request_id=f"{run_id}-text", manifest_id=manifest_id, extra_captions=extra, model=model,
                 max_sequence_length=cfg.tokenizer_max_length, t5_padding=cfg.t5_padding,
                 batch_size=cfg.text_encoder_batch_size,
                 write_batch_size=int(ingested.outputs.get("text_write_batch_size") or cfg.write_batch_size),
+                keys_only=cfg.text_cache_ondemand or cfg.text_cache_disable,
             ))
             latent_result, text_result = latents.result(), texts.result()
         run.phases += [latent_result, text_result]

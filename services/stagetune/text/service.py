@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 
-import torch
-
 from stagetune.core.cache import ShardedCache
 from stagetune.core.encode import chunks, encode_missing
 from stagetune.core.grpc_server import ServiceBinding, job_service
 from stagetune.core.jobs import JobContext
+from stagetune.core.ondemand import cached_only
 from stagetune.core.store.base import Store
+from stagetune.text.encode import encode_captions
 from stagetune.v1 import text_pb2, text_pb2_grpc
 
 SERVICE = "text"
@@ -43,17 +43,17 @@ def text_job(ctx: JobContext) -> dict[str, str]:
     def key_of(caption: str) -> str:
         return encoder.cache_key(caption, **options)
 
-    def encode(batch: list[str]) -> list[dict[str, torch.Tensor]]:
-        out = encoder.encode(batch, **options)
-        return [{name: tensor[i].contiguous() for name, tensor in out.items()} for i in range(len(batch))]
-
-    stats = encode_missing(
-        stage=SERVICE, items=ordered, key_of=key_of, cache=cache,
-        batches=lambda todo: chunks(todo, req.batch_size or 8), encode=encode,
-        write_batch_size=req.write_batch_size or 128,
-        progress=lambda done, total: ctx.progress("encoding captions", done, total, "captions"),
-        load=lambda: encoder.models,
-    )
+    if req.keys_only:  # text_cache_ondemand / text_cache_disable: the trainer encodes what is missing
+        stats = cached_only(stage=SERVICE, items=ordered, key_of=key_of, cache=cache)
+    else:
+        stats = encode_missing(
+            stage=SERVICE, items=ordered, key_of=key_of, cache=cache,
+            batches=lambda todo: chunks(todo, req.batch_size or 8),
+            encode=lambda batch: encode_captions(encoder, batch, options),
+            write_batch_size=req.write_batch_size or 128,
+            progress=lambda done, total: ctx.progress("encoding captions", done, total, "captions"),
+            load=lambda: encoder.models,
+        )
     keys_key = f"jobs/{ctx.job_id}/text_keys.json"
     ctx.store.put_bytes(keys_key, json.dumps({c: key_of(c) for c in ordered}, sort_keys=True).encode())
     ctx.log(f"text embeddings: {stats.encoded} encoded, {stats.hits} cache hits of {stats.total}")

@@ -37,11 +37,17 @@ class TrainData:
     """What the cache stages produced, resolved to keys per manifest row."""
 
     rows: Sequence[Any]
-    latents: ShardedCache
+    latents: ShardedCache | Any  # or an OnDemandCache
     latent_keys: Sequence[str]  # per row
-    texts: ShardedCache
+    texts: ShardedCache | Any
     text_key: Callable[[str], str]  # caption -> embedding cache key
     report: dict = dataclasses.field(default_factory=dict)  # the ingest report (per-dataset sampling keys)
+
+    def flush(self) -> None:
+        """Write out what on-demand caches encoded, so other jobs and a resumed run find it."""
+        for cache in (self.latents, self.texts):
+            if hasattr(cache, "flush"):
+                cache.flush()
 
 
 @dataclasses.dataclass
@@ -219,6 +225,7 @@ class Trainer:
         }
         state = {"sampler": dataclasses.asdict(self.sampler.state), "fingerprint": self.fingerprint,
                  "total_steps": self.total_steps}
+        self.data.flush()
         name = checkpoint.save_checkpoint(self.output, self.global_step, files, state,
                                           self.cfg.checkpoints_total_limit)
         self.report.log(f"saved {name}")
@@ -236,6 +243,7 @@ class Trainer:
             if self.global_step > 0:
                 self.save_checkpoint()  # Ctrl-C, SIGTERM or Cancel: the next run resumes here
             raise
+        self.data.flush()
         final = self.lora_bytes()
         self.output.put_bytes(LORA_FILE, final)
         self.report.log(f"wrote {LORA_FILE} ({len(final)} bytes) after {self.global_step} steps")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 from stagetune.core.grpc_server import ServiceBinding, job_service
 from stagetune.core.jobs import JobContext
@@ -33,18 +34,19 @@ def train_job(ctx: JobContext) -> dict[str, str]:
     report = load_report(store, req.manifest_id)
     latent_keys = json.loads(store.get_bytes(req.latent_keys))
     text_keys = json.loads(store.get_bytes(req.text_keys))
+    family = get_family(cfg.model_family)
+    row_keys = [latent_keys[row.sample_id] for row in rows]
     data = TrainData(
         rows=rows,
-        latents=ShardedCache(store, req.latent_cache),
-        latent_keys=[latent_keys[row.sample_id] for row in rows],
-        texts=ShardedCache(store, req.text_cache),
+        latents=latent_cache(ShardedCache(store, req.latent_cache), cfg, family, rows, row_keys),
+        latent_keys=row_keys,
+        texts=text_cache(ShardedCache(store, req.text_cache), cfg, family, text_keys),
         text_key=text_keys.__getitem__,
         report=report,
     )
     data.latents.refresh()
     data.texts.refresh()
     output = open_output(cfg.output_dir, base_dir)
-    family = get_family(cfg.model_family)
     validator = None
     if req.validation_endpoint and cfg.validation_prompt:
         validator = ValidationRequester(req.validation_endpoint, store, ctx.job_id, cfg, output_dir=output)
@@ -64,6 +66,33 @@ def train_job(ctx: JobContext) -> dict[str, str]:
         outputs["validation_images"] = str(validator.wait())
     outputs["output"] = output.url
     return outputs
+
+
+def latent_cache(cache: Any, cfg: Any, family: Any, rows: list, row_keys: list[str]) -> Any:
+    """The precomputed cache, or (vae_cache_ondemand / vae_cache_disable) one that encodes misses here."""
+    if not (cfg.vae_cache_ondemand or cfg.vae_cache_disable):
+        return cache
+    from stagetune.core.ondemand import OnDemandCache
+    from stagetune.vae.encode import encode_rows
+
+    encoder = family.latent_encoder(cfg.pretrained_model_name_or_path, revision=cfg.revision)
+    row_for_key = {key: row for key, row in zip(row_keys, rows, strict=True)}
+    return OnDemandCache(cache, lambda key: encode_rows(encoder, [row_for_key[key]])[0], stage="vae",
+                         write=not cfg.vae_cache_disable, write_batch_size=cfg.write_batch_size)
+
+
+def text_cache(cache: Any, cfg: Any, family: Any, text_keys: dict[str, str]) -> Any:
+    """The precomputed cache, or (text_cache_ondemand / text_cache_disable) one that encodes misses here."""
+    if not (cfg.text_cache_ondemand or cfg.text_cache_disable):
+        return cache
+    from stagetune.core.ondemand import OnDemandCache, inverse
+    from stagetune.text.encode import encode_captions
+
+    encoder = family.text_encoder(cfg.pretrained_model_name_or_path, revision=cfg.revision)
+    options = {"t5_max_length": cfg.tokenizer_max_length, "t5_padding": cfg.t5_padding}
+    caption_for_key = inverse(text_keys)
+    return OnDemandCache(cache, lambda key: encode_captions(encoder, [caption_for_key[key]], options)[0],
+                         stage="text", write=not cfg.text_cache_disable, write_batch_size=cfg.write_batch_size)
 
 
 def binding(store: Store) -> ServiceBinding:

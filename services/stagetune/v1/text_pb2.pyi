@@ -8,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class StartEncodeTextRequest(_message.Message):
-    __slots__ = ("request_id", "manifest_id", "extra_captions", "model", "max_sequence_length", "t5_padding", "batch_size", "write_batch_size")
+    __slots__ = ("request_id", "manifest_id", "extra_captions", "model", "max_sequence_length", "t5_padding", "batch_size", "write_batch_size", "keys_only")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MANIFEST_ID_FIELD_NUMBER: _ClassVar[int]
     EXTRA_CAPTIONS_FIELD_NUMBER: _ClassVar[int]
@@ -17,6 +17,7 @@ class StartEncodeTextRequest(_message.Message):
     T5_PADDING_FIELD_NUMBER: _ClassVar[int]
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     WRITE_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    KEYS_ONLY_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     manifest_id: str
     extra_captions: _containers.RepeatedScalarFieldContainer[str]
@@ -25,4 +26,5 @@ class StartEncodeTextRequest(_message.Message):
     t5_padding: str
     batch_size: int
     write_batch_size: int
-    def __init__(self, request_id: _Optional[str] = ..., manifest_id: _Optional[str] = ..., extra_captions: _Optional[_Iterable[str]] = ..., model: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., max_sequence_length: _Optional[int] = ..., t5_padding: _Optional[str] = ..., batch_size: _Optional[int] = ..., write_batch_size: _Optional[int] = ...) -> None: ...
+    keys_only: bool
+    def __init__(self, request_id: _Optional[str] = ..., manifest_id: _Optional[str] = ..., extra_captions: _Optional[_Iterable[str]] = ..., model: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., max_sequence_length: _Optional[int] = ..., t5_padding: _Optional[str] = ..., batch_size: _Optional[int] = ..., write_batch_size: _Optional[int] = ..., keys_only: _Optional[bool] = ...) -> None: ...

@@ -3,19 +3,18 @@
 from __future__ import annotations
 
 import json
-from collections import defaultdict
-from collections.abc import Iterable
 
-import torch
 import xxhash
 
 from stagetune.core.cache import ShardedCache
-from stagetune.core.encode import chunks, encode_missing
+from stagetune.core.encode import encode_missing
 from stagetune.core.grpc_server import ServiceBinding, job_service
 from stagetune.core.jobs import JobContext
+from stagetune.core.ondemand import cached_only
 from stagetune.core.store.base import Store
 from stagetune.ingest.manifest import ManifestRow
 from stagetune.v1 import vae_pb2, vae_pb2_grpc
+from stagetune.vae.encode import batches_by_size, encode_rows
 
 SERVICE = "vae"
 
@@ -25,7 +24,6 @@ def latent_cache_prefix(fingerprint: str) -> str:
 
 
 def vae_job(ctx: JobContext) -> dict[str, str]:
-    from stagetune.core.imaging import load_image_rgb, prepare_pixels
     from stagetune.ingest.run import load_manifest
     from stagetune.models.dtypes import parse_dtype
     from stagetune.models.families import get_family
@@ -39,29 +37,24 @@ def vae_job(ctx: JobContext) -> dict[str, str]:
     prefix = latent_cache_prefix(encoder.fingerprint)
     cache = ShardedCache(ctx.store, prefix)
 
-    def batches(todo: list[ManifestRow]) -> Iterable[list[ManifestRow]]:
-        by_size: dict[tuple[int, int], list[ManifestRow]] = defaultdict(list)  # a batch needs one pixel size
-        for row in todo:
-            by_size[tuple(row.target_size)].append(row)
-        for size in sorted(by_size):
-            yield from chunks(by_size[size], req.vae_batch_size or 4)
+    def key_of(row: ManifestRow) -> str:
+        return encoder.latent_key(row.pixel_key)
 
-    def encode(batch: list[ManifestRow]) -> list[dict[str, torch.Tensor]]:
-        pixels = torch.stack([prepare_pixels(load_image_rgb(row.path), row) for row in batch])
-        seeds = [int(row.pixel_key[:15], 16) for row in batch]
-        latents = encoder.encode(pixels, seeds)
-        return [{"latents": latent.contiguous()} for latent in latents]
-
-    stats = encode_missing(
-        stage=SERVICE, items=rows, key_of=lambda row: encoder.latent_key(row.pixel_key), cache=cache,
-        batches=batches, encode=encode, write_batch_size=req.write_batch_size or 128,
-        load=lambda: encoder.vae,
-        progress=lambda done, total: ctx.progress("encoding latents", done, total, "images"),
-    )
+    if req.keys_only:  # vae_cache_ondemand / vae_cache_disable: the trainer encodes what is missing
+        stats = cached_only(stage=SERVICE, items=rows, key_of=key_of, cache=cache)
+    else:
+        stats = encode_missing(
+            stage=SERVICE, items=rows, key_of=key_of, cache=cache,
+            batches=lambda todo: batches_by_size(todo, req.vae_batch_size or 4),
+            encode=lambda batch: encode_rows(encoder, batch), write_batch_size=req.write_batch_size or 128,
+            load=lambda: encoder.vae,
+            progress=lambda done, total: ctx.progress("encoding latents", done, total, "images"),
+        )
     keys = {row.sample_id: encoder.latent_key(row.pixel_key) for row in rows}
     keys_key = f"jobs/{ctx.job_id}/latent_keys.json"
     ctx.store.put_bytes(keys_key, json.dumps(keys, sort_keys=True).encode())
-    ctx.log(f"latents: {stats.encoded} encoded, {stats.hits} cache hits of {stats.total}")
+    ctx.log(f"latents: {stats.encoded} encoded, {stats.hits} cache hits of {stats.total}"
+            + (f", {stats.total - stats.hits} left to encode during training" if req.keys_only else ""))
     return {"cache_prefix": prefix, "keys": keys_key, "fingerprint": encoder.fingerprint,
             "keys_digest": xxhash.xxh3_64_hexdigest(json.dumps(keys, sort_keys=True).encode()), **stats.as_outputs()}
 

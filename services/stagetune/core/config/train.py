@@ -185,6 +185,11 @@ class TrainConfig(BaseModel):
     text_encoder_batch_size: int = Field(_default("text_encoder_batch_size"), ge=1)
     write_batch_size: int = Field(_default("write_batch_size"), ge=1)
     gradient_checkpointing: bool = _default("gradient_checkpointing")
+    # caches: encode before training (default), during training and keep (ondemand), or never keep (disable)
+    vae_cache_ondemand: bool = _default("vae_cache_ondemand")
+    vae_cache_disable: bool = _default("vae_cache_disable")
+    text_cache_ondemand: bool = _default("text_cache_ondemand")
+    text_cache_disable: bool = _default("text_cache_disable")
     noise_offset: float = Field(_default("noise_offset"), ge=0.0)
     noise_offset_probability: float = Field(_default("noise_offset_probability"), ge=0.0, le=1.0)
     attention_mechanism: Literal["diffusers"] = "diffusers"
