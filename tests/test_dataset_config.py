@@ -164,12 +164,10 @@ def test_unknown_key_names_dataset_and_suggests() -> None:
     ("key", "value"),
     [
         ("caption_shuffle", {"enable": True}),
-        ("crop_aspect_buckets", [1.0, 0.75]),
-        ("max_num_samples", 10),
         ("vae_cache_ondemand", True),
         ("conditioning_data", "cn"),
-        ("parquet", {"path": "x.parquet"}),
-        ("train_batch_size", 2),
+        ("delete_unwanted_images", True),
+        ("start_epoch", 2),
     ],
 )
 def test_recognised_keys_are_not_supported_yet(key: str, value: object) -> None:
@@ -191,9 +189,8 @@ def test_recognised_keys_at_inert_defaults_load() -> None:
     [
         ({"type": "aws"}, "type"),
         ({"crop_style": "face"}, "crop_style"),
-        ({"crop_aspect": "closest"}, "crop_aspect"),
-        ({"caption_strategy": "parquet"}, "caption_strategy"),
-        ({"metadata_backend": "parquet"}, "metadata_backend"),
+        ({"caption_strategy": "huggingface"}, "caption_strategy"),
+        ({"metadata_backend": "huggingface"}, "metadata_backend"),
         ({"dataset_type": "video"}, "dataset_type"),
     ],
 )

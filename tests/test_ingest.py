@@ -249,13 +249,24 @@ def test_bad_files_reported_not_fatal_not_deleted(tmp_path: Path) -> None:
     filtered = {Path(f["path"]).name: f["reason"] for f in result.report["filtered"]}
     assert "minimum_image_size" in filtered["small.png"]
     assert sorted(p.name for p in data.iterdir()) == before  # nothing deleted
+    assert not any(b["deleted"] for b in result.report["bad_files"])
     assert result.report["datasets"]["ds"] == {
         "discovered": 5,
+        "max_num_samples_skipped": 0,
         "bad": 3,
         "filtered": 1,
         "pruned": 0,
         "samples": 1,
         "samples_with_repeats": 1,
+        "effective_batch_size": 1,
+        "sampling": {
+            "probability": 1.0,
+            "start_step": 0,
+            "end_step": None,
+            "train_batch_size": 1,
+            "is_regularisation_data": False,
+            "vae_cache_clear_each_epoch": False,
+        },
     }
 
 

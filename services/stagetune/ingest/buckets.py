@@ -8,15 +8,19 @@ helpers/image_manipulation/training_sample.py, cropping.py), including their qui
 to two decimals before any formula, and the first size computed for a bucket key is remembered per
 resolution and reused for every later image with that key.
 
-The one deliberate difference: `crop_style: random` draws its offsets from the sample's content hash and a
-seed, so the same image always gets the same crop and the latent cache stays valid across runs.
+The one deliberate difference: what SimpleTuner draws at random (`crop_style: random` offsets and the
+`crop_aspect: random` bucket) is drawn here from the sample's content hash and a seed, so the same image
+always gets the same crop and bucket and the latent cache stays valid across runs. SimpleTuner also draws
+the aspect once, at metadata discovery, and keeps it in its bucket cache.
 """
 
 from __future__ import annotations
 
 import math
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import xxhash
 
@@ -25,6 +29,7 @@ from stagetune.core.config.dataset import DatasetConfig
 ALIGNMENT = 64
 
 Size = tuple[int, int]
+T = TypeVar("T")
 
 
 def rtm(value: float, multiple: int = ALIGNMENT) -> int:
@@ -139,16 +144,22 @@ class Geometry:
     downsample_size: Size | None = None
 
 
+def _rng(purpose: str, content_hash: str, seed: int) -> random.Random:
+    return random.Random(xxhash.xxh3_64_intdigest(f"{purpose}{seed}:{content_hash}".encode()))
+
+
 def crop_box(
     source_size: Size, target_size: Size, style: str, *, content_hash: str = "", seed: int = 0
 ) -> tuple[int, int, int, int]:
     """(left, top, right, bottom) in `source_size` coordinates, as SimpleTuner's cropping.py."""
     src_w, src_h = source_size
     tgt_w, tgt_h = target_size
+    if style == "corner":  # CornerCropping: the top-left corner
+        return 0, 0, min(tgt_w, src_w), min(tgt_h, src_h)
     if style == "random":
         max_left = max(0, src_w - tgt_w)
         max_top = max(0, src_h - tgt_h)
-        rng = random.Random(xxhash.xxh3_64_intdigest(f"{seed}:{content_hash}".encode()))
+        rng = _rng("", content_hash, seed)
         left = rng.randint(0, max_left) if max_left > 0 else 0
         top = rng.randint(0, max_top) if max_top > 0 else 0
     else:  # center / centre
@@ -164,6 +175,46 @@ class BucketPlanner:
 
     def __init__(self, memory: ResolutionMemory | None = None) -> None:
         self.memory = memory or ResolutionMemory()
+        #: How many images `crop_aspect: random` put in the square bucket because no listed aspect stayed
+        #: within `max_upscale_threshold` (SimpleTuner's "Using square crop." warning), per dataset id.
+        self.upscale_fallbacks: dict[str, int] = {}
+
+    def _aspects_within_upscale(self, config: DatasetConfig, original: Size) -> list[float]:
+        """`TrainingSample._trim_aspect_bucket_list`: aspects whose target needs ≤ threshold upscaling.
+
+        A target edge may be at most `original edge × (1 + threshold)`, checked on both edges.
+        """
+        aspects = [aspect for aspect, _ in config.crop_aspect_buckets]
+        threshold = config.max_upscale_threshold
+        if threshold is None:
+            return aspects
+        allowed = []
+        for aspect in aspects:
+            target, _, _ = self._calculate(config, aspect, config.bucket_resolution, original)
+            if target[0] <= original[0] * (1 + threshold) and target[1] <= original[1] * (1 + threshold):
+                allowed.append(aspect)
+        return allowed
+
+    def select_aspect(self, config: DatasetConfig, original: Size, *, content_hash: str = "", seed: int = 0) -> float:
+        """`TrainingSample._select_random_aspect` for `crop_aspect` closest / random.
+
+        closest: the listed aspect nearest the image's rounded aspect (the first one on a tie, as `min`).
+        random with weights: a weighted draw (`random.choices`); with a plain list: a uniform draw among the
+        aspects within `max_upscale_threshold`, or 1.0 when none is. SimpleTuner applies the threshold only in
+        that last case; the run report warns when it is set where it has no effect.
+        """
+        buckets = config.crop_aspect_buckets
+        if config.crop_aspect == "closest":
+            ratio = aspect_ratio(original)
+            return min((aspect for aspect, _ in buckets), key=lambda aspect: abs(aspect - ratio))
+        rng = _rng("crop_aspect:", content_hash, seed)
+        if buckets and buckets[0][1] is not None:
+            return rng.choices([a for a, _ in buckets], weights=[w or 0.0 for _, w in buckets])[0]
+        available = self._aspects_within_upscale(config, original)
+        if not available:
+            self.upscale_fallbacks[config.id] = self.upscale_fallbacks.get(config.id, 0) + 1
+            return 1.0
+        return rng.choice(available)
 
     def _calculate(self, config: DatasetConfig, ratio: float, resolution: float, original: Size):
         if config.bucket_mode == "pixel":
@@ -215,6 +266,10 @@ class BucketPlanner:
             target: Size = (edge, edge)
             _, intermediary, _ = self._calculate(config, 1.0, resolution, original)
             ratio = 1.0
+        elif config.crop and config.crop_aspect in ("closest", "random"):
+            chosen = float(self.select_aspect(config, original, content_hash=content_hash, seed=seed))
+            target, intermediary, _ = self._calculate(config, chosen, resolution, original)
+            ratio = aspect_ratio(target)
         else:
             target, intermediary, _ = self._calculate(config, aspect_ratio(original), resolution, original)
             ratio = aspect_ratio(target)
@@ -281,6 +336,50 @@ def repeats_needed(samples: int, effective_batch_size: int) -> int:
     return max(0, math.ceil(effective_batch_size / samples) - 1)
 
 
+def shuffle_bucket(samples: Sequence[T], *, seed: int, dataset_id: str, bucket: str) -> list[T]:
+    """SimpleTuner's pre-split shuffle: sort by `str`, then `random.Random(f"{seed}:{id}:{bucket}").shuffle`.
+
+    Every rank computes the same order from the same inputs, so no rank needs to broadcast it.
+    """
+    ordered = sorted(samples, key=str)
+    random.Random(f"{seed}:{dataset_id}:{bucket}").shuffle(ordered)
+    return ordered
+
+
+def split_for_rank(
+    samples: Sequence[T], rank: int, world_size: int, effective_batch: int, *, pad: bool = False
+) -> list[T]:
+    """This rank's share of one bucket, a whole number of per-rank batches, the same number on every rank.
+
+    As SimpleTuner's `split_buckets_between_processes`: contiguous slices, the first `len % world_size`
+    ranks one sample longer; with `pad` (SimpleTuner's `apply_padding`, used when training by epochs or with
+    oversubscription) the shorter ranks repeat the bucket's last sample so all slices are equally long.
+    Then each slice is cut to a multiple of `effective_batch // world_size` (train_batch_size ×
+    gradient_accumulation_steps): SimpleTuner's sampler leaves a bucket once fewer than a batch remain, and
+    a rank that drew one batch more than the others would wait forever in the next collective.
+    `samples` must be in the same order on every rank (see `shuffle_bucket`).
+    """
+    for name, value in (("world_size", world_size), ("effective_batch", effective_batch)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a whole number ≥ 1, got {value!r}")
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in 0..{world_size - 1}, got {rank!r}")
+    if effective_batch % world_size:
+        raise ValueError(f"effective_batch {effective_batch} is not a multiple of world_size {world_size}")
+    items = list(samples)
+    per_rank_batch = effective_batch // world_size
+    base, extra = divmod(len(items), world_size)
+    start = rank * base + min(rank, extra)
+    mine = items[start : start + base + int(rank < extra)]
+    longest = base + int(extra > 0)
+    if pad and items and len(mine) < longest:
+        mine += [items[-1]] * (longest - len(mine))
+    # Every rank must stop at the same batch count: the shortest slice decides it.
+    shortest = longest if pad else base
+    keep = (shortest // per_rank_batch) * per_rank_batch
+    return mine[:keep]
+
+
 __all__ = [
     "ALIGNMENT",
     "BucketPlanner",
@@ -293,6 +392,8 @@ __all__ = [
     "minimum_size_reason",
     "repeats_needed",
     "rtm",
+    "shuffle_bucket",
+    "split_for_rank",
     "size_by_pixel_area",
     "size_by_pixel_edge",
 ]

@@ -7,8 +7,12 @@
   We also strip surrounding whitespace of each caption (SimpleTuner keeps `\\r` of CRLF files and trailing
   blanks, which only make distinct text-cache entries for the same caption).
 - `instanceprompt`: the dataset's `instance_prompt` (a string, or a list of strings) for every image.
+- `parquet`: the image's row of the dataset's caption table (`caption_sources.py`); a file with no row, or
+  a row with no caption, is filtered out and reported (SimpleTuner raises `CaptionNotFoundError`).
 - `only_instance_prompt` replaces any caption with the instance prompt; `prepend_instance_prompt` puts
   `instance_prompt + " "` before each caption.
+- The default text_embeds entry's `caption_filter_list` is applied last, to the prepended caption, as
+  SimpleTuner filters the prompt it is about to encode.
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from stagetune.core.config.dataset import DatasetConfig
+from stagetune.ingest.caption_sources import CaptionFilter, CaptionTable
+from stagetune.ingest.manifest import canonical_json
 
 
 @dataclass(frozen=True)
@@ -41,11 +47,49 @@ def _split_textfile(text: str, disable_multiline_split: bool) -> list[str]:
     return [part.strip() for part in parts if part.strip()]
 
 
-def resolve_captions(config: DatasetConfig, image_path: Path) -> CaptionResult:
+def resolve_captions(
+    config: DatasetConfig,
+    image_path: Path,
+    *,
+    relative_path: str | None = None,
+    table: CaptionTable | None = None,
+    filters: CaptionFilter | None = None,
+) -> CaptionResult:
+    """The captions of one image; `relative_path` and `table` are needed for `caption_strategy: parquet`."""
+    result = _resolve(config, image_path, relative_path=relative_path, table=table)
+    if result.problem or not filters:
+        return result
+    filtered = filters.apply_all(result.captions)
+    if not filtered:
+        return CaptionResult(
+            captions=[],
+            source_bytes=result.source_bytes,
+            problem=f"caption empty after caption_filter_list: {result.captions!r}",
+        )
+    return CaptionResult(captions=filtered, source_bytes=result.source_bytes)
+
+
+def _resolve(
+    config: DatasetConfig, image_path: Path, *, relative_path: str | None, table: CaptionTable | None
+) -> CaptionResult:
     prompts = config.instance_prompts
     if config.only_instance_prompt or config.caption_strategy == "instanceprompt":
         return CaptionResult(captions=list(prompts))
-    if config.caption_strategy == "filename":
+    if config.caption_strategy == "parquet":
+        if table is None:
+            raise ValueError("caption_strategy=parquet needs the dataset's caption table")
+        relative = relative_path if relative_path is not None else image_path.name
+        entry = table.lookup(relative)
+        if entry is None:
+            tried = " or ".join(repr(i) for i in table.identifiers_for(relative))
+            return CaptionResult(captions=[], problem=f"no row for {tried} in {table.describe()}")
+        source = canonical_json([entry.identifier, entry.captions])
+        if not entry.captions:
+            return CaptionResult(
+                captions=[], source_bytes=source, problem=f"no caption for {entry.identifier!r} in {table.describe()}"
+            )
+        captions = list(entry.captions)
+    elif config.caption_strategy == "filename":
         captions = [image_path.stem.replace("_", " ")]
         source = b""
     elif config.caption_strategy == "textfile":

@@ -7,6 +7,7 @@ directory order; size and mtime come from the same `stat`, for progress and chea
 from __future__ import annotations
 
 import os
+import random
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,4 +72,19 @@ def discover_images(root: Path) -> list[DiscoveredFile]:
     return found
 
 
-__all__ = ["IMAGE_EXTENSIONS", "DiscoveredFile", "discover_images", "is_image_name"]
+def limit_samples(files: list[DiscoveredFile], max_num_samples: int | None, dataset_id: str) -> list[DiscoveredFile]:
+    """`max_num_samples`: SimpleTuner's `_apply_max_num_samples_limit`, so both pick the same subset.
+
+    Absolute paths sorted as strings, shuffled by `random.Random(dataset_id)`, the first N kept (before any
+    filtering, as SimpleTuner). Returned in listing order.
+    """
+    if not max_num_samples or len(files) <= max_num_samples:
+        return files
+    by_path = {str(f.path): f for f in files}
+    shuffled = sorted(by_path)
+    random.Random(dataset_id).shuffle(shuffled)
+    chosen = set(shuffled[:max_num_samples])
+    return [f for f in files if str(f.path) in chosen]
+
+
+__all__ = ["IMAGE_EXTENSIONS", "DiscoveredFile", "discover_images", "is_image_name", "limit_samples"]

@@ -4,7 +4,12 @@ Reads headers, never pixels: the VAE stage decodes each image once, with the geo
 Every file is hashed, because the hash is what makes the caches shareable and the manifest id stable:
 re-ingesting unchanged data gives the same id, and an existing manifest is returned, not rewritten.
 Bad files are reported (path and reason) and skipped: one corrupt JPEG in 10,000 must not stop a run,
-and it is the user's file, so it is never deleted.
+and it is the user's file, so it is deleted only when the dataset sets `delete_problematic_images`
+(SimpleTuner's option); nothing else in the dataset folder is ever touched.
+
+Sampler settings (`probability`, `start_step`, `end_step`, per-dataset `train_batch_size`,
+`is_regularisation_data`, `vae_cache_clear_each_epoch`) are not ingest's to apply; it validates them and
+records them in `report["datasets"][id]["sampling"]` for the trainer.
 """
 
 from __future__ import annotations
@@ -27,8 +32,9 @@ from stagetune.ingest.buckets import (
     minimum_size_reason,
     repeats_needed,
 )
+from stagetune.ingest.caption_sources import CaptionTable, caption_filter, load_caption_table
 from stagetune.ingest.captions import resolve_captions
-from stagetune.ingest.discovery import DiscoveredFile, discover_images
+from stagetune.ingest.discovery import DiscoveredFile, discover_images, limit_samples
 from stagetune.ingest.manifest import (
     MANIFEST_VERSION,
     ManifestRow,
@@ -79,6 +85,45 @@ def _check_batch_params(train_batch_size: int, gradient_accumulation_steps: int,
     return train_batch_size * world_size * gradient_accumulation_steps
 
 
+def _caption_table(dataset: DatasetConfig) -> CaptionTable | None:
+    if dataset.parquet is None or (
+        dataset.caption_strategy != "parquet" and dataset.metadata_backend != "parquet"
+    ):
+        return None
+    try:
+        return load_caption_table(dataset.parquet, with_sizes=dataset.metadata_backend == "parquet")
+    except (ConfigError, InputError) as exc:
+        raise type(exc)(f"dataset {dataset.id!r}: {exc}", field=exc.field) from None
+
+
+def _table_size_reason(table: CaptionTable, relative_path: str, original: tuple[int, int]) -> str | None:
+    """metadata_backend=parquet: the table's size must exist and match the file (else the VAE stage would fail)."""
+    entry = table.lookup(relative_path)
+    if entry is None:
+        tried = " or ".join(repr(i) for i in table.identifiers_for(relative_path))
+        return f"no row for {tried} in {table.describe()} (metadata_backend=parquet needs its size)"
+    if entry.size is None:
+        return f"no usable size in {table.config.path.name} for {entry.identifier!r}: {entry.size_problem}"
+    if tuple(entry.size) != tuple(original):
+        return (
+            f"{table.config.path.name} says {entry.size[0]}x{entry.size[1]} for {entry.identifier!r} but the file "
+            f"is {original[0]}x{original[1]} (after EXIF rotation)"
+        )
+    return None
+
+
+def _bad(dataset: DatasetConfig, item: DiscoveredFile, entry: dict[str, Any], reason: str) -> dict[str, Any]:
+    """A bad-file report entry; deletes the file only when the dataset sets delete_problematic_images."""
+    record = {**entry, "reason": reason, "deleted": False}
+    if dataset.delete_problematic_images:
+        try:
+            item.path.unlink()
+            record["deleted"] = True
+        except OSError as exc:
+            record["delete_error"] = str(exc.strerror or exc)
+    return record
+
+
 def run_ingest(
     backends: DataBackends,
     store: Store,
@@ -100,15 +145,25 @@ def run_ingest(
     notify = progress or (lambda stage, done, total: None)
     datasets = backends.enabled
 
-    listings: list[tuple[DatasetConfig, list[DiscoveredFile]]] = []
+    listings: list[tuple[DatasetConfig, list[DiscoveredFile], int]] = []
     for index, dataset in enumerate(datasets):
         try:
             files = discover_images(dataset.instance_data_dir)
         except InputError as exc:
             raise InputError(f"dataset {dataset.id!r}: {exc}", field="instance_data_dir") from None
-        listings.append((dataset, files))
+        limited = limit_samples(files, dataset.max_num_samples, dataset.id)
+        listings.append((dataset, limited, len(files)))
         notify("discover", index + 1, len(datasets))
-    total_files = sum(len(files) for _, files in listings)
+    total_files = sum(len(files) for _, files, _ in listings)
+
+    text_embeds = backends.default_text_embeds
+    filters = caption_filter(text_embeds.caption_filter_list if text_embeds else ())
+    warnings: list[str] = []
+    if filters.invalid:
+        warnings.append(
+            "caption_filter_list entries that are not valid regular expressions are removed as plain text only: "
+            + ", ".join(repr(i) for i in filters.invalid)
+        )
 
     planner = BucketPlanner()
     bad_files: list[dict[str, Any]] = []
@@ -117,10 +172,18 @@ def run_ingest(
     kept: dict[str, list[_Candidate]] = {}
     stats: dict[str, dict[str, Any]] = {}
     done = 0
-    for dataset, files in listings:
+    for dataset, files, discovered in listings:
         listing: list[list[Any]] = []
         candidates: list[_Candidate] = []
-        counts = {"discovered": len(files), "bad": 0, "filtered": 0, "pruned": 0}
+        counts: dict[str, Any] = {
+            "discovered": discovered,
+            "max_num_samples_skipped": discovered - len(files),
+            "bad": 0,
+            "filtered": 0,
+            "pruned": 0,
+        }
+        table = _caption_table(dataset)
+        sizes_from_table = dataset.metadata_backend == "parquet"
         for item in files:
             done += 1
             notify("scan", done, total_files)
@@ -129,25 +192,42 @@ def run_ingest(
                 data = item.path.read_bytes()
             except OSError as exc:
                 listing.append([item.relative_path, item.size, None, None])
-                bad_files.append({**entry, "reason": f"unreadable: {exc.strerror or exc}"})
+                bad_files.append(_bad(dataset, item, entry, f"unreadable: {exc.strerror or exc}"))
                 counts["bad"] += 1
                 continue
             content_hash = hash_bytes(data)
-            captions = resolve_captions(dataset, item.path)
-            listing.append([item.relative_path, len(data), content_hash, hash_bytes(captions.source_bytes)])
+            captions = resolve_captions(
+                dataset, item.path, relative_path=item.relative_path, table=table, filters=filters
+            )
+            table_entry = table.lookup(item.relative_path) if table is not None and sizes_from_table else None
+            listing.append(
+                [
+                    item.relative_path,
+                    len(data),
+                    content_hash,
+                    hash_bytes(captions.source_bytes),
+                    list(table_entry.size) if table_entry and table_entry.size else None,
+                ]
+            )
             try:
                 if not data:
                     raise InputError(f"{item.path}: empty file (0 bytes)", field=str(item.path))
                 check_complete(data, name=str(item.path))
                 original = read_image_size(data, name=str(item.path))
             except InputError as exc:
-                bad_files.append({**entry, "reason": str(exc)})
+                bad_files.append(_bad(dataset, item, entry, str(exc)))
                 counts["bad"] += 1
                 continue
             if captions.problem:
                 filtered.append({**entry, "reason": captions.problem})
                 counts["filtered"] += 1
                 continue
+            if table is not None and sizes_from_table:
+                reason = _table_size_reason(table, item.relative_path, original)
+                if reason:
+                    filtered.append({**entry, "reason": reason})
+                    counts["filtered"] += 1
+                    continue
             reason = minimum_size_reason(dataset, original)
             if reason:
                 filtered.append({**entry, "reason": reason})
@@ -186,6 +266,27 @@ def run_ingest(
         hash_input.append({"options": dataset.ingest_options(), "listing": listing})
         kept[dataset.id] = candidates
         stats[dataset.id] = counts
+        counts["sampling"] = dataset.sampling(train_batch_size)
+        counts["effective_batch_size"] = (dataset.train_batch_size or train_batch_size) * (
+            world_size * gradient_accumulation_steps
+        )
+        fallbacks = planner.upscale_fallbacks.get(dataset.id, 0)
+        if fallbacks:
+            counts["upscale_fallbacks"] = fallbacks
+            warnings.append(
+                f"dataset {dataset.id!r}: {fallbacks} image(s) fit no crop_aspect_buckets entry within "
+                f"max_upscale_threshold {dataset.max_upscale_threshold:g} and were given the square bucket "
+                f"(as SimpleTuner: \"Using square crop.\")"
+            )
+        if dataset.max_upscale_threshold is not None and dataset.crop and (
+            dataset.crop_aspect == "closest"
+            or (dataset.crop_aspect == "random" and dataset.crop_aspect_buckets[0][1] is not None)
+        ):
+            warnings.append(
+                f"dataset {dataset.id!r}: max_upscale_threshold has no effect with crop_aspect="
+                f"{dataset.crop_aspect}{' and weighted buckets' if dataset.crop_aspect == 'random' else ''}; "
+                f"SimpleTuner applies it only to crop_aspect=random with a plain list of aspects"
+            )
 
     manifest_id = hash_bytes(
         canonical_json(
@@ -199,6 +300,7 @@ def run_ingest(
                     "world_size": world_size,
                 },
                 "seed": seed,
+                "caption_filter_list": list(filters.items),
             }
         )
     )
@@ -228,15 +330,17 @@ def run_ingest(
         counts = stats[dataset.id]
         per_bucket: dict[str, dict[str, int]] = {}
         survivors: list[_Candidate] = []
+        dataset_batch = dataset.train_batch_size or train_batch_size
+        dataset_effective = counts["effective_batch_size"]
         for bucket in sorted(by_bucket, key=float):
             members = by_bucket[bucket]
             with_repeats = len(members) * (dataset.repeats + 1)
-            if with_repeats < effective_batch:
-                needed = repeats_needed(len(members), effective_batch)
+            if with_repeats < dataset_effective:
+                needed = repeats_needed(len(members), dataset_effective)
                 message = (
                     f"dataset {dataset.id!r}: bucket {bucket} dropped: {len(members)} image(s) × "
                     f"{dataset.repeats + 1} (repeats={dataset.repeats}) = {with_repeats} sample(s) < "
-                    f"{effective_batch} (train_batch_size {train_batch_size} × GPUs {world_size} × "
+                    f"{dataset_effective} (train_batch_size {dataset_batch} × GPUs {world_size} × "
                     f"gradient_accumulation_steps {gradient_accumulation_steps}); "
                     f"repeats ≥ {needed} would keep it"
                 )
@@ -247,7 +351,7 @@ def run_ingest(
                         "images": len(members),
                         "repeats": dataset.repeats,
                         "samples_with_repeats": with_repeats,
-                        "effective_batch_size": effective_batch,
+                        "effective_batch_size": dataset_effective,
                         "repeats_needed": needed,
                         "paths": [c.row.path for c in members],
                         "message": message,
@@ -285,7 +389,8 @@ def run_ingest(
         "bad_files": bad_files,
         "filtered": filtered,
         "pruned_buckets": pruned,
-        "warnings": [] if samples else ["no sample left after filtering and pruning: nothing to train on"],
+        "warnings": warnings
+        + ([] if samples else ["no sample left after filtering and pruning: nothing to train on"]),
     }
     store.put_bytes(rows_key, encode_rows(samples))
     store.put_bytes(rep_key, json.dumps(report, indent=1, sort_keys=True, ensure_ascii=False).encode("utf-8"))

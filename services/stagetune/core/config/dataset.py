@@ -59,6 +59,16 @@ IMAGE_KEYS_SUPPORTED = frozenset(
         "is_regularization_data",
         "vae_batch_size",
         "probability",
+        "crop_aspect_buckets",
+        "max_upscale_threshold",
+        "max_num_samples",
+        "start_step",
+        "end_step",
+        "train_batch_size",
+        "vae_cache_clear_each_epoch",
+        "preserve_data_backend_cache",
+        "delete_problematic_images",
+        "parquet",
     }
 )
 
@@ -87,7 +97,6 @@ IMAGE_KEYS_RECOGNISED = frozenset(
         "conditioning_image_embed_batch_size",
         "conditioning_image_embeds",
         "conditioning_type",
-        "crop_aspect_buckets",
         "csv_cache_dir",
         "csv_caption_column",
         "csv_file",
@@ -97,20 +106,14 @@ IMAGE_KEYS_RECOGNISED = frozenset(
         "dataset_name",
         "default",
         "delete_nsfw_images",
-        "delete_problematic_images",
         "delete_unwanted_images",
         "disable_validation",
         "end_epoch",
-        "end_step",
         "hash_filenames",
         "huggingface",
         "image_column",
         "image_embeds",
-        "max_num_samples",
-        "max_upscale_threshold",
         "metadata_update_interval",
-        "parquet",
-        "preserve_data_backend_cache",
         "revision",
         "scan_for_errors",
         "shorten_filenames",
@@ -118,11 +121,8 @@ IMAGE_KEYS_RECOGNISED = frozenset(
         "source_dataset_id",
         "split",
         "start_epoch",
-        "start_step",
         "text_embeds",
         "timestep_sampling_offset",
-        "train_batch_size",
-        "vae_cache_clear_each_epoch",
         "vae_cache_disable",
         "vae_cache_ondemand",
         "vae_cache_scan_behaviour",
@@ -137,16 +137,25 @@ IMAGE_KEYS_RECOGNISED = frozenset(
 )
 
 TEXT_EMBEDS_KEYS_SUPPORTED = frozenset(
-    {"id", "type", "dataset_type", "default", "cache_dir", "disabled", "disable", "write_batch_size"}
+    {
+        "id",
+        "type",
+        "dataset_type",
+        "default",
+        "cache_dir",
+        "disabled",
+        "disable",
+        "write_batch_size",
+        "caption_filter_list",
+        "preserve_data_backend_cache",
+    }
 )
 TEXT_EMBEDS_KEYS_RECOGNISED = frozenset(
     {
-        "caption_filter_list",
         "compress_cache",
         "text_cache_ondemand",
         "text_cache_disable",
         "text_encoder_batch_size",
-        "preserve_data_backend_cache",
         "aws_access_key_id",
         "aws_bucket_name",
         "aws_data_prefix",
@@ -175,14 +184,30 @@ INERT_VALUES: dict[str, tuple[Any, ...]] = {
 }
 
 RESOLUTION_TYPES = ("pixel", "area", "pixel_area")
-CROP_STYLES = ("center", "centre", "random")
-CROP_STYLES_LATER = ("corner", "face")
-CROP_ASPECTS = ("square", "preserve")
-CROP_ASPECTS_LATER = ("closest", "random")
-CAPTION_STRATEGIES = ("filename", "textfile", "instanceprompt")
-CAPTION_STRATEGIES_LATER = ("parquet", "huggingface", "webshart", "csv")
-METADATA_BACKENDS = ("discovery", "json")
-METADATA_BACKENDS_LATER = ("parquet", "huggingface", "webshart")
+CROP_STYLES = ("center", "centre", "random", "corner")
+CROP_STYLES_LATER = ("face",)
+CROP_ASPECTS = ("square", "preserve", "closest", "random")
+CROP_ASPECTS_LATER: tuple[str, ...] = ()
+CAPTION_STRATEGIES = ("filename", "textfile", "instanceprompt", "parquet")
+CAPTION_STRATEGIES_LATER = ("huggingface", "webshart", "csv")
+METADATA_BACKENDS = ("discovery", "json", "parquet")
+METADATA_BACKENDS_LATER = ("huggingface", "webshart")
+#: `skip_file_discovery` words SimpleTuner knows (comma or space separated).
+SKIP_FILE_DISCOVERY_WORDS = ("vae", "aspect", "metadata", "text")
+#: Sub-keys of the `parquet` block (DATALOADER.md "Parquet caption strategy"); the rest are for video,
+#: audio or grounding and are recognised only at null.
+PARQUET_KEYS_SUPPORTED = frozenset(
+    {
+        "path",
+        "filename_column",
+        "caption_column",
+        "fallback_caption_column",
+        "identifier_includes_extension",
+        "width_column",
+        "height_column",
+    }
+)
+PARQUET_KEYS_RECOGNISED = frozenset({"bbox_column", "num_frames_column", "fps_column", "aspect_ratio_column"})
 BACKEND_TYPES_LATER = ("aws", "csv", "huggingface", "webshart", "memory")
 DATASET_TYPES_LATER = (
     "video",
@@ -207,7 +232,56 @@ GLOBAL_DEFAULTS: dict[str, Any] = {
     "target_downsample_size": None,
     "caption_strategy": "filename",
     "instance_prompt": None,
+    "delete_problematic_images": False,
 }
+
+#: The keys of `report["datasets"][id]["sampling"]`: trainer/sampler settings ingest validates and records.
+SAMPLING_KEYS = (
+    "probability",
+    "start_step",
+    "end_step",
+    "train_batch_size",
+    "is_regularisation_data",
+    "vae_cache_clear_each_epoch",
+)
+
+
+@dataclass(frozen=True)
+class ParquetConfig:
+    """A dataset's `parquet` block: a Parquet or JSON Lines table of captions (and optionally sizes) per file.
+
+    Defaults are SimpleTuner's (`configure_parquet_database`, `ParquetMetadataBackend`): filename column
+    `id`, caption column `description`, width/height columns `width`/`height`, identifiers without extension.
+    """
+
+    path: Path
+    filename_column: str = "id"
+    caption_column: str | tuple[str, ...] = "description"
+    fallback_caption_column: str | None = None
+    identifier_includes_extension: bool = False
+    width_column: str = "width"
+    height_column: str = "height"
+
+    @property
+    def is_json_lines(self) -> bool:
+        return self.path.suffix.lower() in (".jsonl", ".json")
+
+    def options(self) -> dict[str, Any]:
+        return {
+            "path": str(self.path),
+            "filename_column": self.filename_column,
+            "caption_column": list(self.caption_column)
+            if isinstance(self.caption_column, tuple)
+            else self.caption_column,
+            "fallback_caption_column": self.fallback_caption_column,
+            "identifier_includes_extension": self.identifier_includes_extension,
+            "width_column": self.width_column,
+            "height_column": self.height_column,
+        }
+
+
+#: One `crop_aspect_buckets` entry: (aspect, weight); weight is None for a plain list of aspects.
+AspectBucket = tuple[float, float | None]
 
 
 @dataclass(frozen=True)
@@ -243,6 +317,19 @@ class DatasetConfig:
     cache_dir_vae: str | None = None
     #: Recorded, not used: the manifest is keyed by the listing, so nothing is rescanned needlessly.
     skip_file_discovery: str = ""
+    #: Recorded, not used: ingest keeps no listing cache file that a launch would remove.
+    preserve_data_backend_cache: bool = False
+    crop_aspect_buckets: tuple[AspectBucket, ...] = ()
+    max_upscale_threshold: float | None = None
+    max_num_samples: int | None = None
+    #: Sampler settings, recorded per dataset in the manifest report for the trainer.
+    start_step: int = 0
+    end_step: int | None = None
+    train_batch_size: int | None = None
+    vae_cache_clear_each_epoch: bool = False
+    #: Only when true may ingest delete a file it cannot read as an image (SimpleTuner's option).
+    delete_problematic_images: bool = False
+    parquet: ParquetConfig | None = None
 
     # -- the units bucketing works in (DESIGN.md §6) --------------------------------------------------
     @property
@@ -285,9 +372,31 @@ class DatasetConfig:
             return [self.instance_prompt.strip()] if self.instance_prompt.strip() else []
         return [p.strip() for p in self.instance_prompt if p.strip()]
 
+    def sampling(self, global_train_batch_size: int) -> dict[str, Any]:
+        """The sampler settings the trainer applies to this dataset, with the global batch size resolved."""
+        return {
+            "probability": self.probability,
+            "start_step": self.start_step,
+            "end_step": self.end_step,
+            "train_batch_size": self.train_batch_size or global_train_batch_size,
+            "is_regularisation_data": self.is_regularisation_data,
+            "vae_cache_clear_each_epoch": self.vae_cache_clear_each_epoch,
+        }
+
     def ingest_options(self) -> dict[str, Any]:
-        """Everything that changes ingest's output, for the manifest's content hash."""
-        skip = {"cache_dir_vae", "skip_file_discovery", "vae_batch_size", "disabled", "probability"}
+        """Everything that changes ingest's output (the manifest and its report), for the manifest's hash.
+
+        The sampling settings are in it too: the report records them, and a reused manifest must not
+        carry a stale probability.
+        """
+        skip = {
+            "cache_dir_vae",
+            "skip_file_discovery",
+            "preserve_data_backend_cache",
+            "delete_problematic_images",
+            "vae_batch_size",
+            "disabled",
+        }
         out: dict[str, Any] = {}
         for name in self.__dataclass_fields__:
             if name in skip:
@@ -295,8 +404,10 @@ class DatasetConfig:
             value = getattr(self, name)
             if isinstance(value, Path):
                 value = str(value)
+            elif isinstance(value, ParquetConfig):
+                value = value.options()
             elif isinstance(value, tuple):
-                value = list(value)
+                value = [list(v) if isinstance(v, tuple) else v for v in value]
             out[name] = value
         return out
 
@@ -312,6 +423,11 @@ class TextEmbedsConfig:
     #: Recorded, not used: embeddings live under `cache/text/<encoder-fingerprint>/` in the store.
     cache_dir: str | None = None
     write_batch_size: int | None = None
+    #: SimpleTuner applies it to every caption encoded through this entry; ingest applies the default
+    #: entry's list to the captions it writes (already loaded from its file, so a bad path fails early).
+    caption_filter_list: tuple[str, ...] = ()
+    #: Recorded, not used.
+    preserve_data_backend_cache: bool = False
 
 
 @dataclass(frozen=True)
@@ -420,6 +536,162 @@ def _optional_str(value: Any, dataset_id: str, key: str) -> str | None:
     return value
 
 
+def _resolve_path(raw: str, base_dir: Path | None) -> Path:
+    path = Path(raw).expanduser()
+    if not path.is_absolute():
+        path = (base_dir or Path.cwd()) / path
+    return path.resolve()
+
+
+def _crop_aspect_buckets(value: Any, dataset_id: str) -> tuple[AspectBucket, ...]:
+    """A list of aspects, or of `{"aspect": a, "weight": w}` with weights summing to 1 (as SimpleTuner)."""
+    key = "crop_aspect_buckets"
+    where = _where(dataset_id)
+    if value is None or value == []:
+        return ()
+    if not isinstance(value, list):
+        raise ConfigError(f"{where}: {key} must be a list of aspect ratios, got {value!r}", field=key)
+    out: list[AspectBucket] = []
+    for item in value:
+        if isinstance(item, Mapping):
+            unknown = set(item) - {"aspect", "weight"}
+            if unknown or "aspect" not in item or "weight" not in item:
+                raise ConfigError(
+                    f'{where}: {key} entries must be numbers or {{"aspect": float, "weight": float}}, got {item!r}',
+                    field=key,
+                )
+            aspect = _number(item["aspect"], dataset_id, key, allow_none=False)
+            weight = _number(item["weight"], dataset_id, key, allow_none=False)
+            assert aspect is not None and weight is not None
+            out.append((float(aspect), float(weight)))
+        else:
+            aspect = _number(item, dataset_id, key, allow_none=False)
+            assert aspect is not None
+            out.append((float(aspect), None))
+    if any(aspect <= 0 for aspect, _ in out):
+        raise ConfigError(f"{where}: {key} aspect ratios must be > 0, got {value!r}", field=key)
+    weighted = [w is not None for _, w in out]
+    if any(weighted) and not all(weighted):
+        raise ConfigError(f"{where}: {key} mixes plain aspects and weighted entries", field=key)
+    if all(weighted) and abs(sum(w or 0.0 for _, w in out) - 1.0) > 1e-6:
+        raise ConfigError(f"{where}: the weights of {key} must add up to 1 (as in SimpleTuner)", field=key)
+    return tuple(out)
+
+
+def _parquet_config(value: Any, dataset_id: str, base_dir: Path | None) -> ParquetConfig | None:
+    where = _where(dataset_id)
+    if value is None or value == {}:
+        return None
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{where}: parquet must be an object, got {value!r}", field="parquet")
+    data = check_keys(
+        value,
+        supported=PARQUET_KEYS_SUPPORTED,
+        recognised_unsupported=PARQUET_KEYS_RECOGNISED,
+        inert_values=INERT_VALUES,
+        where=f"{where}, parquet",
+    )
+    raw_path = data.get("path")
+    if not raw_path or not isinstance(raw_path, str):
+        raise ConfigError(f"{where}: parquet.path is required (a .parquet or .jsonl file)", field="parquet.path")
+
+    def column(key: str, default: str) -> str:
+        name = data.get(key)
+        if name is None:
+            return default
+        if not isinstance(name, str) or not name:
+            raise ConfigError(f"{where}: parquet.{key} must be a column name, got {name!r}", field=f"parquet.{key}")
+        return name
+
+    raw_caption = data.get("caption_column")
+    caption_column: str | tuple[str, ...]
+    if isinstance(raw_caption, list):
+        if not raw_caption or not all(isinstance(c, str) and c for c in raw_caption):
+            raise ConfigError(
+                f"{where}: parquet.caption_column must be a column name or a list of them",
+                field="parquet.caption_column",
+            )
+        caption_column = tuple(raw_caption)
+    else:
+        caption_column = column("caption_column", "description")
+    fallback = data.get("fallback_caption_column")
+    if fallback is not None and (not isinstance(fallback, str) or not fallback):
+        raise ConfigError(
+            f"{where}: parquet.fallback_caption_column must be a column name, got {fallback!r}",
+            field="parquet.fallback_caption_column",
+        )
+    return ParquetConfig(
+        path=_resolve_path(raw_path, base_dir),
+        filename_column=column("filename_column", "id"),
+        caption_column=caption_column,
+        fallback_caption_column=fallback,
+        identifier_includes_extension=_bool(
+            data.get("identifier_includes_extension"), dataset_id, "parquet.identifier_includes_extension"
+        ),
+        width_column=column("width_column", "width"),
+        height_column=column("height_column", "height"),
+    )
+
+
+def _skip_file_discovery(value: Any, dataset_id: str) -> str:
+    if value is None or value is False or value == "":
+        return ""
+    if not isinstance(value, str):
+        raise ConfigError(
+            f"{_where(dataset_id)}: skip_file_discovery must be a string such as \"vae aspect metadata\"",
+            field="skip_file_discovery",
+        )
+    words = [w for w in value.replace(",", " ").split() if w]
+    unknown = [w for w in words if w.lower() not in SKIP_FILE_DISCOVERY_WORDS]
+    if unknown:
+        raise ConfigError(
+            f"{_where(dataset_id)}: skip_file_discovery: unknown value(s) {', '.join(unknown)} "
+            f"(known: {', '.join(SKIP_FILE_DISCOVERY_WORDS)})",
+            field="skip_file_discovery",
+        )
+    return " ".join(w.lower() for w in words)
+
+
+def load_caption_filter_list(value: Any, where: str, base_dir: Path | None = None) -> tuple[str, ...]:
+    """SimpleTuner's `caption_filter_list`: a JSON list, or a path to a `.txt` (one entry a line) or `.json` file.
+
+    Lines keep their trailing spaces ("arafed " removes the word and its space); only line ends go. Any
+    other form is an error here: SimpleTuner silently ignores it, which trains on unfiltered captions.
+    """
+    key = "caption_filter_list"
+    if value is None or value == "" or value == []:
+        return ()
+    if isinstance(value, list):
+        if not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{where}: {key} must be a list of strings", field=key)
+        return tuple(v for v in value if v)
+    if not isinstance(value, str):
+        raise ConfigError(f"{where}: {key} must be a list of strings or a path to a .txt/.json file", field=key)
+    path = _resolve_path(value, base_dir)
+    suffix = path.suffix.lower()
+    if suffix not in (".txt", ".json"):
+        raise ConfigError(f"{where}: {key} path must end in .txt or .json, got {value!r}", field=key)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{where}: {key} file not found: {path}", field=key) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{where}: {key} file unreadable: {path}: {exc}", field=key) from None
+    if suffix == ".txt":
+        return tuple(line for line in text.splitlines() if line)
+    try:
+        loaded = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{where}: {key} file {path} is not valid JSON: {exc}", field=key) from None
+    return load_caption_filter_list(loaded, where, base_dir)
+
+
+def _positive_int(value: Any, dataset_id: str, key: str) -> int | None:
+    """Whole number ≥ 1, or None when unset (SimpleTuner treats 0 and "" as unset too)."""
+    number = _int(value, dataset_id, key, None)
+    return number if number else None
+
+
 # ---------------------------------------------------------------------------------------------------
 
 
@@ -428,6 +700,13 @@ def _parse_image_dataset(
 ) -> DatasetConfig:
     dataset_id = str(entry["id"])
     where = _where(dataset_id)
+    filters = {normalise_key(k): v for k, v in entry.items()}.get("caption_filter_list")
+    if filters not in (None, "", []):
+        raise ConfigError(
+            f"{where}: caption_filter_list belongs on the text_embeds entry (SimpleTuner rejects it on "
+            f"image datasets too); it filters every caption encoded through that entry",
+            field="caption_filter_list",
+        )
     data = check_keys(
         entry,
         supported=IMAGE_KEYS_SUPPORTED,
@@ -451,10 +730,7 @@ def _parse_image_dataset(
         raise ConfigError(
             f"{where}: instance_data_dir is required (a local folder)", field="instance_data_dir"
         )
-    instance_dir = Path(raw_dir).expanduser()
-    if not instance_dir.is_absolute():
-        instance_dir = (base_dir or Path.cwd()) / instance_dir
-    instance_dir = instance_dir.resolve()
+    instance_dir = _resolve_path(raw_dir, base_dir)
 
     resolution_type = _choice(pick("resolution_type"), dataset_id, "resolution_type", RESOLUTION_TYPES)
     resolution = _number(pick("resolution"), dataset_id, "resolution", allow_none=False)
@@ -492,7 +768,11 @@ def _parse_image_dataset(
     repeats = _int(data.get("repeats"), dataset_id, "repeats", 0)
     assert repeats is not None
 
+    # SimpleTuner: unset or "" means 1.0; 0 is kept (the dataset is then never drawn).
     probability = _number(data.get("probability"), dataset_id, "probability")
+    start_step = _int(data.get("start_step"), dataset_id, "start_step", 0)
+    end_step = _int(data.get("end_step"), dataset_id, "end_step", None)
+    max_upscale = _number(data.get("max_upscale_threshold"), dataset_id, "max_upscale_threshold")
     config = DatasetConfig(
         id=dataset_id,
         instance_data_dir=instance_dir,
@@ -521,10 +801,27 @@ def _parse_image_dataset(
         metadata_backend=metadata_backend,
         repeats=repeats,
         is_regularisation_data=_bool(reg_raw, dataset_id, "is_regularisation_data"),
-        probability=1.0 if not probability else float(probability),
+        probability=1.0 if probability is None else float(probability),
         vae_batch_size=_int(data.get("vae_batch_size"), dataset_id, "vae_batch_size", None),
         cache_dir_vae=_optional_str(data.get("cache_dir_vae"), dataset_id, "cache_dir_vae"),
-        skip_file_discovery=str(data.get("skip_file_discovery") or ""),
+        skip_file_discovery=_skip_file_discovery(data.get("skip_file_discovery"), dataset_id),
+        preserve_data_backend_cache=_bool(
+            data.get("preserve_data_backend_cache"), dataset_id, "preserve_data_backend_cache"
+        ),
+        crop_aspect_buckets=_crop_aspect_buckets(data.get("crop_aspect_buckets"), dataset_id),
+        max_upscale_threshold=None if max_upscale is None else float(max_upscale),
+        max_num_samples=_positive_int(data.get("max_num_samples"), dataset_id, "max_num_samples"),
+        start_step=start_step or 0,
+        # SimpleTuner: 0 (or unset) means "no end".
+        end_step=end_step or None,
+        train_batch_size=_positive_int(data.get("train_batch_size"), dataset_id, "train_batch_size"),
+        vae_cache_clear_each_epoch=_bool(
+            data.get("vae_cache_clear_each_epoch"), dataset_id, "vae_cache_clear_each_epoch"
+        ),
+        delete_problematic_images=_bool(
+            pick("delete_problematic_images"), dataset_id, "delete_problematic_images"
+        ),
+        parquet=_parquet_config(data.get("parquet"), dataset_id, base_dir),
     )
     _validate_image_dataset(config)
     return config
@@ -549,6 +846,26 @@ def _validate_image_dataset(config: DatasetConfig) -> None:
             else "prepend_instance_prompt"
         )
         raise ConfigError(f"{where}: {reason} requires a non-empty instance_prompt", field="instance_prompt")
+    if config.crop_aspect in ("closest", "random") and not config.crop_aspect_buckets:
+        raise ConfigError(
+            f"{where}: crop_aspect={config.crop_aspect} needs crop_aspect_buckets (a list of aspect ratios)",
+            field="crop_aspect_buckets",
+        )
+    if config.end_step is not None and config.start_step > 0 and config.end_step < config.start_step:
+        raise ConfigError(
+            f"{where}: end_step ({config.end_step}) must be ≥ start_step ({config.start_step})", field="end_step"
+        )
+    if config.caption_strategy == "parquet" and config.metadata_backend != "parquet":
+        raise ConfigError(
+            f"{where}: caption_strategy=parquet needs metadata_backend=parquet (as in SimpleTuner); "
+            f"with {config.metadata_backend}, use caption_strategy=textfile",
+            field="metadata_backend",
+        )
+    if config.metadata_backend == "parquet" and config.parquet is None:
+        raise ConfigError(
+            f"{where}: metadata_backend=parquet needs a parquet block with path, filename_column, caption_column",
+            field="parquet",
+        )
     if config.maximum_image_size and not config.target_downsample_size:
         raise ConfigError(
             f"{where}: maximum_image_size needs target_downsample_size as well (as in SimpleTuner)",
@@ -585,7 +902,7 @@ def _validate_image_dataset(config: DatasetConfig) -> None:
         )
 
 
-def _parse_text_embeds(entry: Mapping[str, Any]) -> TextEmbedsConfig:
+def _parse_text_embeds(entry: Mapping[str, Any], base_dir: Path | None = None) -> TextEmbedsConfig:
     dataset_id = str(entry["id"])
     where = _where(dataset_id)
     data = check_keys(
@@ -603,6 +920,10 @@ def _parse_text_embeds(entry: Mapping[str, Any]) -> TextEmbedsConfig:
         disabled=_bool(data.get("disabled", data.get("disable", False)), dataset_id, "disabled"),
         cache_dir=_optional_str(data.get("cache_dir"), dataset_id, "cache_dir"),
         write_batch_size=_int(data.get("write_batch_size"), dataset_id, "write_batch_size", None),
+        caption_filter_list=load_caption_filter_list(data.get("caption_filter_list"), where, base_dir),
+        preserve_data_backend_cache=_bool(
+            data.get("preserve_data_backend_cache"), dataset_id, "preserve_data_backend_cache"
+        ),
     )
 
 
@@ -654,7 +975,7 @@ def load_data_backend_config(
         seen.add(raw_id)
         dataset_type = str(normalised.get("dataset_type") or "image").strip().lower()
         if dataset_type == "text_embeds":
-            text_embeds.append(_parse_text_embeds(entry))
+            text_embeds.append(_parse_text_embeds(entry, base_dir))
         else:
             datasets.append(_parse_image_dataset(entry, global_defaults, base_dir))
 
@@ -673,15 +994,28 @@ def load_data_backend_config(
         )
     if not defaults_marked and len(enabled_text) > 1:
         raise ConfigError('several text_embeds entries and none marked "default": true', field="default")
-    if not [d for d in datasets if not d.disabled]:
+    enabled = [d for d in datasets if not d.disabled]
+    if not enabled:
         raise ConfigError("the data backend config has no enabled image dataset", field="dataset_type")
+    if not any(d.start_step <= 1 for d in enabled):
+        raise ConfigError(
+            "at least one dataset must be available at the start of training (start_step ≤ 1), "
+            "as SimpleTuner requires",
+            field="start_step",
+        )
+    if not any(d.probability > 0 for d in enabled):
+        raise ConfigError("every enabled dataset has probability 0: nothing would be sampled", field="probability")
     return DataBackends(datasets=tuple(datasets), text_embeds=tuple(text_embeds), source=source_name)
 
 
 __all__ = [
+    "SAMPLING_KEYS",
+    "AspectBucket",
     "DataBackends",
     "DatasetConfig",
     "GLOBAL_DEFAULTS",
+    "ParquetConfig",
     "TextEmbedsConfig",
+    "load_caption_filter_list",
     "load_data_backend_config",
 ]
