@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 import certifi
 import urllib3
 from minio import Minio
+from minio.datatypes import Object
 from minio.deleteobjects import DeleteObject
 from minio.error import InvalidResponseError, MinioException, S3Error, ServerError
 
@@ -72,8 +73,12 @@ class S3Store(Store):
         backoff: float = 0.25,
         part_size: int = 0,
         ca_bundle: str | None = None,
+        max_pool_connections: int = 16,
     ) -> None:
-        """`endpoint` is `host:port`; `part_size` 0 lets minio pick (5 MiB parts above 5 MiB objects)."""
+        """`endpoint` is `host:port`; `part_size` 0 lets minio pick (5 MiB parts above 5 MiB objects).
+
+        `max_pool_connections` bounds the connections kept per host: size it to the threads that read at once.
+        """
         if prefix:
             check_prefix(prefix)
             prefix = prefix.rstrip("/") + "/"
@@ -93,7 +98,7 @@ class S3Store(Store):
         http = urllib3.PoolManager(
             timeout=urllib3.Timeout(connect=connect_timeout, read=read_timeout),
             retries=False,
-            maxsize=16,
+            maxsize=max(1, int(max_pool_connections)),
             cert_reqs="CERT_REQUIRED" if secure else "CERT_NONE",
             ca_certs=ca_bundle or os.environ.get("SSL_CERT_FILE") or certifi.where(),
         )
@@ -244,7 +249,15 @@ class S3Store(Store):
         return self._call("check", key, stat)
 
     def list(self, prefix: str) -> Iterator[str]:
-        """Paginated ListObjectsV2 under `<store prefix><prefix>`; resumes after the last key on errors."""
+        for key, _obj in self.list_entries(prefix):
+            yield key
+
+    def list_entries(self, prefix: str) -> Iterator[tuple[str, Object]]:
+        """Paginated ListObjectsV2 under `<store prefix><prefix>`; resumes after the last key on errors.
+
+        Yields each key with its listing entry (size, ETag, LastModified), so callers that need those
+        never pay a HEAD per key.
+        """
         check_prefix(prefix)
         full = self.prefix + prefix
         strip = len(self.prefix)
@@ -261,7 +274,7 @@ class S3Store(Store):
                         continue
                     last = name
                     attempt = 0
-                    yield name[strip:]
+                    yield name[strip:], obj
                 return
             except (MinioException, *_CONNECTION_ERRORS) as exc:
                 if isinstance(exc, S3Error) and exc.code == "NoSuchBucket":
