@@ -387,13 +387,12 @@ class DatasetConfig:
         """Everything that changes ingest's output (the manifest and its report), for the manifest's hash.
 
         The sampling settings are in it too: the report records them, and a reused manifest must not
-        carry a stale probability.
+        carry a stale probability. So is `delete_problematic_images`: its report says what was deleted.
         """
         skip = {
             "cache_dir_vae",
             "skip_file_discovery",
             "preserve_data_backend_cache",
-            "delete_problematic_images",
             "vae_batch_size",
             "disabled",
         }
