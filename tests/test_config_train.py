@@ -268,10 +268,10 @@ def test_required_keys() -> None:
         ("use_ema", True),
         ("--use_ema", "true"),
         ("gradient_checkpointing_interval", 2),
-        ("vae_cache_disable", 1),
+        ("vae_enable_tiling", True),
         ("lora_init_type", "pissa"),
         ("ema_decay", 0.9),
-        ("vae_cache_preprocess", False),
+        ("ignore_final_epochs", False),
     ],
 )
 def test_recognised_key_away_from_default_is_not_supported(key: str, value: Any) -> None:
@@ -608,3 +608,10 @@ def test_sana_guide_settings_are_named_as_not_supported_yet() -> None:
     # what the guide sets that stagetune does support
     config = load({"mixed_precision": "bf16", "validation_num_inference_steps": 50, "train_batch_size": 6})
     assert config.mixed_precision == "bf16" and config.validation_num_inference_steps == 50
+
+
+def test_old_vae_cache_preprocess_false_means_encode_during_training() -> None:
+    base = {"model_family": "sd3", "model_type": "lora", "pretrained_model_name_or_path": "x", "max_train_steps": 1}
+    assert load_train_config({**base, "vae_cache_preprocess": False}).vae_cache_ondemand is True
+    assert load_train_config({**base, "--vae_cache_preprocess": "true"}).vae_cache_ondemand is False
+    assert load_train_config({**base, "vae_cache_disable": True}).vae_cache_disable is True

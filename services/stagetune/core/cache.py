@@ -332,6 +332,11 @@ class CacheWriter:
     def pending(self) -> int:
         return len(self._pending)
 
+    def discard(self) -> None:
+        """Drop pending entries unwritten and close: another writer owns them now (a lost lease)."""
+        self._pending.clear()
+        self._closed = True
+
     def close(self) -> None:
         if not self._closed:
             self.flush()

@@ -7,6 +7,8 @@ hit costs one index lookup and a second run over the same data encodes nothing.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TypeVar
@@ -15,6 +17,10 @@ import torch
 
 from stagetune.core import metrics
 from stagetune.core.cache import ShardedCache
+from stagetune.core.errors import StagetuneError
+from stagetune.core.leases import Leases, Outcome, unit_id
+
+log = logging.getLogger(__name__)
 
 Item = TypeVar("Item")
 
@@ -24,6 +30,7 @@ class EncodeStats:
     total: int = 0
     hits: int = 0
     encoded: int = 0
+    shared: int = 0  # needed here but encoded meanwhile by another replica (total = hits + encoded + shared)
     bytes_written: int = 0
     seconds: float = 0.0
     load_seconds: float = 0.0  # loading the encoder, only when something had to be encoded
@@ -43,24 +50,151 @@ def encode_missing(
     write_batch_size: int,
     progress: Callable[[int, int], None] = lambda done, total: None,
     load: Callable[[], object] = lambda: None,
+    lease_ttl: float | None = None,
+    owner: str | None = None,
 ) -> EncodeStats:
-    """Encode the items whose key is not in `cache` yet; each distinct key is encoded once."""
+    """Encode the items whose key is not in `cache` yet; each distinct key is encoded once.
+
+    Replicas running this on the same items split the work: it is cut into units of one shard each,
+    in an order every replica computes alike, and a unit is encoded only under its lease (see
+    `stagetune.core.leases`). The call returns once every key is in the cache, whoever encoded it,
+    because the next stage needs them all. `lease_ttl` defaults to `$STAGETUNE_LEASE_TTL_S` or 30 s.
+    """
     started = time.perf_counter()
+    if write_batch_size < 1:
+        raise ValueError(f"write_batch_size must be at least 1, got {write_batch_size}")
     cache.refresh()
     unique: dict[str, Item] = {}
     for item in items:
         unique.setdefault(key_of(item), item)
-    missing_keys = set(cache.missing(unique))
-    todo = [item for key, item in unique.items() if key in missing_keys]
-    stats = EncodeStats(total=len(unique), hits=len(unique) - len(todo))
+    missing = set(cache.missing(unique))
+    stats = EncodeStats(total=len(unique), hits=len(unique) - len(missing))
     metrics.CACHE_HITS.labels(stage).inc(stats.hits)
     progress(stats.hits, stats.total)
-    if todo:
-        load_started = time.perf_counter()
-        load()
-        stats.load_seconds = time.perf_counter() - load_started
-    with cache.writer(write_batch_size) as writer:
-        for batch in batches(todo):
+    if missing:
+        _encode_under_leases(stage, unique, missing, key_of, cache, batches, encode, write_batch_size,
+                             progress, load, stats, Leases(cache.store, cache.prefix, owner=owner, ttl=lease_ttl))
+    metrics.CACHE_BYTES.labels(stage).inc(stats.bytes_written)
+    stats.seconds = time.perf_counter() - started
+    return stats
+
+
+def _units(unique: dict[str, Item], key_of: Callable[[Item], str],
+           batches: Callable[[list[Item]], Iterable[list[Item]]], unit_size: int) -> dict[str, list[str]]:
+    """Every key (cached or not) cut into units of `unit_size`, in the encoder's batch order.
+
+    Units are cut from all keys, not the missing ones, so a replica that starts late (and sees fewer
+    missing) still names the same units as one that started early. Following the batch order keeps
+    a unit's batches full (the VAE batches by image size), and that order does not depend on the
+    batch size, so replicas configured differently still agree.
+    """
+    ordered = [key_of(item) for batch in batches([unique[k] for k in sorted(unique)]) for item in batch]
+    if len(ordered) != len(unique) or set(ordered) != unique.keys():
+        ordered = sorted(unique)  # a `batches` that drops or repeats items: fall back to key order
+    cut = [ordered[i : i + unit_size] for i in range(0, len(ordered), unit_size)]
+    return {unit_id(keys): keys for keys in cut}
+
+
+def _encode_under_leases(
+    stage: str,
+    unique: dict[str, Item],
+    missing: set[str],
+    key_of: Callable[[Item], str],
+    cache: ShardedCache,
+    batches: Callable[[list[Item]], Iterable[list[Item]]],
+    encode: Callable[[list[Item]], list[dict[str, torch.Tensor]]],
+    write_batch_size: int,
+    progress: Callable[[int, int], None],
+    load: Callable[[], object],
+    stats: EncodeStats,
+    leases: Leases,
+) -> None:
+    units = _units(unique, key_of, batches, write_batch_size)
+    loaded = False
+    with leases:
+        for _attempt in range(3):
+            pending = [unit for unit, keys in units.items() if any(k in missing for k in keys)]
+            # Replicas start at different units, so they seldom contend for the same one.
+            offset = int(hashlib.blake2b(leases.owner.encode(), digest_size=4).hexdigest(), 16) % len(pending)
+            pending = pending[offset:] + pending[:offset]
+            while pending:
+                still: list[str] = []
+                for unit in pending:
+                    result = leases.claim(unit)
+                    if result.outcome is Outcome.HELD:
+                        still.append(unit)
+                        continue
+                    if result.outcome is Outcome.DONE:
+                        _count_shared(stage, units[unit], missing, stats, progress)
+                        continue
+                    if result.stale:
+                        cache.refresh()  # a dead or interrupted holder may have flushed part of it
+                    todo = [k for k in units[unit] if k in missing and not cache.has(k)]
+                    _count_shared(stage, [k for k in units[unit] if k not in todo], missing, stats, progress)
+                    if todo and not loaded:
+                        load_started = time.perf_counter()
+                        load()
+                        stats.load_seconds = time.perf_counter() - load_started
+                        loaded = True
+                    if _encode_unit(stage, unit, todo, unique, key_of, cache, batches, encode, progress,
+                                    stats, leases):
+                        leases.finish(unit)
+                    else:
+                        still.append(unit)  # taken over while this replica stalled: the taker finishes it
+                pending = still
+                if pending:
+                    time.sleep(leases.poll_s)  # the rest is held by live replicas: look again shortly
+                    progress(stats.hits + stats.encoded + stats.shared, stats.total)  # notices cancellation
+            # Done markers are hints; the index is the truth. Keys still absent (an index pruned by
+            # hand under an old done marker) go round again.
+            cache.refresh()
+            absent = {k for k in missing if not cache.has(k)}
+            if not absent:
+                return
+            for unit, keys in units.items():
+                if any(k in absent for k in keys):
+                    leases.forget_done(unit)
+            missing = absent
+    raise StagetuneError(f"{len(missing)} {stage} cache entries are still missing from {cache.prefix!r} "
+                         f"in {cache.store.url} after three rounds of encoding")
+
+
+def _count_shared(stage: str, keys: list[str], missing: set[str], stats: EncodeStats,
+                  progress: Callable[[int, int], None]) -> None:
+    """Keys this job needed that another replica (or an earlier, interrupted holder) encoded."""
+    shared = 0
+    for key in keys:
+        if key in missing:
+            missing.discard(key)
+            shared += 1
+    if shared:
+        stats.shared += shared
+        metrics.CACHE_HITS.labels(stage).inc(shared)
+        progress(stats.hits + stats.encoded + stats.shared, stats.total)
+
+
+def _encode_unit(
+    stage: str,
+    unit: str,
+    todo: list[str],
+    unique: dict[str, Item],
+    key_of: Callable[[Item], str],
+    cache: ShardedCache,
+    batches: Callable[[list[Item]], Iterable[list[Item]]],
+    encode: Callable[[list[Item]], list[dict[str, torch.Tensor]]],
+    progress: Callable[[int, int], None],
+    stats: EncodeStats,
+    leases: Leases,
+) -> bool:
+    """Encode one held unit into one shard; False if the lease was lost, so the unit is not done here."""
+    if not todo:
+        return True
+    writer = cache.writer(len(todo))
+    try:
+        for batch in batches([unique[k] for k in todo]):
+            if leases.lost(unit):
+                writer.discard()  # the taker encodes them; flushing too would index them twice
+                return False
             batch_started = time.perf_counter()
             with torch.inference_mode():
                 outputs = encode(batch)
@@ -69,11 +203,28 @@ def encode_missing(
             stats.encoded += len(batch)
             metrics.ITEMS_ENCODED.labels(stage).inc(len(batch))
             metrics.BATCH_SECONDS.labels(stage).observe(time.perf_counter() - batch_started)
-            progress(stats.hits + stats.encoded, stats.total)
-    stats.bytes_written = writer.stats.bytes_written
-    metrics.CACHE_BYTES.labels(stage).inc(stats.bytes_written)
-    stats.seconds = time.perf_counter() - started
-    return stats
+            progress(stats.hits + stats.encoded + stats.shared, stats.total)
+        if leases.lost(unit):
+            writer.discard()
+            return False
+        writer.close()
+    except BaseException:
+        # Keep what was encoded (valid work) and tell the next holder to re-read the index.
+        flushed = writer.pending > 0
+        try:
+            writer.close()
+        except Exception:  # noqa: BLE001 - do not hide the error that stopped the encoder
+            log.exception("could not flush the cache writer for %r after an error", cache.prefix)
+            flushed = False
+        finally:
+            stats.bytes_written += writer.stats.bytes_written
+        try:
+            leases.release(unit, dirty=flushed)
+        except Exception:  # noqa: BLE001
+            log.warning("could not release lease on unit %s", unit, exc_info=True)
+        raise
+    stats.bytes_written += writer.stats.bytes_written
+    return True
 
 
 def chunks(items: Sequence[Any], size: int) -> Iterable[list[Any]]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 
 import xxhash
 
@@ -14,9 +15,11 @@ from stagetune.core.ondemand import cached_only
 from stagetune.core.store.base import Store
 from stagetune.ingest.manifest import ManifestRow
 from stagetune.v1 import vae_pb2, vae_pb2_grpc
-from stagetune.vae.encode import batches_by_size, encode_rows
+from stagetune.vae.encode import DatasetImages, batches_by_size, encode_rows
 
 SERVICE = "vae"
+#: Threads reading and decoding images while the VAE encodes (I/O- and decode-bound on large datasets).
+READ_WORKERS = 4
 
 
 def latent_cache_prefix(fingerprint: str) -> str:
@@ -43,13 +46,15 @@ def vae_job(ctx: JobContext) -> dict[str, str]:
     if req.keys_only:  # vae_cache_ondemand / vae_cache_disable: the trainer encodes what is missing
         stats = cached_only(stage=SERVICE, items=rows, key_of=key_of, cache=cache)
     else:
-        stats = encode_missing(
-            stage=SERVICE, items=rows, key_of=key_of, cache=cache,
-            batches=lambda todo: batches_by_size(todo, req.vae_batch_size or 4),
-            encode=lambda batch: encode_rows(encoder, batch), write_batch_size=req.write_batch_size or 128,
-            load=lambda: encoder.vae,
-            progress=lambda done, total: ctx.progress("encoding latents", done, total, "images"),
-        )
+        images = DatasetImages(req.data_backend_config_json)
+        with ThreadPoolExecutor(max_workers=READ_WORKERS, thread_name_prefix="vae-read") as pool:
+            stats = encode_missing(
+                stage=SERVICE, items=rows, key_of=key_of, cache=cache,
+                batches=lambda todo: batches_by_size(todo, req.vae_batch_size or 4),
+                encode=lambda batch: encode_rows(encoder, batch, images, pool),
+                write_batch_size=req.write_batch_size or 128, load=lambda: encoder.vae,
+                progress=lambda done, total: ctx.progress("encoding latents", done, total, "images"),
+            )
     keys = {row.sample_id: encoder.latent_key(row.pixel_key) for row in rows}
     keys_key = f"jobs/{ctx.job_id}/latent_keys.json"
     ctx.store.put_bytes(keys_key, json.dumps(keys, sort_keys=True).encode())

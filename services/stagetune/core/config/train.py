@@ -488,6 +488,10 @@ def _canonical(raw: Mapping[str, Any], what: str) -> dict[str, tuple[str, Any]]:
         key = normalise_key(raw_key)
         key = st.ALIASES.get(key, key)
         key = st.RENAMED_LEGACY_KEYS.get(key, key)
+        if key == "vae_cache_preprocess":  # SimpleTuner's old spelling: false means encode during training
+            if str(value).strip().lower() not in _BOOL_FALSE | {"none", ""} or value is None:
+                continue
+            key, value = "vae_cache_ondemand", True
         if key in out:
             raise ConfigError(f"{what}: {out[key][0]!r} and {raw_key!r} set the same option {key!r}", field=key)
         out[key] = (raw_key, value)
