@@ -129,12 +129,18 @@ def index_entries(store: Store, prefix: str) -> list[str]:
 
 
 def assert_indexed_shards_whole(store: Store, prefix: str) -> None:
-    """Every index object names a shard that exists, loads, and holds each key's latents."""
+    """Every index object names a shard that exists, loads, and holds each key's latents; and every
+    shard in the store, indexed or orphaned by a kill, is whole (puts are atomic)."""
+    indexed = set()
     for index in store.list(f"{prefix}/index/"):
         body = json.loads(store.get_bytes(index))
         tensors = load_safetensors(store.get_bytes(f"{prefix}/shards/{body['shard']}.safetensors"))
         for key in body["keys"]:
             assert tensors[f"{key}/latents"].shape == (16, 8, 8), (index, key)
+        indexed.add(body["shard"])
+    for shard in store.list(f"{prefix}/shards/"):
+        if shard.rsplit("/", 1)[1].removesuffix(".safetensors") not in indexed:
+            assert load_safetensors(store.get_bytes(shard)), shard
 
 
 def latent_keys(model: Path, pixel_keys: list[str]) -> tuple[str, set[str]]:
@@ -146,16 +152,11 @@ def latent_keys(model: Path, pixel_keys: list[str]) -> tuple[str, set[str]]:
     return latent_cache_prefix(encoder.fingerprint), {encoder.latent_key(k) for k in pixel_keys}
 
 
-@pytest.fixture(params=["local", "s3"])
-def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "local":
-        return str(tmp_path / "store")
-    return request.getfixturevalue("s3_store_url")
-
-
 def test_two_replicas_split_one_manifest_and_encode_each_key_once(
-    tmp_path: Path, tiny_sd3_path: Path, store_url: str, replicas: Any
+    tmp_path: Path, tiny_sd3_path: Path, s3_store_url: str, replicas: Any
 ) -> None:
+    """On S3, the store with no compare-and-swap (the lease protocol runs on both stores in test_leases)."""
+    store_url = s3_store_url
     manifest_id, pixel_keys = make_manifest(tmp_path, store_url)
     prefix, expected = latent_keys(tiny_sd3_path, pixel_keys)
     pair = replicas(store_url, 2)
@@ -181,7 +182,6 @@ def test_two_replicas_split_one_manifest_and_encode_each_key_once(
     assert not errors, errors
     outputs = [dict(results[i].outputs) for i in range(2)]
     encoded = [int(o["encoded"]) for o in outputs]
-    print("SPLIT", outputs)
     assert sum(encoded) == IMAGES, outputs
     assert all(n > 0 for n in encoded), f"one replica did all the work: {outputs}"
     for o in outputs:
@@ -205,20 +205,23 @@ def test_two_replicas_split_one_manifest_and_encode_each_key_once(
 
 
 def test_killed_replica_leaves_whole_shards_and_its_unit_is_taken_over(
-    tmp_path: Path, tiny_sd3_path: Path, s3_store_url: str, replicas: Any
+    tmp_path: Path, tiny_sd3_path: Path, replicas: Any
 ) -> None:
-    """Kill a replica as soon as it has encoded something; a second replica finishes the manifest."""
-    manifest_id, pixel_keys = make_manifest(tmp_path, s3_store_url)
+    """Kill a replica half-way through a unit; a second replica finishes the manifest, redoing only
+    the killed replica's unflushed unit. On a local folder (the S3 case runs in test_leases)."""
+    store_url = str(tmp_path / "store")
+    manifest_id, pixel_keys = make_manifest(tmp_path, store_url)
     prefix, expected = latent_keys(tiny_sd3_path, pixel_keys)
-    doomed, survivor = replicas(s3_store_url, 2)
-    store = open_store(s3_store_url)
+    doomed, survivor = replicas(store_url, 2)
+    store = open_store(store_url)
 
     channel, stub = doomed.stub()
     job = stub.Start(encode_request(manifest_id, tiny_sd3_path, "doomed"))
     progress_at_kill = -1
     try:
         for event in stub.Watch(common_pb2.WatchJobRequest(job_id=job.job_id), timeout=120):
-            if event.HasField("progress") and event.progress.phase == "encoding latents" and event.progress.done:
+            # Two units flushed and one batch into the third (units of 4, batches of 2).
+            if event.HasField("progress") and event.progress.done >= 2 * UNIT + 2:
                 progress_at_kill = event.progress.done
                 doomed.kill()
                 break
@@ -228,7 +231,7 @@ def test_killed_replica_leaves_whole_shards_and_its_unit_is_taken_over(
     assert progress_at_kill > 0
     flushed = index_entries(store, prefix)
     left_claims = [k for k in store.list(f"{prefix}/leases/") if "/claim-" in k]
-    assert len(set(flushed)) < IMAGES, "the replica finished before it was killed: nothing was tested"
+    assert 2 * UNIT <= len(set(flushed)) < IMAGES, f"killed after {len(set(flushed))} flushed: not mid-run"
     assert len(flushed) == len(set(flushed))
     assert_indexed_shards_whole(store, prefix)  # whatever the kill interrupted, the index names whole shards
 
@@ -242,11 +245,64 @@ def test_killed_replica_leaves_whole_shards_and_its_unit_is_taken_over(
     assert int(outputs["hits"]) == len(set(flushed))
     assert int(outputs["encoded"]) == IMAGES - len(set(flushed))
     assert int(outputs["shared"]) == 0
-    print("KILL", progress_at_kill, len(flushed), left_claims, outputs)
-    if left_claims:  # the killed replica held a unit: the survivor had to wait out its lease
-        assert float(outputs["seconds"]) >= TTL, outputs
+    assert left_claims, "the replica was killed holding a unit"
     entries = index_entries(store, prefix)
     assert len(entries) == len(set(entries)) == IMAGES
     assert set(entries) == expected
     assert_indexed_shards_whole(store, prefix)
     assert not [k for k in store.list(f"{prefix}/leases/") if "/claim-" in k], "the dead claim was taken over"
+
+
+def test_vae_job_moves_the_cache_counters_by_what_it_did(tmp_path: Path, tiny_sd3_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """In one process (one registry): a cold job counts its encodes and bytes, a warm one only hits."""
+    from prometheus_client import REGISTRY
+
+    from stagetune.core.grpc_server import start_server
+    from stagetune.pipeline import service_binding
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    count = 6
+    store_url = str(tmp_path / "store")
+    manifest_id, _ = make_manifest(tmp_path, store_url, count)
+
+    def sample(name: str) -> float:
+        return REGISTRY.get_sample_value(name, {"stage": "vae"}) or 0.0
+
+    names = ["stagetune_cache_items_encoded_total", "stagetune_cache_hits_total",
+             "stagetune_cache_written_bytes_total", "stagetune_encode_batch_seconds_count",
+             "stagetune_encode_batch_seconds_sum"]
+    store = open_store(store_url)
+    server = start_server([service_binding("vae", store)])
+    channel = grpc.insecure_channel(server.address)
+    try:
+        stub = vae_pb2_grpc.VaeServiceStub(channel)
+        runs = []
+        for name in ("cold", "warm"):
+            before = {n: sample(n) for n in names}
+            events: list[common_pb2.Event] = []
+            outputs = dict(run_job(stub, encode_request(manifest_id, tiny_sd3_path, name), events.append).outputs)
+            runs.append((outputs, {n: sample(n) - before[n] for n in names}, events))
+    finally:
+        channel.close()
+        server.stop(0)
+        store.close()
+
+    (cold, moved, events), (warm, warm_moved, warm_events) = runs
+    assert int(cold["encoded"]) == count and int(cold["bytes_written"]) > 0
+    assert moved["stagetune_cache_items_encoded_total"] == count
+    assert moved["stagetune_cache_hits_total"] == 0
+    assert moved["stagetune_cache_written_bytes_total"] == int(cold["bytes_written"])
+    assert moved["stagetune_encode_batch_seconds_count"] == count // 2  # vae_batch_size 2, one image size
+    assert moved["stagetune_encode_batch_seconds_sum"] > 0
+    # Watch shows the encoding advance to the total, never backwards.
+    done = [e.progress.done for e in events if e.HasField("progress") and e.progress.phase == "encoding latents"]
+    assert done[-1] == count and done == sorted(done) and len(done) >= count // 2
+
+    assert int(warm["encoded"]) == 0 and int(warm["hits"]) == count
+    assert warm_moved["stagetune_cache_hits_total"] == count
+    for name in names:
+        if name != "stagetune_cache_hits_total":
+            assert warm_moved[name] == 0, name
+    warm_done = [e.progress.done for e in warm_events if e.HasField("progress")]
+    assert warm_done[-1] == count
