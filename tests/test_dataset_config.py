@@ -187,7 +187,7 @@ def test_recognised_keys_at_inert_defaults_load() -> None:
 @pytest.mark.parametrize(
     ("changes", "key"),
     [
-        ({"type": "aws"}, "type"),
+        ({"type": "huggingface"}, "type"),
         ({"crop_style": "face"}, "crop_style"),
         ({"caption_strategy": "huggingface"}, "caption_strategy"),
         ({"metadata_backend": "huggingface"}, "metadata_backend"),
@@ -248,3 +248,15 @@ def test_disabled_dataset_is_kept_but_not_enabled() -> None:
     backends = load_data_backend_config(entries)
     assert [d.id for d in backends.datasets] == ["pseudo-camera-10k-sd3", "off"]
     assert [d.id for d in backends.enabled] == ["pseudo-camera-10k-sd3"]
+
+
+def test_s3_dataset_needs_a_bucket_and_keeps_secrets_out_of_repr_and_hash() -> None:
+    entry = {"id": "remote", "type": "aws", "aws_bucket_name": "photos", "aws_data_prefix": "set1",
+             "aws_endpoint_url": "http://127.0.0.1:9000", "aws_access_key_id": "AKIA-VISIBLE-NOT",
+             "aws_secret_access_key": "s3cr3t-value", "caption_strategy": "filename"}
+    text = {"id": "t", "type": "local", "dataset_type": "text_embeds", "default": True}
+    ds = load_data_backend_config([entry, text]).datasets[0]
+    assert ds.type == "aws" and ds.aws_bucket_name == "photos" and ds.instance_data_dir is None
+    assert "s3cr3t-value" not in repr(ds) and "s3cr3t-value" not in json.dumps(ds.ingest_options(), default=str)
+    with pytest.raises(ConfigError, match="aws_bucket_name is required"):
+        load_data_backend_config([{k: v for k, v in entry.items() if k != "aws_bucket_name"}, text])

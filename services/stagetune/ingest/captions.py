@@ -17,10 +17,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from stagetune.core.config.dataset import DatasetConfig
+from stagetune.core.errors import StagetuneError
 from stagetune.ingest.caption_sources import CaptionFilter, CaptionTable
 from stagetune.ingest.manifest import canonical_json
 
@@ -49,14 +51,19 @@ def _split_textfile(text: str, disable_multiline_split: bool) -> list[str]:
 
 def resolve_captions(
     config: DatasetConfig,
-    image_path: Path,
+    image_path: Path | str,
     *,
     relative_path: str | None = None,
     table: CaptionTable | None = None,
     filters: CaptionFilter | None = None,
+    read_sibling: Callable[[str], bytes | None] | None = None,
 ) -> CaptionResult:
-    """The captions of one image; `relative_path` and `table` are needed for `caption_strategy: parquet`."""
-    result = _resolve(config, image_path, relative_path=relative_path, table=table)
+    """The captions of one image; `relative_path` and `table` are needed for `caption_strategy: parquet`.
+
+    `read_sibling(suffix)` reads the file beside the image (None when absent) wherever the dataset lives;
+    without it the image is a local path.
+    """
+    result = _resolve(config, image_path, relative_path=relative_path, table=table, read_sibling=read_sibling)
     if result.problem or not filters:
         return result
     filtered = filters.apply_all(result.captions)
@@ -70,15 +77,21 @@ def resolve_captions(
 
 
 def _resolve(
-    config: DatasetConfig, image_path: Path, *, relative_path: str | None, table: CaptionTable | None
+    config: DatasetConfig,
+    image_path: Path | str,
+    *,
+    relative_path: str | None,
+    table: CaptionTable | None,
+    read_sibling: Callable[[str], bytes | None] | None = None,
 ) -> CaptionResult:
+    image = PurePosixPath(str(image_path))
     prompts = config.instance_prompts
     if config.only_instance_prompt or config.caption_strategy == "instanceprompt":
         return CaptionResult(captions=list(prompts))
     if config.caption_strategy == "parquet":
         if table is None:
             raise ValueError("caption_strategy=parquet needs the dataset's caption table")
-        relative = relative_path if relative_path is not None else image_path.name
+        relative = relative_path if relative_path is not None else image.name
         entry = table.lookup(relative)
         if entry is None:
             tried = " or ".join(repr(i) for i in table.identifiers_for(relative))
@@ -90,16 +103,19 @@ def _resolve(
             )
         captions = list(entry.captions)
     elif config.caption_strategy == "filename":
-        captions = [image_path.stem.replace("_", " ")]
+        captions = [image.stem.replace("_", " ")]
         source = b""
     elif config.caption_strategy == "textfile":
-        caption_path = caption_file_for(image_path)
+        caption_path = caption_file_for(Path(image_path)) if read_sibling is None else image.with_suffix(".txt")
         try:
-            source = caption_path.read_bytes()
+            found = caption_path.read_bytes() if read_sibling is None else read_sibling(".txt")
         except FileNotFoundError:
-            return CaptionResult(captions=[], problem=f"caption file missing: {caption_path.name}")
-        except OSError as exc:
+            found = None
+        except (OSError, StagetuneError) as exc:
             return CaptionResult(captions=[], problem=f"caption file unreadable: {caption_path.name}: {exc}")
+        if found is None:
+            return CaptionResult(captions=[], problem=f"caption file missing: {caption_path.name}")
+        source = found
         try:
             text = source.decode("utf-8-sig")
         except UnicodeDecodeError as exc:

@@ -19,11 +19,11 @@ import time
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from stagetune.core.config.dataset import DataBackends, DatasetConfig
 from stagetune.core.errors import ConfigError, InputError
-from stagetune.core.imaging import check_complete, read_image_size
 from stagetune.core.store.base import Store
 from stagetune.ingest.buckets import (
     ALIGNMENT,
@@ -34,7 +34,9 @@ from stagetune.ingest.buckets import (
 )
 from stagetune.ingest.caption_sources import CaptionTable, caption_filter, load_caption_table
 from stagetune.ingest.captions import resolve_captions
-from stagetune.ingest.discovery import DiscoveredFile, discover_images, limit_samples
+from stagetune.ingest.discovery import limit_samples
+from stagetune.ingest.facts import ImageFacts, image_facts
+from stagetune.ingest.hashcache import HashCache, iter_hashed
 from stagetune.ingest.manifest import (
     MANIFEST_VERSION,
     ManifestRow,
@@ -48,6 +50,7 @@ from stagetune.ingest.manifest import (
     sample_id_for,
     samples_key,
 )
+from stagetune.ingest.sources import SourceFile, source_for
 
 Progress = Callable[[str, int, int], None]
 
@@ -112,16 +115,26 @@ def _table_size_reason(table: CaptionTable, relative_path: str, original: tuple[
     return None
 
 
-def _bad(dataset: DatasetConfig, item: DiscoveredFile, entry: dict[str, Any], reason: str) -> dict[str, Any]:
+def _bad(dataset: DatasetConfig, item: SourceFile, entry: dict[str, Any], reason: str) -> dict[str, Any]:
     """A bad-file report entry; deletes the file only when the dataset sets delete_problematic_images."""
     record = {**entry, "reason": reason, "deleted": False}
     if dataset.delete_problematic_images:
+        if "://" in item.path:
+            record["delete_error"] = "S3 datasets are never modified"
+            return record
         try:
-            item.path.unlink()
+            Path(item.path).unlink()
             record["deleted"] = True
         except OSError as exc:
             record["delete_error"] = str(exc.strerror or exc)
     return record
+
+
+def _why(error: Exception | None) -> str:
+    if isinstance(error, OSError):
+        return str(error.strerror or error)
+    return str(error) if error is not None else "no content hash"
+
 
 
 def run_ingest(
@@ -145,16 +158,17 @@ def run_ingest(
     notify = progress or (lambda stage, done, total: None)
     datasets = backends.enabled
 
-    listings: list[tuple[DatasetConfig, list[DiscoveredFile], int]] = []
+    listings: list[tuple[DatasetConfig, Any, list[SourceFile], int]] = []
     for index, dataset in enumerate(datasets):
+        source = source_for(dataset)
         try:
-            files = discover_images(dataset.instance_data_dir)
+            files = source.list_files()
         except InputError as exc:
             raise InputError(f"dataset {dataset.id!r}: {exc}", field="instance_data_dir") from None
         limited = limit_samples(files, dataset.max_num_samples, dataset.id)
-        listings.append((dataset, limited, len(files)))
+        listings.append((dataset, source, limited, len(files)))
         notify("discover", index + 1, len(datasets))
-    total_files = sum(len(files) for _, files, _ in listings)
+    total_files = sum(len(files) for _, _, files, _ in listings)
 
     text_embeds = backends.default_text_embeds
     filters = caption_filter(text_embeds.caption_filter_list if text_embeds else ())
@@ -172,8 +186,13 @@ def run_ingest(
     kept: dict[str, list[_Candidate]] = {}
     stats: dict[str, dict[str, Any]] = {}
     done = 0
-    for dataset, files, discovered in listings:
+    for dataset, source, files, discovered in listings:
         listing: list[list[Any]] = []
+        # Unchanged files (same size and mtime/ETag) are vouched for by the hash cache, and their size or
+        # problem by the facts cache: a re-ingest of an unchanged dataset reads no image.
+        hashes = HashCache(store, source.url).load()
+        hashes.retain(f.relative for f in files)
+        facts = ImageFacts(store, source.url).load()
         candidates: list[_Candidate] = []
         counts: dict[str, Any] = {
             "discovered": discovered,
@@ -184,46 +203,46 @@ def run_ingest(
         }
         table = _caption_table(dataset)
         sizes_from_table = dataset.metadata_backend == "parquet"
-        for item in files:
+        for item, hashed in iter_hashed(source, files, hashes):
             done += 1
             notify("scan", done, total_files)
-            entry = {"dataset_id": dataset.id, "path": str(item.path), "relative_path": item.relative_path}
-            try:
-                data = item.path.read_bytes()
-            except OSError as exc:
-                listing.append([item.relative_path, item.size, None, None])
-                bad_files.append(_bad(dataset, item, entry, f"unreadable: {exc.strerror or exc}"))
+            entry = {"dataset_id": dataset.id, "path": item.path, "relative_path": item.relative}
+            if hashed.error is not None or hashed.digest is None:
+                listing.append([item.relative, item.size, None, None])
+                bad_files.append(_bad(dataset, item, entry, f"unreadable: {_why(hashed.error)}"))
                 counts["bad"] += 1
                 continue
-            content_hash = hash_bytes(data)
+            content_hash = hashed.digest
             captions = resolve_captions(
-                dataset, item.path, relative_path=item.relative_path, table=table, filters=filters
+                dataset, item.path, relative_path=item.relative, table=table, filters=filters,
+                read_sibling=lambda suffix, path=item.path, src=source: src.read_optional(src.sibling(path, suffix)),
             )
-            table_entry = table.lookup(item.relative_path) if table is not None and sizes_from_table else None
+            table_entry = table.lookup(item.relative) if table is not None and sizes_from_table else None
             listing.append(
                 [
-                    item.relative_path,
-                    len(data),
+                    item.relative,
+                    item.size,
                     content_hash,
                     hash_bytes(captions.source_bytes),
                     list(table_entry.size) if table_entry and table_entry.size else None,
                 ]
             )
-            try:
-                if not data:
-                    raise InputError(f"{item.path}: empty file (0 bytes)", field=str(item.path))
-                check_complete(data, name=str(item.path))
-                original = read_image_size(data, name=str(item.path))
-            except InputError as exc:
-                bad_files.append(_bad(dataset, item, entry, str(exc)))
+            known = facts.get(content_hash)
+            if known is None:
+                data = hashed.data if hashed.data is not None else source.read(item.path)
+                known = image_facts(data, item.path)
+                facts.put(content_hash, known)
+            if "bad" in known:
+                bad_files.append(_bad(dataset, item, entry, known["bad"]))
                 counts["bad"] += 1
                 continue
+            original = (int(known["size"][0]), int(known["size"][1]))
             if captions.problem:
                 filtered.append({**entry, "reason": captions.problem})
                 counts["filtered"] += 1
                 continue
             if table is not None and sizes_from_table:
-                reason = _table_size_reason(table, item.relative_path, original)
+                reason = _table_size_reason(table, item.relative, original)
                 if reason:
                     filtered.append({**entry, "reason": reason})
                     counts["filtered"] += 1
@@ -241,9 +260,9 @@ def run_ingest(
                 continue
             downsample = list(geometry.downsample_size) if geometry.downsample_size else None
             row = ManifestRow(
-                sample_id=sample_id_for(dataset.id, item.relative_path),
+                sample_id=sample_id_for(dataset.id, item.relative),
                 dataset_id=dataset.id,
-                path=str(item.path),
+                path=item.path,
                 content_hash=content_hash,
                 captions=list(captions.captions),
                 original_size=list(original),
@@ -262,7 +281,8 @@ def run_ingest(
                     geometry.target_size,
                 ),
             )
-            candidates.append(_Candidate(row=row, relative_path=item.relative_path))
+            candidates.append(_Candidate(row=row, relative_path=item.relative))
+        facts.save()
         hash_input.append({"options": dataset.ingest_options(), "listing": listing})
         kept[dataset.id] = candidates
         stats[dataset.id] = counts

@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +59,14 @@ IMAGE_KEYS_SUPPORTED = frozenset(
         "is_regularization_data",
         "vae_batch_size",
         "probability",
+        "aws_access_key_id",
+        "aws_bucket_name",
+        "aws_data_prefix",
+        "aws_endpoint_url",
+        "aws_max_pool_connections",
+        "aws_region_name",
+        "aws_secret_access_key",
+        "aws_session_token",
         "crop_aspect_buckets",
         "max_upscale_threshold",
         "max_num_samples",
@@ -77,14 +85,6 @@ IMAGE_KEYS_SUPPORTED = frozenset(
 IMAGE_KEYS_RECOGNISED = frozenset(
     {
         "audio",
-        "aws_access_key_id",
-        "aws_bucket_name",
-        "aws_data_prefix",
-        "aws_endpoint_url",
-        "aws_max_pool_connections",
-        "aws_region_name",
-        "aws_secret_access_key",
-        "aws_session_token",
         "cache_dir",
         "cache_dir_conditioning_image_embeds",
         "cache_file_suffix",
@@ -208,7 +208,7 @@ PARQUET_KEYS_SUPPORTED = frozenset(
     }
 )
 PARQUET_KEYS_RECOGNISED = frozenset({"bbox_column", "num_frames_column", "fps_column", "aspect_ratio_column"})
-BACKEND_TYPES_LATER = ("aws", "csv", "huggingface", "webshart", "memory")
+BACKEND_TYPES_LATER = ("csv", "huggingface", "webshart", "memory")
 DATASET_TYPES_LATER = (
     "video",
     "audio",
@@ -289,8 +289,17 @@ class DatasetConfig:
     """One image dataset with every inherited default resolved, so later stages never look at config.json."""
 
     id: str
-    instance_data_dir: Path
+    instance_data_dir: Path | None
     type: str = "local"
+    # type: aws (SimpleTuner's S3 datasets). Secrets stay out of repr and of the manifest's hash.
+    aws_bucket_name: str | None = None
+    aws_data_prefix: str | None = None
+    aws_endpoint_url: str | None = None
+    aws_region_name: str | None = None
+    aws_access_key_id: str | None = field(default=None, repr=False)
+    aws_secret_access_key: str | None = field(default=None, repr=False)
+    aws_session_token: str | None = field(default=None, repr=False)
+    aws_max_pool_connections: int | None = None
     dataset_type: str = "image"
     disabled: bool = False
     crop: bool = False
@@ -390,6 +399,10 @@ class DatasetConfig:
         carry a stale probability. So is `delete_problematic_images`: its report says what was deleted.
         """
         skip = {
+            "aws_access_key_id",
+            "aws_secret_access_key",
+            "aws_session_token",
+            "aws_max_pool_connections",
             "cache_dir_vae",
             "skip_file_discovery",
             "preserve_data_backend_cache",
@@ -694,6 +707,19 @@ def _positive_int(value: Any, dataset_id: str, key: str) -> int | None:
 # ---------------------------------------------------------------------------------------------------
 
 
+def _aws_fields(data: Mapping[str, Any], dataset_id: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key in ("aws_bucket_name", "aws_data_prefix", "aws_endpoint_url", "aws_region_name",
+                "aws_access_key_id", "aws_secret_access_key", "aws_session_token"):
+        value = data.get(key)
+        if value is not None and not isinstance(value, str):
+            raise ConfigError(f"{_where(dataset_id)}: {key} must be a string", field=key)
+        out[key] = value or None
+    out["aws_max_pool_connections"] = _int(data.get("aws_max_pool_connections"), dataset_id,
+                                           "aws_max_pool_connections", None)
+    return out
+
+
 def _parse_image_dataset(
     entry: Mapping[str, Any], defaults: Mapping[str, Any], base_dir: Path | None
 ) -> DatasetConfig:
@@ -718,18 +744,23 @@ def _parse_image_dataset(
         value = data.get(key)
         return defaults.get(key, GLOBAL_DEFAULTS.get(key)) if value is None else value
 
-    backend_type = _choice(data.get("type", "local"), dataset_id, "type", ("local",), BACKEND_TYPES_LATER)
+    backend_type = _choice(data.get("type", "local"), dataset_id, "type", ("local", "aws"), BACKEND_TYPES_LATER)
     dataset_type = _choice(
         data.get("dataset_type") or "image", dataset_id, "dataset_type", ("image",), DATASET_TYPES_LATER
     )
     disabled = _bool(data.get("disabled", data.get("disable", False)), dataset_id, "disabled")
 
     raw_dir = data.get("instance_data_dir")
-    if not raw_dir or not isinstance(raw_dir, str):
+    instance_dir: Path | None = None
+    if backend_type == "aws":
+        if not data.get("aws_bucket_name") or not isinstance(data.get("aws_bucket_name"), str):
+            raise ConfigError(f"{where}: aws_bucket_name is required for type 'aws'", field="aws_bucket_name")
+    elif not raw_dir or not isinstance(raw_dir, str):
         raise ConfigError(
             f"{where}: instance_data_dir is required (a local folder)", field="instance_data_dir"
         )
-    instance_dir = _resolve_path(raw_dir, base_dir)
+    else:
+        instance_dir = _resolve_path(raw_dir, base_dir)
 
     resolution_type = _choice(pick("resolution_type"), dataset_id, "resolution_type", RESOLUTION_TYPES)
     resolution = _number(pick("resolution"), dataset_id, "resolution", allow_none=False)
@@ -776,6 +807,7 @@ def _parse_image_dataset(
         id=dataset_id,
         instance_data_dir=instance_dir,
         type=backend_type,
+        **_aws_fields(data, dataset_id),
         dataset_type=dataset_type,
         disabled=disabled,
         crop=_bool(pick("crop"), dataset_id, "crop"),
@@ -911,7 +943,7 @@ def _parse_text_embeds(entry: Mapping[str, Any], base_dir: Path | None = None) -
         inert_values=INERT_VALUES,
         where=where,
     )
-    backend_type = _choice(data.get("type", "local"), dataset_id, "type", ("local",), BACKEND_TYPES_LATER)
+    backend_type = _choice(data.get("type", "local"), dataset_id, "type", ("local",), ("aws", *BACKEND_TYPES_LATER))
     return TextEmbedsConfig(
         id=dataset_id,
         type=backend_type,
