@@ -277,3 +277,32 @@ def test_caches_filled_during_training_or_not_at_all(tmp_path: Path, tiny_sd3_pa
     latents = ShardedCache(open_store(str(other / "store")), run.phase("vae").outputs["cache_prefix"])
     latents.refresh()
     assert len(latents) == 0
+
+
+def test_regularisation_data_is_trained_towards_the_base_model(tmp_path: Path, tiny_sd3_path: Path) -> None:
+    """LoRA starts as a no-op (B = 0), so on regularisation data, whose target is the base model's own
+    prediction, the loss is exactly zero and stays there; on ordinary data it is not."""
+    make_dataset(tmp_path / "data")
+    losses: dict[bool, list[float]] = {}
+    for regularisation in (True, False):
+        root = tmp_path / f"reg-{regularisation}"
+        root.mkdir()
+        config = write_configs(root, tiny_sd3_path, steps=3, validation=False,
+                               data_backend_config=str(root / "multidatabackend.json"))
+        backends = json.loads((root / "multidatabackend.json").read_text())
+        backends[0]["instance_data_dir"] = str(tmp_path / "data")
+        backends[0]["is_regularisation_data"] = regularisation
+        (root / "multidatabackend.json").write_text(json.dumps(backends))
+        seen: list[float] = []
+        servers = start_embedded(open_store(str(root / "store")))
+        try:
+            run_training(config, {n: s.address for n, s in servers.items()},
+                         on_event=lambda phase, e, seen=seen: seen.append(e.metric.value)
+                         if phase == "trainer" and e.WhichOneof("body") == "metric" and e.metric.name == "loss"
+                         else None)
+        finally:
+            for server in servers.values():
+                server.stop(0)
+        losses[regularisation] = seen
+    assert losses[True] == [0.0, 0.0, 0.0]
+    assert len(losses[False]) == 3 and min(losses[False]) > 0
