@@ -106,8 +106,10 @@ def _stop_cleanly_on_signals() -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from stagetune.models.warmup import warm_imports
     from stagetune.pipeline import run_training, start_embedded
 
+    warm_imports()  # overlaps the model libraries' import with ingest
     _quiet_libraries(args.log_level)
     _stop_cleanly_on_signals()
     # Job messages reach the terminal as Watch events; the services' own log lines would repeat them.

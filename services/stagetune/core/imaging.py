@@ -95,6 +95,10 @@ def check_complete(data: bytes, *, name: str) -> None:
     download, and catching it here puts the file in the report instead of crashing the VAE stage later.
     """
     if data[:3] == b"\xff\xd8\xff":
+        # Fast path: the end-of-image marker sits in the last bytes of a whole file (0xFF 0xD9 cannot occur
+        # inside entropy-coded data, where 0xFF is always stuffed). Else search properly (trailing junk).
+        if b"\xff\xd9" in data[-4096:] and len(data) > 4096:
+            return
         last_scan = data.rfind(b"\xff\xda")
         if last_scan < 0 or data.find(b"\xff\xd9", last_scan) < 0:
             raise InputError(f"{name}: truncated JPEG (no end-of-image marker)", field=name)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from concurrent.futures import ThreadPoolExecutor
 
 import xxhash
@@ -18,8 +19,9 @@ from stagetune.v1 import vae_pb2, vae_pb2_grpc
 from stagetune.vae.encode import DatasetImages, batches_by_size, encode_rows
 
 SERVICE = "vae"
-#: Threads reading and decoding images while the VAE encodes (I/O- and decode-bound on large datasets).
-READ_WORKERS = 4
+#: Threads reading and decoding images while the VAE encodes. One core is left to torch: more readers than
+#: spare cores slowed encoding several times on a 2-core machine (benchmarks/README.md).
+READ_WORKERS = max(1, min(4, (os.cpu_count() or 2) - 1))
 
 
 def latent_cache_prefix(fingerprint: str) -> str:
