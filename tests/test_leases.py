@@ -130,7 +130,7 @@ def test_live_holder_keeps_its_unit_past_the_ttl(store: Store) -> None:
     unit = unit_id(["k3"])
     with Leases(store, PREFIX, ttl=TTL) as holder, Leases(store, PREFIX, ttl=TTL) as other:
         assert holder.claim(unit).outcome is Outcome.WON
-        deadline = time.monotonic() + 3 * TTL
+        deadline = time.monotonic() + 2.5 * TTL
         while time.monotonic() < deadline:
             assert other.claim(unit).outcome is Outcome.HELD
             time.sleep(other.poll_s)

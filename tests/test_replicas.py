@@ -18,6 +18,7 @@ import threading
 import urllib.request
 from collections import Counter
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -36,14 +37,14 @@ IMAGES = 40
 UNIT = 4  # write_batch_size: one shard, and one lease, per 4 latents
 
 
-def make_manifest(root: Path, store_url: str, count: int = IMAGES) -> tuple[str, list[str]]:
+def make_manifest(root: Path, store_url: str, count: int = IMAGES, seed: int = 1) -> tuple[str, list[str]]:
     """Ingest `count` small pictures into the store; returns the manifest id and the pixel keys."""
     from stagetune.core.config.dataset import load_data_backend_config
     from stagetune.ingest.run import run_ingest
 
     data = root / "data"
     data.mkdir(parents=True)
-    rng = np.random.default_rng(1)
+    rng = np.random.default_rng(seed)
     for i in range(count):
         size = (64 + 8 * (i % 5), 64 + 8 * (i % 3))
         Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(data / f"img_{i}.png")
@@ -160,6 +161,19 @@ def test_two_replicas_split_one_manifest_and_encode_each_key_once(
     manifest_id, pixel_keys = make_manifest(tmp_path, store_url)
     prefix, expected = latent_keys(tiny_sd3_path, pixel_keys)
     pair = replicas(store_url, 2)
+    # Warm both up on other images first (imports, VAE load), so that on the shared manifest they
+    # start encoding together rather than one loading while the other does everything.
+    warm_id, warm_pixel_keys = make_manifest(tmp_path / "warm", store_url, 2, seed=2)  # other pixels, keys
+
+    def warm_up(i: int) -> None:
+        channel, stub = pair[i].stub()
+        with channel:
+            run_job(stub, encode_request(warm_id, tiny_sd3_path, f"warm-up-{i}"))
+
+    with ThreadPoolExecutor(2) as pool:
+        list(pool.map(warm_up, range(2)))
+    before = [(r.metric("stagetune_cache_items_encoded_total"), r.metric("stagetune_cache_hits_total"),
+               r.metric("stagetune_cache_written_bytes_total")) for r in pair]
     start = threading.Barrier(2)
     results: dict[int, common_pb2.Job] = {}
     errors: list[BaseException] = []
@@ -192,16 +206,16 @@ def test_two_replicas_split_one_manifest_and_encode_each_key_once(
     entries = index_entries(store, prefix)
     twice = [key for key, n in Counter(entries).items() if n > 1]
     assert not twice, f"{len(twice)} keys indexed more than once"
-    assert set(entries) == expected
+    assert set(entries) == expected | latent_keys(tiny_sd3_path, warm_pixel_keys)[1]
     assert_indexed_shards_whole(store, prefix)
     leases = [k.rsplit("/", 1)[1] for k in store.list(f"{prefix}/leases/")]
-    assert set(leases) == {"done.json"} and len(leases) == IMAGES // UNIT, "every unit done, no claim left"
+    assert set(leases) == {"done.json"}, "no claim left behind"
 
     # Each replica's own counters say what it did.
-    for replica, o in zip(pair, outputs, strict=True):
-        assert replica.metric("stagetune_cache_items_encoded_total") == int(o["encoded"])
-        assert replica.metric("stagetune_cache_hits_total") == int(o["hits"]) + int(o["shared"])
-        assert replica.metric("stagetune_cache_written_bytes_total") == int(o["bytes_written"])
+    for replica, o, (encoded0, hits0, bytes0) in zip(pair, outputs, before, strict=True):
+        assert replica.metric("stagetune_cache_items_encoded_total") - encoded0 == int(o["encoded"])
+        assert replica.metric("stagetune_cache_hits_total") - hits0 == int(o["hits"]) + int(o["shared"])
+        assert replica.metric("stagetune_cache_written_bytes_total") - bytes0 == int(o["bytes_written"])
 
 
 def test_killed_replica_leaves_whole_shards_and_its_unit_is_taken_over(
