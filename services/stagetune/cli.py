@@ -68,7 +68,8 @@ def _describe(result) -> str:  # noqa: ANN001
         what = "latents" if result.name == "vae" else "embeddings"
         if o.get("encoded") == "0":
             return f"all {o.get('total')} {what} were cache hits: nothing encoded"
-        return f"{o.get('encoded')} {what} encoded, {o.get('hits')} cache hits"
+        shared = f", {o['shared']} by other replicas" if o.get("shared") not in (None, "", "0") else ""
+        return f"{o.get('encoded')} {what} encoded, {o.get('hits')} cache hits{shared}"
     if result.name == "trainer":
         return f"{o.get('steps')} steps, {o.get('validation_images', 0)} validation images"
     return ""
