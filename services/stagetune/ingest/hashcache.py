@@ -39,6 +39,7 @@ import xxhash
 
 from stagetune.core.errors import NotFoundError
 from stagetune.core.store.base import Store
+from stagetune.ingest.manifest import hash_bytes
 from stagetune.ingest.sources import Source, SourceFile, read_many
 
 log = logging.getLogger(__name__)
@@ -47,11 +48,6 @@ FORMAT = "stagetune.hashcache/1"
 ROOT = "manifests/hashcache"
 
 ReadMany = Callable[..., Iterator[tuple[str, bytes | Exception]]]
-
-
-def content_hash(data: bytes) -> str:
-    """The manifest's content hash (xxh3-128 hex), the same function `manifest.hash_bytes` uses."""
-    return xxhash.xxh3_128_hexdigest(data)
 
 
 def cache_prefix(source_url: str) -> str:
@@ -287,7 +283,7 @@ def iter_hashed(
             if isinstance(result, Exception):
                 yield file, Hashed(None, None, result)
                 continue
-            digest = content_hash(result)
+            digest = hash_bytes(result)  # the manifest's content hash: one function for both
             cache.put(file, digest)
             if cache.pending >= save_every:
                 cache.save()
@@ -321,4 +317,4 @@ def hash_files(
     return out
 
 
-__all__ = ["FORMAT", "ROOT", "HashCache", "Hashed", "cache_prefix", "content_hash", "hash_files", "iter_hashed"]
+__all__ = ["FORMAT", "ROOT", "HashCache", "Hashed", "cache_prefix", "hash_files", "iter_hashed"]
