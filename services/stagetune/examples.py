@@ -72,6 +72,8 @@ def example_configs(root: Path, *, steps: int) -> tuple[dict, list]:
         "learning_rate": 1e-3,
         "lr_scheduler": "constant",
         "optimizer": "adamw",
+        "max_grad_norm": 2.0,
+        "grad_clip_method": "norm",
         "mixed_precision": "no",
         "lora_rank": 4,
         "lora_alpha": 4,
