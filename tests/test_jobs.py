@@ -98,3 +98,21 @@ def test_a_job_left_running_by_a_dead_process_runs_again(tmp_path: Path) -> None
     again = reborn.submit("r", {})
     list(reborn.watch(again.job_id))
     assert reborn.get(job.job_id).outputs == {"run": "second"}
+
+
+def test_progress_events_are_throttled_but_keep_phases_and_the_end(tmp_path: Path) -> None:
+    def work(ctx):
+        for i in range(1, 5001):
+            ctx.progress("scanning", i, 5000, "files")
+        ctx.progress("writing", 0, 1)
+        ctx.progress("writing", 1, 1)
+        return {}
+
+    manager = JobManager("demo", LocalStore(tmp_path), work)
+    job = manager.submit("r", {})
+    progress = [e.data for e in _wait(manager, job.job_id) if e.kind == "progress"]
+    assert len(progress) < 100, "5,000 updates must not become 5,000 events"
+    assert (progress[0].phase, progress[0].done) == ("scanning", 1)
+    assert any(p.phase == "scanning" and p.done == 5000 for p in progress)
+    assert (progress[-1].phase, progress[-1].done) == ("writing", 1)
+    assert manager.get(job.job_id).progress.done == 1

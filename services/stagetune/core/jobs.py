@@ -32,6 +32,8 @@ log = logging.getLogger(__name__)
 
 #: One id per process: tells a record written by this process from one left by a dead one.
 INSTANCE_ID = uuid.uuid4().hex
+#: Least time between two progress events of one job (phase changes and the last count always go out).
+PROGRESS_INTERVAL_S = 0.1
 
 
 class JobState(enum.Enum):
@@ -108,6 +110,7 @@ class JobContext:
         self._manager = manager
         self.record = record
         self.cancelled = threading.Event()
+        self._last_progress = 0.0
 
     @property
     def job_id(self) -> str:
@@ -133,9 +136,15 @@ class JobContext:
             raise JobCancelled(self.job_id)
 
     def progress(self, phase: str, done: int, total: int, unit: str = "") -> None:
+        """Record progress; events go out at most every PROGRESS_INTERVAL_S, plus every phase change and the
+        final count, so a per-file loop over 100k files does not stream 100k events to every watcher."""
         self.check_cancelled()
+        new_phase = phase != self.record.progress.phase
         self.record.progress = Progress(phase, int(done), int(total), unit)
-        self._manager._emit(self.record.job_id, "progress", self.record.progress)
+        now = time.monotonic()
+        if new_phase or done >= total or now - self._last_progress >= PROGRESS_INTERVAL_S:
+            self._last_progress = now
+            self._manager._emit(self.record.job_id, "progress", self.record.progress)
 
     def log(self, message: str, level: str = "info") -> None:
         log.log(logging.getLevelName(level.upper()), "[%s] %s", self.job_id, message)
