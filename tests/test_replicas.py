@@ -311,7 +311,8 @@ def test_vae_job_moves_the_cache_counters_by_what_it_did(tmp_path: Path, tiny_sd
     assert moved["stagetune_encode_batch_seconds_sum"] > 0
     # Watch shows the encoding advance to the total, never backwards.
     done = [e.progress.done for e in events if e.HasField("progress") and e.progress.phase == "encoding latents"]
-    assert done[-1] == count and done == sorted(done) and len(done) >= count // 2
+    # Progress events are throttled (core/jobs.py): the first and the last always arrive, in order.
+    assert done[-1] == count and done == sorted(done) and len(done) >= 2
 
     assert int(warm["encoded"]) == 0 and int(warm["hits"]) == count
     assert warm_moved["stagetune_cache_hits_total"] == count
