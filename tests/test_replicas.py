@@ -92,8 +92,9 @@ def replicas(tmp_path: Path) -> Iterator[Any]:
     started: list[Replica] = []
 
     def start(store_url: str, count: int) -> list[Replica]:
+        # Every progress update as an event: the kill test times its kill by them.
         env = dict(os.environ, STAGETUNE_STORE=store_url, STAGETUNE_LEASE_TTL_S=str(TTL),
-                   XDG_CACHE_HOME=str(tmp_path / "xdg"))
+                   STAGETUNE_PROGRESS_INTERVAL_S="0", XDG_CACHE_HOME=str(tmp_path / "xdg"))
         procs = []
         for i in range(count):  # all started before any is waited for: they load in parallel
             log = open(tmp_path / f"replica-{len(started) + i}.log", "w")  # noqa: SIM115 - closed with the process

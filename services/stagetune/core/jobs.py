@@ -14,6 +14,7 @@ import dataclasses
 import enum
 import json
 import logging
+import os
 import threading
 import time
 import traceback
@@ -33,7 +34,7 @@ log = logging.getLogger(__name__)
 #: One id per process: tells a record written by this process from one left by a dead one.
 INSTANCE_ID = uuid.uuid4().hex
 #: Least time between two progress events of one job (phase changes and the last count always go out).
-PROGRESS_INTERVAL_S = 0.1
+PROGRESS_INTERVAL_S = float(os.environ.get("STAGETUNE_PROGRESS_INTERVAL_S", "0.1"))
 
 
 class JobState(enum.Enum):
