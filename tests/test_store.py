@@ -476,3 +476,9 @@ def test_s3_listing_resumes_after_the_last_key_on_errors(s3_server: S3Server, mo
     monkeypatch.setattr(store._client, "list_objects", flaky)
     assert list(store.list("l/")) == keys  # no duplicates, nothing skipped
     assert starts == [None, "l/2"]
+
+
+def test_size_without_reading(store) -> None:
+    store.put_bytes("sized/a.bin", b"x" * 1234)
+    assert store.size("sized/a.bin") == 1234
+    assert store.size("sized/missing.bin") is None

@@ -67,6 +67,10 @@ class Store(abc.ABC):
     @abc.abstractmethod
     def exists(self, key: str) -> bool: ...
 
+    def size(self, key: str) -> int | None:
+        """Bytes in the object, or None if absent, without reading it (checkpoint completeness checks)."""
+        return len(self.get_bytes(key)) if self.exists(key) else None
+
     @abc.abstractmethod
     def list(self, prefix: str) -> Iterator[str]:
         """Keys under `prefix` (recursive), sorted. Never lists the whole bucket: callers pass a prefix."""

@@ -93,6 +93,12 @@ class LocalStore(Store):
 
         atomic_write(Path(path), copy, fsync=False)
 
+    def size(self, key: str) -> int | None:
+        try:
+            return self._path(key).stat().st_size if self._path(key).is_file() else None
+        except FileNotFoundError:
+            return None
+
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
 

@@ -234,6 +234,19 @@ class S3Store(Store):
         target.parent.mkdir(parents=True, exist_ok=True)
         self._call("download", key, lambda: self._client.fget_object(self.bucket, name, str(target)))
 
+    def size(self, key: str) -> int | None:
+        name = self._object(key)
+
+        def stat() -> int | None:
+            try:
+                return int(self._client.stat_object(self.bucket, name).size)
+            except S3Error as exc:
+                if exc.code in _NOT_FOUND_KEY or exc.code == "NoSuchBucket":
+                    return None
+                raise
+
+        return self._call("check", key, stat)
+
     def exists(self, key: str) -> bool:
         name = self._object(key)
 
