@@ -199,3 +199,25 @@ def test_prepare_pixels_geometry_and_range() -> None:
     assert tuple(prepare_pixels(image, clipped).shape) == (3, 64, 64)
     with pytest.raises(InputError, match="manifest says"):
         prepare_pixels(image, {**row, "original_size": [10, 10]})
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF"])
+def test_header_read_from_bytes_matches_every_format(fmt: str) -> None:
+    """Bytes are opened with a format hint from their magic number; formats without one are probed as before."""
+    buf = io.BytesIO()
+    Image.new("RGB", (13, 5), (10, 20, 30)).save(buf, fmt)
+    assert read_image_size(buf.getvalue(), name=f"x.{fmt.lower()}") == (13, 5)
+    assert load_image_rgb(buf.getvalue(), name=f"x.{fmt.lower()}").size == (13, 5)
+
+
+def test_magic_number_that_lies_is_probed_as_any_other_file(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A hint that names the wrong format costs a retry, never a good image."""
+    import stagetune.core.imaging as imaging
+
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 6)).save(buf, "PNG")
+    monkeypatch.setattr(imaging, "_MAGIC", ((b"\x89PNG", 0, "JPEG"),))
+    assert read_image_size(buf.getvalue(), name="x.png") == (8, 6)
+    assert load_image_rgb(buf.getvalue(), name="x.png").size == (8, 6)
+    with pytest.raises(InputError, match="x.jpg: not an image"):
+        read_image_size(b"\x89PNG" + b"\x00" * 64, name="x.jpg")

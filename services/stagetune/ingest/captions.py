@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+import posixpath
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -84,14 +85,14 @@ def _resolve(
     table: CaptionTable | None,
     read_sibling: Callable[[str], bytes | None] | None = None,
 ) -> CaptionResult:
-    image = PurePosixPath(str(image_path))
+    image = str(image_path)
     prompts = config.instance_prompts
     if config.only_instance_prompt or config.caption_strategy == "instanceprompt":
         return CaptionResult(captions=list(prompts))
     if config.caption_strategy == "parquet":
         if table is None:
             raise ValueError("caption_strategy=parquet needs the dataset's caption table")
-        relative = relative_path if relative_path is not None else image.name
+        relative = relative_path if relative_path is not None else posixpath.basename(image)
         entry = table.lookup(relative)
         if entry is None:
             tried = " or ".join(repr(i) for i in table.identifiers_for(relative))
@@ -103,18 +104,18 @@ def _resolve(
             )
         captions = list(entry.captions)
     elif config.caption_strategy == "filename":
-        captions = [image.stem.replace("_", " ")]
+        captions = [PurePosixPath(image).stem.replace("_", " ")]
         source = b""
     elif config.caption_strategy == "textfile":
-        caption_path = caption_file_for(Path(image_path)) if read_sibling is None else image.with_suffix(".txt")
+        caption_name = posixpath.splitext(posixpath.basename(image))[0] + ".txt"
         try:
-            found = caption_path.read_bytes() if read_sibling is None else read_sibling(".txt")
+            found = caption_file_for(Path(image)).read_bytes() if read_sibling is None else read_sibling(".txt")
         except FileNotFoundError:
             found = None
         except (OSError, StagetuneError) as exc:
-            return CaptionResult(captions=[], problem=f"caption file unreadable: {caption_path.name}: {exc}")
+            return CaptionResult(captions=[], problem=f"caption file unreadable: {caption_name}: {exc}")
         if found is None:
-            return CaptionResult(captions=[], problem=f"caption file missing: {caption_path.name}")
+            return CaptionResult(captions=[], problem=f"caption file missing: {caption_name}")
         source = found
         try:
             text = source.decode("utf-8-sig")
@@ -122,12 +123,12 @@ def _resolve(
             return CaptionResult(
                 captions=[],
                 source_bytes=source,
-                problem=f"caption file is not UTF-8: {caption_path.name}: {exc}",
+                problem=f"caption file is not UTF-8: {caption_name}: {exc}",
             )
         captions = _split_textfile(text, config.disable_multiline_split)
         if not captions:
             return CaptionResult(
-                captions=[], source_bytes=source, problem=f"caption file empty: {caption_path.name}"
+                captions=[], source_bytes=source, problem=f"caption file empty: {caption_name}"
             )
     else:  # load_data_backend_config rejects every other strategy
         raise ValueError(f"unsupported caption_strategy {config.caption_strategy!r}")

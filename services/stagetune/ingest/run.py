@@ -203,7 +203,7 @@ def run_ingest(
         }
         table = _caption_table(dataset)
         sizes_from_table = dataset.metadata_backend == "parquet"
-        for item, hashed in iter_hashed(source, files, hashes):
+        for item, hashed in iter_hashed(source, files, hashes, max_workers=source.read_workers):
             done += 1
             notify("scan", done, total_files)
             entry = {"dataset_id": dataset.id, "path": item.path, "relative_path": item.relative}

@@ -55,6 +55,9 @@ class Source(Protocol):
     """What ingest and the VAE stage need from a dataset location."""
 
     url: str
+    #: Concurrent reads worth having: S3 is latency-bound, a local file system is not (threads only
+    #: contend for the GIL when the files are in the page cache).
+    read_workers: int
 
     def list_files(self) -> list[SourceFile]:
         """Images only, recursive, sorted by relative path."""
@@ -97,6 +100,8 @@ def _hidden(relative: str) -> bool:
 class LocalSource:
     """A dataset folder on a local (or mounted) file system."""
 
+    read_workers = 1
+
     def __init__(self, root: str | os.PathLike[str], *, dataset_id: str | None = None) -> None:
         self.root = Path(root).expanduser().absolute()
         self.url = str(self.root)
@@ -108,9 +113,8 @@ class LocalSource:
     def _label(self) -> str:
         return f"dataset {self.dataset_id!r}" if self.dataset_id else f"dataset at {self.url}"
 
-    def _resolve(self, path: str) -> Path:
-        p = Path(path)
-        return p if p.is_absolute() else self.root / p
+    def _resolve(self, path: str) -> str:
+        return path if os.path.isabs(path) else os.path.join(self.url, path)
 
     def list_files(self) -> list[SourceFile]:
         return [
@@ -121,7 +125,8 @@ class LocalSource:
     def read(self, path: str) -> bytes:
         target = self._resolve(path)
         try:
-            return target.read_bytes()
+            with open(target, "rb") as handle:
+                return handle.read()
         except (FileNotFoundError, NotADirectoryError, IsADirectoryError) as exc:
             raise NotFoundError(f"{self._label()}: no such file {target}", field=str(target)) from exc
         except OSError as exc:
@@ -136,10 +141,10 @@ class LocalSource:
 
     def read_text(self, path: str) -> str | None:
         data = self.read_optional(path)
-        return None if data is None else _decode_text(data, str(self._resolve(path)))
+        return None if data is None else _decode_text(data, self._resolve(path))
 
     def sibling(self, path: str, suffix: str) -> str:
-        return _sibling(str(self._resolve(path)), suffix)
+        return _sibling(self._resolve(path), suffix)
 
     def read_many(self, paths: Iterable[str], max_workers: int = 8) -> Iterator[tuple[str, bytes | Exception]]:
         return read_many(self, paths, max_workers=max_workers)
@@ -232,6 +237,7 @@ class S3Source:
         from stagetune.core.store.s3 import S3Store  # keeps minio off local-only import paths
 
         self.dataset_id = dataset_id
+        self.read_workers = max(1, min(16, max_pool_connections))
         label = f"dataset {dataset_id!r}" if dataset_id else "S3 dataset"
         if not bucket or not isinstance(bucket, str):
             raise ConfigError(f"{label}: aws_bucket_name is required for type 'aws'", field="aws_bucket_name")
