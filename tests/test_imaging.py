@@ -11,7 +11,13 @@ import torch
 from PIL import Image
 
 from stagetune.core.errors import InputError
-from stagetune.core.imaging import check_complete, load_image_rgb, prepare_pixels, read_image_size
+from stagetune.core.imaging import (
+    check_complete,
+    load_image_rgb,
+    load_sample_pixels,
+    prepare_pixels,
+    read_image_size,
+)
 
 
 def _save(image: Image.Image, path: Path, **kwargs) -> Path:
@@ -221,3 +227,52 @@ def test_magic_number_that_lies_is_probed_as_any_other_file(monkeypatch: pytest.
     assert load_image_rgb(buf.getvalue(), name="x.png").size == (8, 6)
     with pytest.raises(InputError, match="x.jpg: not an image"):
         read_image_size(b"\x89PNG" + b"\x00" * 64, name="x.jpg")
+
+
+def _photo_like(width: int, height: int) -> Image.Image:
+    """Smooth gradients plus edges: a stand-in for a photograph (noise would be a worst case no photo is)."""
+    y, x = np.mgrid[0:height, 0:width].astype(np.float64)
+    r = 127 + 100 * np.sin(x / 37.0) * np.cos(y / 53.0)
+    g = 255 * x / width
+    b = np.where((x // 120 + y // 90) % 2 == 0, 40, 210)
+    return Image.fromarray(np.stack([r, g, b], axis=-1).clip(0, 255).astype(np.uint8))
+
+
+@pytest.mark.parametrize("orientation", [1, 6])
+def test_sample_pixels_decode_big_jpegs_small_and_match_a_full_decode(tmp_path: Path, orientation: int) -> None:
+    """A JPEG far bigger than its target decodes at a DCT scale: a smaller decode, the same picture."""
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    path = _save(_photo_like(1600, 1000), tmp_path / "big.jpg", quality=92, exif=exif.tobytes())
+    shown = (1600, 1000) if orientation == 1 else (1000, 1600)
+    inter = (96, 60) if orientation == 1 else (60, 96)
+    box = [16, 0, 80, 60] if orientation == 1 else [0, 16, 60, 80]
+    row = {"path": str(path), "original_size": list(shown), "downsample_size": None,
+           "intermediary_size": list(inter), "crop_box": box, "target_size": [64, 60] if orientation == 1 else [60, 64]}
+    full = prepare_pixels(load_image_rgb(path), row)
+    fast = load_sample_pixels(path, row)
+    assert fast.shape == full.shape
+    mse = float(((fast - full) * 127.5).pow(2).mean())
+    assert 10 * np.log10(255**2 / max(mse, 1e-12)) > 40  # dB PSNR, in 8-bit units
+
+    decoded: list[tuple[int, int]] = []
+    real_load = Image.Image.load
+
+    def spy(self):  # noqa: ANN001, ANN202 - records the size Pillow decodes at
+        decoded.append(self.size)
+        return real_load(self)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Image.Image, "load", spy)
+        load_sample_pixels(path, row)
+    stored_w = decoded[0][0] if orientation == 1 else decoded[0][1]
+    assert stored_w * 2 <= 1600 and stored_w >= 3 * inter[0]  # decoded ≥ 1/2 smaller, and ≥ 3× the target
+
+
+def test_sample_pixels_equal_prepare_pixels_when_nothing_can_be_skipped(tmp_path: Path) -> None:
+    path = _save(_photo_like(300, 200), tmp_path / "a.png")
+    row = {"path": str(path), "original_size": [300, 200], "downsample_size": [150, 100],
+           "intermediary_size": [96, 64], "crop_box": [16, 0, 80, 64], "target_size": [64, 64]}
+    assert torch.equal(load_sample_pixels(path, row), prepare_pixels(load_image_rgb(path), row))
+    with pytest.raises(InputError, match="image is 300x200 but the manifest says 10x10"):
+        load_sample_pixels(path, {**row, "original_size": [10, 10]})

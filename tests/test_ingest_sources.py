@@ -12,7 +12,9 @@ import pytest
 from fixtures_store import fresh_bucket
 from test_end_to_end import CAPTIONS, make_dataset, train_embedded, write_configs
 
+from stagetune.core.cache import ShardedCache
 from stagetune.core.config.dataset import load_data_backend_config
+from stagetune.core.store import open_store
 from stagetune.core.store.local import LocalStore
 from stagetune.ingest import sources
 from stagetune.ingest.run import run_ingest
@@ -65,7 +67,9 @@ def test_reingesting_an_unchanged_dataset_reads_no_image(tmp_path: Path, monkeyp
     assert third.manifest_id != first.manifest_id
 
 
-def test_an_s3_dataset_trains_end_to_end(tmp_path: Path, tiny_sd3_path: Path, s3_server) -> None:
+@pytest.mark.parametrize("ondemand", [False, True], ids=["cached", "vae_cache_ondemand"])
+def test_an_s3_dataset_trains_end_to_end(tmp_path: Path, tiny_sd3_path: Path, s3_server, ondemand: bool) -> None:
+    """With vae_cache_ondemand the trainer reads the S3 images itself, with the dataset's aws_* keys."""
     make_dataset(tmp_path / "local")
     bucket = fresh_bucket()
     client = s3_server.client()
@@ -74,7 +78,8 @@ def test_an_s3_dataset_trains_end_to_end(tmp_path: Path, tiny_sd3_path: Path, s3
         data = path.read_bytes()
         client.put_object(bucket, f"sets/shapes/{path.name}", io.BytesIO(data), len(data))
     client.put_object(bucket, "sets/other/not-mine.png", io.BytesIO(b"x"), 1)  # outside the prefix
-    config = write_configs(tmp_path, tiny_sd3_path, steps=2, validation=False)
+    extra = {"vae_cache_ondemand": True} if ondemand else {}
+    config = write_configs(tmp_path, tiny_sd3_path, steps=2, validation=False, **extra)
     backends = json.loads((tmp_path / "multidatabackend.json").read_text())
     backends[0] = {
         "id": "shapes-s3", "type": "aws", "aws_bucket_name": bucket, "aws_data_prefix": "sets/shapes",
@@ -86,6 +91,10 @@ def test_an_s3_dataset_trains_end_to_end(tmp_path: Path, tiny_sd3_path: Path, s3
     (tmp_path / "multidatabackend.json").write_text(json.dumps(backends))
     run = train_embedded(config, str(tmp_path / "store"))
     assert run.phase("ingest").outputs["samples"] == "8"
-    assert run.phase("vae").outputs["encoded"] == "8"
+    assert run.phase("vae").outputs["encoded"] == ("0" if ondemand else "8")
+    if ondemand:
+        latents = ShardedCache(open_store(str(tmp_path / "store")), run.phase("vae").outputs["cache_prefix"])
+        latents.refresh()
+        assert len(latents) >= 2  # the trainer encoded (and wrote back) what its 2 steps drew, from S3
     assert int(run.phase("text").outputs["total"]) == len(set(CAPTIONS) | {"", "blurry, cropped, ugly"})
     assert (tmp_path / "output" / "pytorch_lora_weights.safetensors").exists()

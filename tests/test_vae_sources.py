@@ -30,9 +30,16 @@ def test_rows_of_an_s3_dataset_are_read_with_its_aws_keys(s3_server, tmp_path) -
         {"id": "text-embeds", "type": "local", "dataset_type": "text_embeds", "default": True},
     ])
     images = DatasetImages(config)
-    red = images(SimpleNamespace(path=f"s3://{bucket}/photos/red.png", dataset_id="remote"))
-    assert red.size == (40, 30) and red.getpixel((5, 5)) == (200, 10, 10)
-    blue = images(SimpleNamespace(path=str(local), dataset_id="local-one"))  # local rows need no config
-    assert blue.size == (20, 10)
+
+    def row(path: str, dataset_id: str, size: tuple[int, int]) -> SimpleNamespace:
+        whole = [0, 0, *size]
+        return SimpleNamespace(path=path, dataset_id=dataset_id, original_size=list(size), downsample_size=None,
+                               intermediary_size=list(size), crop_box=whole, target_size=list(size))
+
+    red = images(row(f"s3://{bucket}/photos/red.png", "remote", (40, 30)))
+    assert tuple(red.shape) == (3, 30, 40)
+    assert red[:, 5, 5].tolist() == pytest.approx([200 / 127.5 - 1, 10 / 127.5 - 1, 10 / 127.5 - 1])
+    blue = images(row(str(local), "local-one", (20, 10)))  # local rows need no config
+    assert tuple(blue.shape) == (3, 10, 20) and blue[2].min() == 1.0
     with pytest.raises(InputError, match="'gone' of the manifest is not in the data backend config"):
-        images(SimpleNamespace(path=f"s3://{bucket}/photos/red.png", dataset_id="gone"))
+        images(row(f"s3://{bucket}/photos/red.png", "gone", (40, 30)))

@@ -167,6 +167,7 @@ def run_training(
             manifest_id=manifest_id, latent_cache=latent_result.outputs["cache_prefix"],
             latent_keys=latent_result.outputs["keys"], text_cache=text_result.outputs["cache_prefix"],
             text_keys=text_result.outputs["keys"], validation_endpoint=endpoints.get("validation", ""),
+            data_backend_config_json=backends_json,
         ))
         run.phases.append(trained)
         return run

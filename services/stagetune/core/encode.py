@@ -10,7 +10,9 @@ import dataclasses
 import hashlib
 import logging
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, TypeVar
 
 import torch
@@ -46,12 +48,13 @@ def encode_missing(
     key_of: Callable[[Item], str],
     cache: ShardedCache,
     batches: Callable[[list[Item]], Iterable[list[Item]]],
-    encode: Callable[[list[Item]], list[dict[str, torch.Tensor]]],
+    encode: Callable[..., list[dict[str, torch.Tensor]]],
     write_batch_size: int,
     progress: Callable[[int, int], None] = lambda done, total: None,
     load: Callable[[], object] = lambda: None,
     lease_ttl: float | None = None,
     owner: str | None = None,
+    prepare: Callable[[list[Item]], object] | None = None,
 ) -> EncodeStats:
     """Encode the items whose key is not in `cache` yet; each distinct key is encoded once.
 
@@ -59,6 +62,10 @@ def encode_missing(
     in an order every replica computes alike, and a unit is encoded only under its lease (see
     `stagetune.core.leases`). The call returns once every key is in the cache, whoever encoded it,
     because the next stage needs them all. `lease_ttl` defaults to `$STAGETUNE_LEASE_TTL_S` or 30 s.
+
+    With `prepare`, the encoder's input is made ahead: while batch *n* is encoded, `prepare` runs on
+    batches *n+1* and *n+2* in a background thread, and `encode(batch, prepare(batch))` is called.
+    Decoding images releases the GIL, so it overlaps the forward pass instead of alternating with it.
     """
     started = time.perf_counter()
     if write_batch_size < 1:
@@ -72,11 +79,111 @@ def encode_missing(
     metrics.CACHE_HITS.labels(stage).inc(stats.hits)
     progress(stats.hits, stats.total)
     if missing:
-        _encode_under_leases(stage, unique, missing, key_of, cache, batches, encode, write_batch_size,
-                             progress, load, stats, Leases(cache.store, cache.prefix, owner=owner, ttl=lease_ttl))
+        if prepare is not None:
+            balance = CoreBalance()
+            try:
+                with helper_threads(1, f"{stage}-prepare") as ahead:
+                    staged = _staged(encode, prepare, ahead, balance)
+                    _encode_under_leases(stage, unique, missing, key_of, cache, batches, staged,
+                                         write_batch_size, progress, load, stats,
+                                         Leases(cache.store, cache.prefix, owner=owner, ttl=lease_ttl))
+            finally:
+                balance.restore()
+        else:
+            _encode_under_leases(stage, unique, missing, key_of, cache, batches, _plain(encode), write_batch_size,
+                                 progress, load, stats,
+                                 Leases(cache.store, cache.prefix, owner=owner, ttl=lease_ttl))
     metrics.CACHE_BYTES.labels(stage).inc(stats.bytes_written)
     stats.seconds = time.perf_counter() - started
     return stats
+
+
+def helper_threads(count: int, name: str) -> ThreadPoolExecutor:
+    """A pool for work beside the encoder (decoding, tokenising): its own small torch ops run on one thread.
+
+    Otherwise each helper thread's first torch op starts a team of OpenMP workers of its own, which spin
+    on the cores the encoder and the other helpers need.
+    """
+    return ThreadPoolExecutor(max_workers=count, thread_name_prefix=name, initializer=torch.set_num_threads,
+                              initargs=(1,))
+
+
+#: How many batches `prepare` runs ahead of the encoder.
+LOOKAHEAD = 2
+
+#: Encodes a unit's batches in order: `(batches) -> iterator of each batch's outputs`.
+UnitEncoder = Callable[[list[list[Item]]], Iterator[list[dict[str, torch.Tensor]]]]
+
+
+def _plain(encode: Callable[[list[Item]], list[dict[str, torch.Tensor]]]) -> UnitEncoder:
+    def run(batches: list[list[Item]]) -> Iterator[list[dict[str, torch.Tensor]]]:
+        for batch in batches:
+            with torch.inference_mode():
+                yield encode(batch)
+
+    return run
+
+
+class CoreBalance:
+    """Gives a CPU core from torch to the `prepare` threads when they, not the encoder, are the bottleneck.
+
+    On a CPU-only machine torch's intra-op threads and the threads decoding images share the same cores.
+    When the encoder spends over a quarter of its time waiting for prepared batches, one torch thread is
+    dropped (never below 1) in the encoding thread; the count is restored when the stage ends. On 2 cores
+    this took 64 px VAE caching from ~160 to ~260 images/s, while at 256 px, where the VAE's forward pass
+    dominates, torch keeps both threads (benchmarks/README.md). Latents and embeddings were bit-identical
+    at 1 and 2 threads (tests/test_encode_threads.py), so the choice changes speed only.
+    """
+
+    WAIT_SHARE = 0.25
+    MIN_BATCHES = 4
+
+    def __init__(self) -> None:
+        self.original = torch.get_num_threads()
+        self.waited = 0.0
+        self.busy = 0.0
+        self.batches = 0
+
+    def observe(self, waited: float, busy: float) -> None:
+        self.waited += waited
+        self.busy += busy
+        self.batches += 1
+        if self.batches < self.MIN_BATCHES:
+            return
+        threads = torch.get_num_threads()
+        if threads > 1 and self.waited > self.WAIT_SHARE * (self.waited + self.busy):
+            torch.set_num_threads(threads - 1)
+            log.info("encoder waited %.0f%% of the time for its inputs: torch threads %d -> %d",
+                     100 * self.waited / (self.waited + self.busy), threads, threads - 1)
+        self.waited = self.busy = 0.0
+        self.batches = 0
+
+    def restore(self) -> None:
+        if torch.get_num_threads() != self.original:
+            torch.set_num_threads(self.original)
+
+
+def _staged(encode: Callable[..., list[dict[str, torch.Tensor]]], prepare: Callable[[list[Item]], object],
+            ahead: ThreadPoolExecutor, balance: CoreBalance) -> UnitEncoder:
+    def run(batches: list[list[Item]]) -> Iterator[list[dict[str, torch.Tensor]]]:
+        queued: deque[Future[object]] = deque()
+        try:
+            for index, batch in enumerate(batches):
+                while len(queued) < LOOKAHEAD + 1 and index + len(queued) < len(batches):
+                    queued.append(ahead.submit(prepare, batches[index + len(queued)]))
+                started = time.perf_counter()
+                prepared = queued.popleft().result()
+                ready = time.perf_counter()
+                with torch.inference_mode():
+                    outputs = encode(batch, prepared)
+                if index:  # a unit's first batch always waits: the pipeline is filling
+                    balance.observe(ready - started, time.perf_counter() - ready)
+                yield outputs
+        finally:  # a lost lease or an error: do not keep decoding batches nobody will encode
+            for future in queued:
+                future.cancel()
+
+    return run
 
 
 def _units(unique: dict[str, Item], key_of: Callable[[Item], str],
@@ -102,7 +209,7 @@ def _encode_under_leases(
     key_of: Callable[[Item], str],
     cache: ShardedCache,
     batches: Callable[[list[Item]], Iterable[list[Item]]],
-    encode: Callable[[list[Item]], list[dict[str, torch.Tensor]]],
+    encode: UnitEncoder,
     write_batch_size: int,
     progress: Callable[[int, int], None],
     load: Callable[[], object],
@@ -181,7 +288,7 @@ def _encode_unit(
     key_of: Callable[[Item], str],
     cache: ShardedCache,
     batches: Callable[[list[Item]], Iterable[list[Item]]],
-    encode: Callable[[list[Item]], list[dict[str, torch.Tensor]]],
+    encode: UnitEncoder,
     progress: Callable[[int, int], None],
     stats: EncodeStats,
     leases: Leases,
@@ -190,14 +297,15 @@ def _encode_unit(
     if not todo:
         return True
     writer = cache.writer(len(todo))
+    planned = list(batches([unique[k] for k in todo]))
+    encoded = encode(planned)
     try:
-        for batch in batches([unique[k] for k in todo]):
+        for batch in planned:
             if leases.lost(unit):
                 writer.discard()  # the taker encodes them; flushing too would index them twice
                 return False
             batch_started = time.perf_counter()
-            with torch.inference_mode():
-                outputs = encode(batch)
+            outputs = next(encoded)
             for item, tensors in zip(batch, outputs, strict=True):
                 writer.add(key_of(item), tensors)
             stats.encoded += len(batch)
@@ -223,6 +331,8 @@ def _encode_unit(
         except Exception:  # noqa: BLE001
             log.warning("could not release lease on unit %s", unit, exc_info=True)
         raise
+    finally:
+        encoded.close()
     stats.bytes_written += writer.stats.bytes_written
     return True
 

@@ -16,6 +16,7 @@ from typing import Any
 import xxhash
 
 from stagetune.core.errors import InputError, NotFoundError
+from stagetune.core.imaging import PIXEL_PIPELINE
 from stagetune.core.store.base import Store
 
 MANIFEST_VERSION = 1
@@ -46,6 +47,7 @@ def pixel_key_for(
     return hash_bytes(
         canonical_json(
             [
+                PIXEL_PIPELINE,
                 content_hash,
                 list(downsample_size) if downsample_size is not None else None,
                 list(intermediary_size),

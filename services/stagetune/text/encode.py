@@ -8,6 +8,12 @@ from typing import Any
 import torch
 
 
-def encode_captions(encoder: Any, captions: Sequence[str], options: Mapping[str, Any]) -> list[dict[str, torch.Tensor]]:
-    out = encoder.encode(list(captions), **options)
+def tokenize_captions(encoder: Any, captions: Sequence[str], options: Mapping[str, Any]) -> Any:
+    return encoder.tokenize(list(captions), options["t5_max_length"])
+
+
+def encode_captions(encoder: Any, captions: Sequence[str], options: Mapping[str, Any],
+                    tokens: Any = None) -> list[dict[str, torch.Tensor]]:
+    """One dict of tensors per caption; `tokens` when `tokenize_captions` ran ahead."""
+    out = encoder.encode(list(captions), **options, tokens=tokens)
     return [{name: tensor[i].contiguous() for name, tensor in out.items()} for i in range(len(captions))]

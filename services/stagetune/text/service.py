@@ -10,7 +10,7 @@ from stagetune.core.grpc_server import ServiceBinding, job_service
 from stagetune.core.jobs import JobContext
 from stagetune.core.ondemand import cached_only
 from stagetune.core.store.base import Store
-from stagetune.text.encode import encode_captions
+from stagetune.text.encode import encode_captions, tokenize_captions
 from stagetune.v1 import text_pb2, text_pb2_grpc
 
 SERVICE = "text"
@@ -49,7 +49,8 @@ def text_job(ctx: JobContext) -> dict[str, str]:
         stats = encode_missing(
             stage=SERVICE, items=ordered, key_of=key_of, cache=cache,
             batches=lambda todo: chunks(todo, req.batch_size or 8),
-            encode=lambda batch: encode_captions(encoder, batch, options),
+            prepare=lambda batch: tokenize_captions(encoder, batch, options),
+            encode=lambda batch, tokens: encode_captions(encoder, batch, options, tokens),
             write_batch_size=req.write_batch_size or 128,
             progress=lambda done, total: ctx.progress("encoding captions", done, total, "captions"),
             load=lambda: encoder.models,

@@ -38,7 +38,8 @@ def train_job(ctx: JobContext) -> dict[str, str]:
     row_keys = [latent_keys[row.sample_id] for row in rows]
     data = TrainData(
         rows=rows,
-        latents=latent_cache(ShardedCache(store, req.latent_cache), cfg, family, rows, row_keys),
+        latents=latent_cache(ShardedCache(store, req.latent_cache), cfg, family, rows, row_keys,
+                             req.data_backend_config_json),
         latent_keys=row_keys,
         texts=text_cache(ShardedCache(store, req.text_cache), cfg, family, text_keys),
         text_key=text_keys.__getitem__,
@@ -68,16 +69,18 @@ def train_job(ctx: JobContext) -> dict[str, str]:
     return outputs
 
 
-def latent_cache(cache: Any, cfg: Any, family: Any, rows: list, row_keys: list[str]) -> Any:
+def latent_cache(cache: Any, cfg: Any, family: Any, rows: list, row_keys: list[str],
+                 data_backend_config_json: str = "") -> Any:
     """The precomputed cache, or (vae_cache_ondemand / vae_cache_disable) one that encodes misses here."""
     if not (cfg.vae_cache_ondemand or cfg.vae_cache_disable):
         return cache
     from stagetune.core.ondemand import OnDemandCache
-    from stagetune.vae.encode import encode_rows
+    from stagetune.vae.encode import DatasetImages, encode_rows
 
     encoder = family.latent_encoder(cfg.pretrained_model_name_or_path, revision=cfg.revision)
     row_for_key = {key: row for key, row in zip(row_keys, rows, strict=True)}
-    return OnDemandCache(cache, lambda key: encode_rows(encoder, [row_for_key[key]])[0], stage="vae",
+    images = DatasetImages(data_backend_config_json)
+    return OnDemandCache(cache, lambda key: encode_rows(encoder, [row_for_key[key]], images)[0], stage="vae",
                          write=not cfg.vae_cache_disable, write_batch_size=cfg.write_batch_size)
 
 

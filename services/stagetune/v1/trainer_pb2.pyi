@@ -6,7 +6,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class StartTrainingRequest(_message.Message):
-    __slots__ = ("request_id", "config_json", "base_dir", "manifest_id", "latent_cache", "text_cache", "latent_keys", "text_keys", "validation_endpoint")
+    __slots__ = ("request_id", "config_json", "base_dir", "manifest_id", "latent_cache", "text_cache", "latent_keys", "text_keys", "validation_endpoint", "data_backend_config_json")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
     BASE_DIR_FIELD_NUMBER: _ClassVar[int]
@@ -16,6 +16,7 @@ class StartTrainingRequest(_message.Message):
     LATENT_KEYS_FIELD_NUMBER: _ClassVar[int]
     TEXT_KEYS_FIELD_NUMBER: _ClassVar[int]
     VALIDATION_ENDPOINT_FIELD_NUMBER: _ClassVar[int]
+    DATA_BACKEND_CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     config_json: str
     base_dir: str
@@ -25,4 +26,5 @@ class StartTrainingRequest(_message.Message):
     latent_keys: str
     text_keys: str
     validation_endpoint: str
-    def __init__(self, request_id: _Optional[str] = ..., config_json: _Optional[str] = ..., base_dir: _Optional[str] = ..., manifest_id: _Optional[str] = ..., latent_cache: _Optional[str] = ..., text_cache: _Optional[str] = ..., latent_keys: _Optional[str] = ..., text_keys: _Optional[str] = ..., validation_endpoint: _Optional[str] = ...) -> None: ...
+    data_backend_config_json: str
+    def __init__(self, request_id: _Optional[str] = ..., config_json: _Optional[str] = ..., base_dir: _Optional[str] = ..., manifest_id: _Optional[str] = ..., latent_cache: _Optional[str] = ..., text_cache: _Optional[str] = ..., latent_keys: _Optional[str] = ..., text_keys: _Optional[str] = ..., validation_endpoint: _Optional[str] = ..., data_backend_config_json: _Optional[str] = ...) -> None: ...

@@ -10,7 +10,6 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
-from PIL import Image
 
 from stagetune.core.encode import chunks
 from stagetune.core.errors import InputError
@@ -22,10 +21,10 @@ def pixel_seed(row: ManifestRow) -> int:
     return int(row.pixel_key[:15], 16)
 
 
-def read_local_image(row: ManifestRow) -> Image.Image:
-    from stagetune.core.imaging import load_image_rgb
+def read_local_pixels(row: ManifestRow) -> torch.Tensor:
+    from stagetune.core.imaging import load_sample_pixels
 
-    return load_image_rgb(row.path)
+    return load_sample_pixels(row.path, row)
 
 
 class DatasetImages:
@@ -49,12 +48,17 @@ class DatasetImages:
                 self._sources[dataset_id] = source_for(self._entries[dataset_id])
             return self._sources[dataset_id]
 
-    def __call__(self, row: ManifestRow) -> Image.Image:
-        from stagetune.core.imaging import load_image_rgb
-
+    def read(self, row: ManifestRow) -> str | bytes:
+        """A local path as it is (Pillow reads only what it decodes), an S3 object's bytes."""
         if "://" not in row.path:
-            return load_image_rgb(row.path)
-        return load_image_rgb(self._source(row.dataset_id).read(row.path), name=row.path)
+            return row.path
+        return self._source(row.dataset_id).read(row.path)
+
+    def __call__(self, row: ManifestRow) -> torch.Tensor:
+        """The row's training pixels, [3, H, W] in [-1, 1]."""
+        from stagetune.core.imaging import load_sample_pixels
+
+        return load_sample_pixels(self.read(row), row, name=row.path)
 
 
 def batches_by_size(rows: Sequence[ManifestRow], batch_size: int) -> Iterable[list[ManifestRow]]:
@@ -66,15 +70,19 @@ def batches_by_size(rows: Sequence[ManifestRow], batch_size: int) -> Iterable[li
         yield from chunks(by_size[size], batch_size)
 
 
+def batch_pixels(rows: Sequence[ManifestRow],
+                 read_pixels: Callable[[ManifestRow], torch.Tensor] = read_local_pixels,
+                 pool: ThreadPoolExecutor | None = None) -> torch.Tensor:
+    """A batch's images read, decoded and shaped into [B, 3, H, W] (in parallel with `pool`)."""
+    return torch.stack(list(pool.map(read_pixels, rows)) if pool is not None else [read_pixels(r) for r in rows])
+
+
 def encode_rows(encoder: Any, rows: Sequence[ManifestRow],
-                read_image: Callable[[ManifestRow], Image.Image] = read_local_image,
-                pool: ThreadPoolExecutor | None = None) -> list[dict[str, torch.Tensor]]:
-    """Read and decode a batch's images (in parallel with `pool`: I/O and decoding), then encode them."""
-    from stagetune.core.imaging import prepare_pixels
-
-    def pixels_of(row: ManifestRow) -> torch.Tensor:
-        return prepare_pixels(read_image(row), row)
-
-    pixels = torch.stack(list(pool.map(pixels_of, rows)) if pool is not None else [pixels_of(r) for r in rows])
+                read_pixels: Callable[[ManifestRow], torch.Tensor] = read_local_pixels,
+                pool: ThreadPoolExecutor | None = None, pixels: torch.Tensor | None = None,
+                ) -> list[dict[str, torch.Tensor]]:
+    """Encode a batch; `pixels` when they were prepared ahead (`batch_pixels`), else read here."""
+    if pixels is None:
+        pixels = batch_pixels(rows, read_pixels, pool)
     latents = encoder.encode(pixels, [pixel_seed(row) for row in rows])
     return [{"latents": latent.contiguous()} for latent in latents]

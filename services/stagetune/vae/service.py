@@ -4,23 +4,23 @@ from __future__ import annotations
 
 import json
 import os
-from concurrent.futures import ThreadPoolExecutor
 
 import xxhash
 
 from stagetune.core.cache import ShardedCache
-from stagetune.core.encode import encode_missing
+from stagetune.core.encode import encode_missing, helper_threads
 from stagetune.core.grpc_server import ServiceBinding, job_service
 from stagetune.core.jobs import JobContext
 from stagetune.core.ondemand import cached_only
 from stagetune.core.store.base import Store
 from stagetune.ingest.manifest import ManifestRow
 from stagetune.v1 import vae_pb2, vae_pb2_grpc
-from stagetune.vae.encode import DatasetImages, batches_by_size, encode_rows
+from stagetune.vae.encode import DatasetImages, batch_pixels, batches_by_size, encode_rows
 
 SERVICE = "vae"
-#: Threads reading and decoding images while the VAE encodes. One core is left to torch: more readers than
-#: spare cores slowed encoding several times on a 2-core machine (benchmarks/README.md).
+#: Threads reading and decoding a batch's images (the batch after next, while the VAE encodes this one).
+#: One core is left to torch: more readers than spare cores slowed encoding several times on a 2-core
+#: machine (benchmarks/README.md).
 READ_WORKERS = max(1, min(4, (os.cpu_count() or 2) - 1))
 
 
@@ -49,11 +49,12 @@ def vae_job(ctx: JobContext) -> dict[str, str]:
         stats = cached_only(stage=SERVICE, items=rows, key_of=key_of, cache=cache)
     else:
         images = DatasetImages(req.data_backend_config_json)
-        with ThreadPoolExecutor(max_workers=READ_WORKERS, thread_name_prefix="vae-read") as pool:
+        with helper_threads(READ_WORKERS, "vae-read") as pool:
             stats = encode_missing(
                 stage=SERVICE, items=rows, key_of=key_of, cache=cache,
                 batches=lambda todo: batches_by_size(todo, req.vae_batch_size or 4),
-                encode=lambda batch: encode_rows(encoder, batch, images, pool),
+                prepare=lambda batch: batch_pixels(batch, images, pool),
+                encode=lambda batch, pixels: encode_rows(encoder, batch, pixels=pixels),
                 write_batch_size=req.write_batch_size or 128, load=lambda: encoder.vae,
                 progress=lambda done, total: ctx.progress("encoding latents", done, total, "images"),
             )

@@ -199,7 +199,9 @@ def load_vae(
             revision=revision,
             torch_dtype=dtype,
         )
-        return _freeze(vae.to(device))
+        # NHWC: oneDNN (CPU) and cuDNN run the VAE's convolutions without reordering every activation;
+        # 1.6x faster on CPU at 256 px (benchmarks/README.md). Results differ from NCHW by ~1e-5.
+        return _freeze(vae.to(device).to(memory_format=torch.channels_last))
 
     return _memoised(key, load)
 

@@ -110,7 +110,9 @@ class SD3TextEncoder:
         check_t5_options(t5_max_length, t5_padding)
         return digest("sd3-text-v1", caption, self.fingerprint, t5_max_length, t5_padding)
 
-    def _tokenize(self, captions: list[str], t5_max_length: int) -> tuple[torch.Tensor, ...]:
+    def tokenize(self, captions: list[str], t5_max_length: int = 154) -> tuple[torch.Tensor, ...]:
+        """Token ids for `encode(..., tokens=)`: separate so a caching stage can tokenise the next batch
+        while this one runs through the encoders."""
         m = self.models
         with self._tokenize_lock:
             clip_l = m.tokenizer(
@@ -139,7 +141,12 @@ class SD3TextEncoder:
 
     @torch.no_grad()
     def encode(
-        self, captions: list[str], *, t5_max_length: int = 154, t5_padding: str = "unmodified"
+        self,
+        captions: list[str],
+        *,
+        t5_max_length: int = 154,
+        t5_padding: str = "unmodified",
+        tokens: tuple[torch.Tensor, ...] | None = None,
     ) -> dict[str, torch.Tensor]:
         """Encode a batch: ``prompt_embeds`` [B, 77 + t5_max_length, T5 width], pooled [B, P].
 
@@ -150,7 +157,9 @@ class SD3TextEncoder:
         if isinstance(captions, str) or not all(isinstance(c, str) for c in captions):
             raise ConfigError("captions must be a list of strings", field="captions")
         m = self.models
-        clip_l_ids, clip_g_ids, t5_ids, t5_mask = self._tokenize(list(captions), t5_max_length)
+        if tokens is None:
+            tokens = self.tokenize(list(captions), t5_max_length)
+        clip_l_ids, clip_g_ids, t5_ids, t5_mask = tokens
 
         clip_states, pooled = [], []
         for encoder, ids in ((m.text_encoder, clip_l_ids), (m.text_encoder_2, clip_g_ids)):

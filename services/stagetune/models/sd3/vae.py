@@ -118,7 +118,8 @@ class SD3LatentEncoder:
         self._check_pixels(pixels)
         if len(seeds) != pixels.shape[0]:
             raise InputError(f"{pixels.shape[0]} images but {len(seeds)} seeds", field="seeds")
-        posterior = self.vae.encode(pixels.to(device=self.device, dtype=self.dtype)).latent_dist
+        pixels = pixels.to(device=self.device, dtype=self.dtype, memory_format=torch.channels_last)
+        posterior = self.vae.encode(pixels).latent_dist
         mean = posterior.mean.float()
         std = posterior.std.float()
         # Noise is drawn on the CPU in float32 so the same seed gives the same latent on any device and dtype.
