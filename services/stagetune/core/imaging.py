@@ -170,9 +170,8 @@ def _to_rgb(image: Image.Image, name: str) -> Image.Image:
 
 #: A downscale first shrinks by whole factors (JPEG: in the DCT while decoding; other formats: Pillow's
 #: `reduce`) down to no less than this many times the size asked for, then resamples with LANCZOS. At 3×
-#: the result is 38–55 dB PSNR from a full-size decode + one LANCZOS resize on photographs
-#: (benchmarks/bench_pixels.py),
-#: below what 8-bit rounding can show, and a 1536 px JPEG bound for 64–256 px decodes 3–10× faster.
+#: the result is 38–55 dB PSNR from a full-size decode + one LANCZOS resize on photographs, and 2–8×
+#: faster for 1024–1536 px JPEGs bound for 64–256 px (benchmarks/bench_pixels.py).
 REDUCING_GAP = 3.0
 #: Names how pixels are made from a row's geometry; part of every pixel key, so a change to decoding or
 #: resampling can never be served latents cached by the old way.
