@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,9 @@ from stagetune.core.config.train import (
 )
 from stagetune.core.errors import ConfigError, NotSupportedError
 
-SEEDS = Path(__file__).resolve().parents[1].parent / "shared" / "seeds"
+#: The user's source documents (SimpleTuner quickstarts) live beside the repository, not in it: their text is
+#: not ours to copy. `STAGETUNE_SEEDS` points elsewhere; without them the seed tests are skipped, saying so.
+SEEDS = Path(os.environ.get("STAGETUNE_SEEDS") or Path(__file__).resolve().parents[1].parent / "shared" / "seeds")
 BASE: dict[str, Any] = {
     "model_type": "lora",
     "model_family": "sd3",
@@ -33,7 +36,8 @@ def load(extra: dict[str, Any] | None = None, **kwargs: Any) -> TrainConfig:
 
 def seed_texts() -> dict[str, str]:
     files = sorted(SEEDS.glob("0*.txt"))
-    assert files, f"seed documents not found under {SEEDS}"
+    if not files:
+        pytest.skip(f"seed documents not found under {SEEDS} (set STAGETUNE_SEEDS)")
     return {f.name: f.read_text(encoding="utf-8") for f in files}
 
 
