@@ -42,7 +42,7 @@ class MemoryStore(Store):
         self.objects: dict[str, bytes] = {}
         self.writes: list[str] = []
 
-    def put_bytes(self, key: str, data: bytes) -> None:
+    def put_bytes(self, key: str, data: bytes, *, durable: bool = True) -> None:
         self.objects[key] = bytes(data)
         self.writes.append(key)
 

@@ -482,3 +482,19 @@ def test_size_without_reading(store) -> None:
     store.put_bytes("sized/a.bin", b"x" * 1234)
     assert store.size("sized/a.bin") == 1234
     assert store.size("sized/missing.bin") is None
+
+
+def test_durable_puts_are_fsynced_and_coordination_puts_are_not(
+    store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Lease claims are rewritten every few seconds; only data (shards, indexes, checkpoints) pays an fsync."""
+    synced: list[int] = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd)))
+    store.put_bytes("a/claim.json", b"{}", durable=False)
+    assert store.get_bytes("a/claim.json") == b"{}"
+    unsynced = len(synced)
+    store.put_bytes("a/shard.bin", b"data")
+    assert store.get_bytes("a/shard.bin") == b"data"
+    if isinstance(store, LocalStore):
+        assert unsynced == 0 and len(synced) == 1

@@ -271,14 +271,18 @@ class ShardedCache:
 
     # -- writes ---------------------------------------------------------------------------------
 
-    def writer(self, write_batch_size: int = 128) -> CacheWriter:
-        return CacheWriter(self, write_batch_size)
+    def writer(self, write_batch_size: int = 128, *, flush_when_full: bool = True) -> CacheWriter:
+        return CacheWriter(self, write_batch_size, flush_when_full=flush_when_full)
 
 
 class CacheWriter:
-    """Buffers entries and writes them a shard at a time; use as a context manager."""
+    """Buffers entries and writes them a shard at a time; use as a context manager.
 
-    def __init__(self, cache: ShardedCache, write_batch_size: int = 128) -> None:
+    With `flush_when_full=False` nothing is written before `flush()`/`close()`: the caller decides when
+    (and on which thread) the shard goes out.
+    """
+
+    def __init__(self, cache: ShardedCache, write_batch_size: int = 128, *, flush_when_full: bool = True) -> None:
         if write_batch_size < 1:
             raise ValueError(f"write_batch_size must be at least 1, got {write_batch_size}")
         self.cache = cache
@@ -286,6 +290,7 @@ class CacheWriter:
         self.stats = CacheStats()
         self._pending: dict[str, dict[str, torch.Tensor]] = {}
         self._closed = False
+        self._flush_when_full = flush_when_full
 
     def add(self, key: str, tensors: dict[str, torch.Tensor]) -> None:
         """Queue one entry; tensors are copied now, so the caller may reuse its buffers at once."""
@@ -306,7 +311,7 @@ class CacheWriter:
             copy.copy_(tensor.detach())
             entry[name] = copy
         self._pending[key] = entry
-        if len(self._pending) >= self.write_batch_size:
+        if self._flush_when_full and len(self._pending) >= self.write_batch_size:
             self.flush()
 
     def flush(self) -> None:

@@ -218,50 +218,72 @@ def _encode_under_leases(
 ) -> None:
     units = _units(unique, key_of, batches, write_batch_size)
     loaded = False
-    with leases:
-        for _attempt in range(3):
-            pending = [unit for unit, keys in units.items() if any(k in missing for k in keys)]
-            # Replicas start at different units, so they seldom contend for the same one.
-            offset = int(hashlib.blake2b(leases.owner.encode(), digest_size=4).hexdigest(), 16) % len(pending)
-            pending = pending[offset:] + pending[:offset]
-            while pending:
-                still: list[str] = []
-                for unit in pending:
-                    result = leases.claim(unit)
-                    if result.outcome is Outcome.HELD:
-                        still.append(unit)
-                        continue
-                    if result.outcome is Outcome.DONE:
-                        _count_shared(stage, units[unit], missing, stats, progress)
-                        continue
-                    if result.stale:
-                        cache.refresh()  # a dead or interrupted holder may have flushed part of it
-                    todo = [k for k in units[unit] if k in missing and not cache.has(k)]
-                    _count_shared(stage, [k for k in units[unit] if k not in todo], missing, stats, progress)
-                    if todo and not loaded:
-                        load_started = time.perf_counter()
-                        load()
-                        stats.load_seconds = time.perf_counter() - load_started
-                        loaded = True
-                    if _encode_unit(stage, unit, todo, unique, key_of, cache, batches, encode, progress,
-                                    stats, leases):
-                        leases.finish(unit)
-                    else:
-                        still.append(unit)  # taken over while this replica stalled: the taker finishes it
-                pending = still
-                if pending:
-                    time.sleep(leases.poll_s)  # the rest is held by live replicas: look again shortly
-                    progress(stats.hits + stats.encoded + stats.shared, stats.total)  # notices cancellation
-            # Done markers are hints; the index is the truth. Keys still absent (an index pruned by
-            # hand under an old done marker) go round again.
-            cache.refresh()
-            absent = {k for k in missing if not cache.has(k)}
-            if not absent:
-                return
-            for unit, keys in units.items():
-                if any(k in absent for k in keys):
-                    leases.forget_done(unit)
-            missing = absent
+    sealing: Future[None] | None = None
+
+    def sealed() -> None:  # one shard in flight at most: memory stays bounded and errors surface early
+        nonlocal sealing
+        if sealing is not None:
+            done, sealing = sealing, None
+            done.result()
+
+    def seal_and_finish(unit: str, seal: Callable[[], bool]) -> None:
+        if seal():
+            leases.finish(unit)
+
+    with leases, helper_threads(1, f"{stage}-write") as writes:
+        try:
+            for _attempt in range(3):
+                pending = [unit for unit, keys in units.items() if any(k in missing for k in keys)]
+                # Replicas start at different units, so they seldom contend for the same one.
+                offset = int(hashlib.blake2b(leases.owner.encode(), digest_size=4).hexdigest(), 16) % len(pending)
+                pending = pending[offset:] + pending[:offset]
+                while pending:
+                    still: list[str] = []
+                    for unit in pending:
+                        result = leases.claim(unit)
+                        if result.outcome is Outcome.HELD:
+                            still.append(unit)
+                            continue
+                        if result.outcome is Outcome.DONE:
+                            _count_shared(stage, units[unit], missing, stats, progress)
+                            continue
+                        if result.stale:
+                            cache.refresh()  # a dead or interrupted holder may have flushed part of it
+                        todo = [k for k in units[unit] if k in missing and not cache.has(k)]
+                        _count_shared(stage, [k for k in units[unit] if k not in todo], missing, stats, progress)
+                        if todo and not loaded:
+                            load_started = time.perf_counter()
+                            load()
+                            stats.load_seconds = time.perf_counter() - load_started
+                            loaded = True
+                        seal = _encode_unit(stage, unit, todo, unique, key_of, cache, batches, encode, progress,
+                                            stats, leases)
+                        if seal is None:
+                            still.append(unit)  # taken over while this replica stalled: the taker finishes it
+                        else:
+                            sealed()
+                            sealing = writes.submit(seal_and_finish, unit, seal)
+                    pending = still
+                    if pending:
+                        time.sleep(leases.poll_s)  # the rest is held by live replicas: look again shortly
+                        progress(stats.hits + stats.encoded + stats.shared, stats.total)  # notices cancellation
+                sealed()
+                # Done markers are hints; the index is the truth. Keys still absent (an index pruned by
+                # hand under an old done marker) go round again.
+                cache.refresh()
+                absent = {k for k in missing if not cache.has(k)}
+                if not absent:
+                    return
+                for unit, keys in units.items():
+                    if any(k in absent for k in keys):
+                        leases.forget_done(unit)
+                missing = absent
+        finally:
+            if sealing is not None:  # an error above: still let the last shard land (it is valid work)
+                try:
+                    sealing.result()
+                except Exception:  # noqa: BLE001 - the first error is the one to report
+                    log.warning("could not write the last %s shard", stage, exc_info=True)
     raise StagetuneError(f"{len(missing)} {stage} cache entries are still missing from {cache.prefix!r} "
                          f"in {cache.store.url} after three rounds of encoding")
 
@@ -292,18 +314,23 @@ def _encode_unit(
     progress: Callable[[int, int], None],
     stats: EncodeStats,
     leases: Leases,
-) -> bool:
-    """Encode one held unit into one shard; False if the lease was lost, so the unit is not done here."""
+) -> Callable[[], bool] | None:
+    """Encode one held unit; None if the lease was lost, so the unit is not done here.
+
+    The returned `seal()` writes the unit's shard and its index; it returns False if the lease was lost
+    meanwhile (the shard is then discarded, the taker writes it). It is called on the write thread while
+    the next unit encodes: shard uploads (seconds per shard on S3 at real model sizes) overlap encoding.
+    """
     if not todo:
-        return True
-    writer = cache.writer(len(todo))
+        return lambda: True
+    writer = cache.writer(len(todo), flush_when_full=False)
     planned = list(batches([unique[k] for k in todo]))
     encoded = encode(planned)
     try:
         for batch in planned:
             if leases.lost(unit):
                 writer.discard()  # the taker encodes them; flushing too would index them twice
-                return False
+                return None
             batch_started = time.perf_counter()
             outputs = next(encoded)
             for item, tensors in zip(batch, outputs, strict=True):
@@ -314,8 +341,7 @@ def _encode_unit(
             progress(stats.hits + stats.encoded + stats.shared, stats.total)
         if leases.lost(unit):
             writer.discard()
-            return False
-        writer.close()
+            return None
     except BaseException:
         # Keep what was encoded (valid work) and tell the next holder to re-read the index.
         flushed = writer.pending > 0
@@ -333,8 +359,24 @@ def _encode_unit(
         raise
     finally:
         encoded.close()
-    stats.bytes_written += writer.stats.bytes_written
-    return True
+
+    def seal() -> bool:
+        if leases.lost(unit):
+            writer.discard()
+            return False
+        try:
+            writer.close()
+        except BaseException:
+            try:
+                leases.release(unit, dirty=True)  # the index may or may not have been written
+            except Exception:  # noqa: BLE001 - the write error is the one to report
+                log.warning("could not release lease on unit %s", unit, exc_info=True)
+            raise
+        finally:
+            stats.bytes_written += writer.stats.bytes_written
+        return True
+
+    return seal
 
 
 def chunks(items: Sequence[Any], size: int) -> Iterable[list[Any]]:

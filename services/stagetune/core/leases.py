@@ -31,6 +31,9 @@ holder stalled longer than its ttl (a long GC pause, a network partition) may be
 still works; it notices at its next renewal and drops its unflushed entries, but what it already
 flushed may be encoded a second time by the taker. That costs compute, never correctness: entries are
 content-addressed and the cache index tolerates duplicates.
+
+Lease objects are written with `durable=False` (no fsync on a local store): losing one in a power cut
+frees a unit or forgets a done marker, and the cache index, not the markers, says what is encoded.
 """
 
 from __future__ import annotations
@@ -196,7 +199,7 @@ class Leases:
     def _write_claim(self, unit: str, state: str, number: int, beat: int) -> _Claim:
         body = {"format": FORMAT, "owner": self.owner, "unit": unit, "state": state, "number": number,
                 "beat": beat, "ttl": self.ttl, "written_at": time.time()}  # written_at: for people only
-        self.store.put_bytes(self._claim_key(unit, self.owner), json.dumps(body).encode())
+        self.store.put_bytes(self._claim_key(unit, self.owner), json.dumps(body).encode(), durable=False)
         return _Claim(self.owner, state, number, beat, self.ttl)
 
     def _drop_own(self, unit: str) -> None:
@@ -263,7 +266,8 @@ class Leases:
         """The unit's keys are in the cache index: say so, then give the claim up."""
         with self._lock:
             self._held.pop(unit, None)
-            self.store.put_bytes(f"{self.prefix}/{unit}/{_DONE}", json.dumps({"format": FORMAT}).encode())
+            self.store.put_bytes(f"{self.prefix}/{unit}/{_DONE}", json.dumps({"format": FORMAT}).encode(),
+                                 durable=False)
             self._drop_own(unit)
 
     def release(self, unit: str, *, dirty: bool = False) -> None:
@@ -271,7 +275,8 @@ class Leases:
         with self._lock:
             self._held.pop(unit, None)
             if dirty:
-                self.store.put_bytes(f"{self.prefix}/{unit}/{_DIRTY}", json.dumps({"format": FORMAT}).encode())
+                self.store.put_bytes(f"{self.prefix}/{unit}/{_DIRTY}", json.dumps({"format": FORMAT}).encode(),
+                                     durable=False)
             self._drop_own(unit)
 
     def forget_done(self, unit: str) -> None:

@@ -57,8 +57,12 @@ class Store(abc.ABC):
     url: str
 
     @abc.abstractmethod
-    def put_bytes(self, key: str, data: bytes) -> None:
-        """Write `data` at `key` atomically, replacing any object there."""
+    def put_bytes(self, key: str, data: bytes, *, durable: bool = True) -> None:
+        """Write `data` at `key` atomically, replacing any object there.
+
+        `durable=False` is for coordination objects that are rewritten constantly and whose loss in a
+        power cut is harmless (lease claims, done markers): a local store then skips the fsync.
+        """
 
     @abc.abstractmethod
     def get_bytes(self, key: str) -> bytes:

@@ -44,9 +44,9 @@ class LocalStore(Store):
 
     # -- writes ---------------------------------------------------------------------------------
 
-    def _write_atomic(self, key: str, fill: Callable[[BinaryIO], object]) -> None:
+    def _write_atomic(self, key: str, fill: Callable[[BinaryIO], object], *, fsync: bool = True) -> None:
         try:
-            atomic_write(self._path(key), fill, fsync=self.fsync, tmp_prefix=TMP_PREFIX)
+            atomic_write(self._path(key), fill, fsync=self.fsync and fsync, tmp_prefix=TMP_PREFIX)
         except (NotADirectoryError, FileExistsError) as exc:
             raise InputError(
                 f"cannot store {key!r} in {self.url}: a parent of it is an object, not a folder", field="key"
@@ -56,8 +56,8 @@ class LocalStore(Store):
                 f"cannot store {key!r} in {self.url}: it is a folder of other objects", field="key"
             ) from exc
 
-    def put_bytes(self, key: str, data: bytes) -> None:
-        self._write_atomic(key, lambda handle: handle.write(data))
+    def put_bytes(self, key: str, data: bytes, *, durable: bool = True) -> None:
+        self._write_atomic(key, lambda handle: handle.write(data), fsync=durable)
 
     def put_file(self, key: str, path: Path) -> None:
         source = Path(path)

@@ -188,7 +188,7 @@ class S3Store(Store):
 
     # -- writes ---------------------------------------------------------------------------------
 
-    def put_bytes(self, key: str, data: bytes) -> None:
+    def put_bytes(self, key: str, data: bytes, *, durable: bool = True) -> None:  # S3 puts are durable
         name = self._object(key)
         self._ensure_bucket()
         view = memoryview(data)
