@@ -53,7 +53,7 @@ def text_job(ctx: JobContext) -> dict[str, str]:
             encode=lambda batch, tokens: encode_captions(encoder, batch, options, tokens),
             write_batch_size=req.write_batch_size or 128,
             progress=lambda done, total: ctx.progress("encoding captions", done, total, "captions"),
-            load=lambda: encoder.models,
+            load=lambda: encoder.warm(options["t5_max_length"]),
         )
     keys_key = f"jobs/{ctx.job_id}/text_keys.json"
     ctx.store.put_bytes(keys_key, json.dumps({c: key_of(c) for c in ordered}, sort_keys=True).encode())

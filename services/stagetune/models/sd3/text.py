@@ -19,6 +19,7 @@ import torch
 
 from stagetune.core.errors import ConfigError
 from stagetune.models.fingerprint import digest, model_fingerprint
+from stagetune.models.fixed_length import fixed_length_ids
 from stagetune.models.sd3.components import SD3TextModels, load_text_encoders
 
 CLIP_MAX_LENGTH = 77
@@ -63,7 +64,7 @@ class SD3TextEncoder:
         self.revision = revision
         self.dtype = dtype
         self.device = device
-        # Fast tokenizers mutate their padding/truncation state per call: one caller at a time.
+        # Tokenisers are shared by callers of this encoder: one batch at a time.
         self._tokenize_lock = threading.Lock()
 
     @property
@@ -74,6 +75,12 @@ class SD3TextEncoder:
                 self.name_or_path, revision=self.revision, dtype=self.dtype, device=self.device
             )
         return self._models
+
+    def warm(self, t5_max_length: int = 154) -> SD3TextModels:
+        """Load the encoders and set up tokenisation at these lengths: set-up, not per-batch, work."""
+        models = self.models
+        self.tokenize([], t5_max_length)
+        return models
 
     @classmethod
     def from_pretrained(
@@ -115,29 +122,10 @@ class SD3TextEncoder:
         while this one runs through the encoders."""
         m = self.models
         with self._tokenize_lock:
-            clip_l = m.tokenizer(
-                captions,
-                padding="max_length",
-                max_length=CLIP_MAX_LENGTH,
-                truncation=True,
-                return_tensors="pt",
-            )
-            clip_g = m.tokenizer_2(
-                captions,
-                padding="max_length",
-                max_length=CLIP_MAX_LENGTH,
-                truncation=True,
-                return_tensors="pt",
-            )
-            t5 = m.tokenizer_3(
-                captions,
-                padding="max_length",
-                max_length=t5_max_length,
-                truncation=True,
-                add_special_tokens=True,
-                return_tensors="pt",
-            )
-        return clip_l.input_ids, clip_g.input_ids, t5.input_ids, t5.attention_mask
+            clip_l_ids, _ = fixed_length_ids(m.tokenizer, captions, CLIP_MAX_LENGTH)
+            clip_g_ids, _ = fixed_length_ids(m.tokenizer_2, captions, CLIP_MAX_LENGTH)
+            t5_ids, t5_mask = fixed_length_ids(m.tokenizer_3, captions, t5_max_length)
+        return clip_l_ids, clip_g_ids, t5_ids, t5_mask
 
     @torch.no_grad()
     def encode(
