@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -116,3 +117,38 @@ def test_progress_events_are_throttled_but_keep_phases_and_the_end(tmp_path: Pat
     assert any(p.phase == "scanning" and p.done == 5000 for p in progress)
     assert (progress[-1].phase, progress[-1].done) == ("writing", 1)
     assert manager.get(job.job_id).progress.done == 1
+
+
+def test_each_job_gets_a_thread_that_ends_with_it() -> None:
+    """Jobs run one at a time (max_workers=1), each on its own thread, and no thread outlives its job."""
+    from stagetune.core.jobs import ThreadPerJob
+
+    runner = ThreadPerJob(1, "test-job")
+    gate = threading.Event()
+    seen: list[threading.Thread] = []
+    active = []
+
+    def job(wait: bool) -> None:
+        active.append(1)
+        assert len(active) == 1  # never two at once
+        seen.append(threading.current_thread())
+        if wait:
+            gate.wait(5)
+        active.pop()
+
+    runner.submit(job, True)
+    runner.submit(job, False)
+    runner.submit(job, False)
+    time.sleep(0.1)
+    assert len(seen) == 1  # the others wait for the first
+    gate.set()
+    deadline = time.monotonic() + 5
+    while len(seen) < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    runner.shutdown()
+    assert len({t.name for t in seen}) == 3 and not any(t.is_alive() for t in seen)
+
+    stopped = ThreadPerJob(1, "test-stopped")
+    stopped.shutdown()
+    with pytest.raises(RuntimeError, match="shut down"):
+        stopped.submit(job, False)
