@@ -6,6 +6,7 @@ hit costs one index lookup and a second run over the same data encodes nothing.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import logging
@@ -79,20 +80,16 @@ def encode_missing(
     metrics.CACHE_HITS.labels(stage).inc(stats.hits)
     progress(stats.hits, stats.total)
     if missing:
-        if prepare is not None:
-            balance = CoreBalance()
-            try:
-                with helper_threads(1, f"{stage}-prepare") as ahead:
-                    staged = _staged(encode, prepare, ahead, balance)
-                    _encode_under_leases(stage, unique, missing, key_of, cache, batches, staged,
-                                         write_batch_size, progress, load, stats,
-                                         Leases(cache.store, cache.prefix, owner=owner, ttl=lease_ttl))
-            finally:
-                balance.restore()
-        else:
-            _encode_under_leases(stage, unique, missing, key_of, cache, batches, _plain(encode), write_batch_size,
-                                 progress, load, stats,
-                                 Leases(cache.store, cache.prefix, owner=owner, ttl=lease_ttl))
+        with contextlib.ExitStack() as stack:
+            if prepare is None:
+                unit_encoder = _plain(encode)
+            else:
+                balance = CoreBalance()
+                stack.callback(balance.restore)  # after the helper thread has stopped (exits run last-in first)
+                ahead = stack.enter_context(helper_threads(1, f"{stage}-prepare"))
+                unit_encoder = _staged(encode, prepare, ahead, balance)
+            _encode_under_leases(stage, unique, missing, key_of, cache, batches, unit_encoder, write_batch_size,
+                                 progress, load, stats, Leases(cache.store, cache.prefix, owner=owner, ttl=lease_ttl))
     metrics.CACHE_BYTES.labels(stage).inc(stats.bytes_written)
     stats.seconds = time.perf_counter() - started
     return stats
