@@ -114,6 +114,24 @@ def test_finished_unit_is_done_for_everyone(store: Store) -> None:
         second.close()
 
 
+def test_claim_left_on_a_done_unit_is_swept_by_the_next_claimant(store: Store) -> None:
+    """A replica killed between writing done.json and deleting its claim leaves the claim behind."""
+    unit = unit_id(["k-swept"])
+    killed = Leases(store, PREFIX, ttl=TTL, owner="killed-replica")
+    try:
+        assert killed.claim(unit).outcome is Outcome.WON
+        store.put_bytes(f"{PREFIX}/leases/{unit}/done.json", json.dumps({"format": 1}).encode())
+        assert claims(store, unit) == ["claim-killed-replica.json", "done.json"]
+    finally:
+        killed._stop.set()  # stop its heartbeat without the clean-up a live replica would do
+    later = Leases(store, PREFIX, ttl=TTL)
+    try:
+        assert later.claim(unit).outcome is Outcome.DONE
+        assert claims(store, unit) == ["done.json"]
+    finally:
+        later.close()
+
+
 def test_released_dirty_unit_tells_the_next_holder_to_reread(store: Store) -> None:
     unit = unit_id(["k2"])
     with Leases(store, PREFIX, ttl=TTL) as first, Leases(store, PREFIX, ttl=TTL) as second:

@@ -32,6 +32,9 @@ still works; it notices at its next renewal and drops its unflushed entries, but
 flushed may be encoded a second time by the taker. That costs compute, never correctness: entries are
 content-addressed and the cache index tolerates duplicates.
 
+A claimant that finds a unit done removes any claims still on it (left by a replica killed between
+writing done.json and deleting its claim), so finished work leaves only its done marker behind.
+
 Lease objects are written with `durable=False` (no fsync on a local store): losing one in a power cut
 frees a unit or forgets a done marker, and the cache index, not the markers, says what is encoded.
 """
@@ -218,6 +221,7 @@ class Leases:
             view = self._view(unit)
             if view.done:
                 self._drop_own(unit)
+                self._sweep(unit, view)
                 return ClaimResult(Outcome.DONE)
             number = 1 + max((c.number for c in view.claims.values() if c.state == _READY), default=0)
             mine = self._write_claim(unit, _READY, number, 0)
@@ -250,6 +254,16 @@ class Leases:
             self._lost.discard(unit)
         self._start_heartbeat()
         return ClaimResult(Outcome.WON, stale=stale)
+
+    def _sweep(self, unit: str, view: _UnitView) -> None:
+        """Remove other claims on a done unit: left by a replica killed between its done marker and
+        deleting its claim. Nobody needs a claim on a done unit, a live finisher's included (it deletes
+        its own anyway, and deleting twice is fine), so this waits for no ttl."""
+        for owner in view.claims:
+            try:
+                self.store.delete(self._claim_key(unit, owner))
+            except Exception:  # noqa: BLE001 - tidying only; the next claimant tries again
+                log.debug("could not remove leftover claim of %s on done unit %s", owner, unit, exc_info=True)
 
     def _forget_own(self, unit: str) -> None:
         try:
