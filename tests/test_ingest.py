@@ -268,6 +268,7 @@ def test_bad_files_reported_not_fatal_not_deleted(tmp_path: Path) -> None:
             "is_regularisation_data": False,
             "vae_cache_clear_each_epoch": False,
         },
+        "crop_style": None,
     }
 
 

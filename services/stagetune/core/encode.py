@@ -84,10 +84,8 @@ def encode_missing(
             if prepare is None:
                 unit_encoder = _plain(encode)
             else:
-                balance = CoreBalance()
-                stack.callback(balance.restore)  # after the helper thread has stopped (exits run last-in first)
                 ahead = stack.enter_context(helper_threads(1, f"{stage}-prepare"))
-                unit_encoder = _staged(encode, prepare, ahead, balance)
+                unit_encoder = _staged(encode, prepare, ahead)
             _encode_under_leases(stage, unique, missing, key_of, cache, batches, unit_encoder, write_batch_size,
                                  progress, load, stats, Leases(cache.store, cache.prefix, owner=owner, ttl=lease_ttl))
     metrics.CACHE_BYTES.labels(stage).inc(stats.bytes_written)
@@ -96,13 +94,14 @@ def encode_missing(
 
 
 def helper_threads(count: int, name: str) -> ThreadPoolExecutor:
-    """A pool for work beside the encoder (decoding, tokenising): its own small torch ops run on one thread.
+    """A pool for work beside the encoder (decoding, tokenising, writing shards).
 
-    Otherwise each helper thread's first torch op starts a team of OpenMP workers of its own, which spin
-    on the cores the encoder and the other helpers need.
+    What runs there stays out of torch's compute (numpy, Pillow, tokenizers, I/O): a thread's first torch
+    op starts OpenMP workers of its own, which spin on the cores the encoder needs. Nothing here changes
+    torch's thread count either: in a process running several jobs that setting leaks into other threads,
+    and the trainer's results depend on it (two runs of one config were no longer bit-identical).
     """
-    return ThreadPoolExecutor(max_workers=count, thread_name_prefix=name, initializer=torch.set_num_threads,
-                              initargs=(1,))
+    return ThreadPoolExecutor(max_workers=count, thread_name_prefix=name)
 
 
 #: How many batches `prepare` runs ahead of the encoder.
@@ -121,60 +120,17 @@ def _plain(encode: Callable[[list[Item]], list[dict[str, torch.Tensor]]]) -> Uni
     return run
 
 
-class CoreBalance:
-    """Gives a CPU core from torch to the `prepare` threads when they, not the encoder, are the bottleneck.
-
-    On a CPU-only machine torch's intra-op threads and the threads decoding images share the same cores.
-    When the encoder spends over a quarter of its time waiting for prepared batches, one torch thread is
-    dropped (never below 1) in the encoding thread; the count is restored when the stage ends. On 2 cores
-    this took 64 px VAE caching from ~160 to ~260 images/s, while at 256 px, where the VAE's forward pass
-    dominates, torch keeps both threads (benchmarks/README.md). Latents and embeddings were bit-identical
-    at 1 and 2 threads (tests/test_encode_threads.py), so the choice changes speed only.
-    """
-
-    WAIT_SHARE = 0.25
-    MIN_BATCHES = 4
-
-    def __init__(self) -> None:
-        self.original = torch.get_num_threads()
-        self.waited = 0.0
-        self.busy = 0.0
-        self.batches = 0
-
-    def observe(self, waited: float, busy: float) -> None:
-        self.waited += waited
-        self.busy += busy
-        self.batches += 1
-        if self.batches < self.MIN_BATCHES:
-            return
-        threads = torch.get_num_threads()
-        if threads > 1 and self.waited > self.WAIT_SHARE * (self.waited + self.busy):
-            torch.set_num_threads(threads - 1)
-            log.info("encoder waited %.0f%% of the time for its inputs: torch threads %d -> %d",
-                     100 * self.waited / (self.waited + self.busy), threads, threads - 1)
-        self.waited = self.busy = 0.0
-        self.batches = 0
-
-    def restore(self) -> None:
-        if torch.get_num_threads() != self.original:
-            torch.set_num_threads(self.original)
-
-
 def _staged(encode: Callable[..., list[dict[str, torch.Tensor]]], prepare: Callable[[list[Item]], object],
-            ahead: ThreadPoolExecutor, balance: CoreBalance) -> UnitEncoder:
+            ahead: ThreadPoolExecutor) -> UnitEncoder:
     def run(batches: list[list[Item]]) -> Iterator[list[dict[str, torch.Tensor]]]:
         queued: deque[Future[object]] = deque()
         try:
             for index, batch in enumerate(batches):
                 while len(queued) < LOOKAHEAD + 1 and index + len(queued) < len(batches):
                     queued.append(ahead.submit(prepare, batches[index + len(queued)]))
-                started = time.perf_counter()
                 prepared = queued.popleft().result()
-                ready = time.perf_counter()
                 with torch.inference_mode():
                     outputs = encode(batch, prepared)
-                if index:  # a unit's first batch always waits: the pipeline is filling
-                    balance.observe(ready - started, time.perf_counter() - ready)
                 yield outputs
         finally:  # a lost lease or an error: do not keep decoding batches nobody will encode
             for future in queued:

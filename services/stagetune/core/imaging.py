@@ -284,9 +284,9 @@ def _apply_geometry(image: Image.Image, sample: Any, name: str) -> torch.Tensor:
     image = image.crop((left, top, right, bottom))
     if image.size != target:
         image = image.resize(target, lanczos)
-    array = np.asarray(image, dtype=np.uint8)
-    tensor = torch.from_numpy(array.copy()).permute(2, 0, 1).to(torch.float32)
-    return tensor.div_(127.5).sub_(1.0)
+    # numpy, not torch: this runs on helper threads, which must not start OpenMP workers (core/encode.py).
+    array = np.asarray(image, dtype=np.uint8).astype(np.float32) / np.float32(127.5) - np.float32(1.0)
+    return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
 
 
 __all__ = [

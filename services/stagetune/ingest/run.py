@@ -287,6 +287,7 @@ def run_ingest(
         kept[dataset.id] = candidates
         stats[dataset.id] = counts
         counts["sampling"] = dataset.sampling(train_batch_size)
+        counts["crop_style"] = dataset.crop_style if dataset.crop else None  # epoch crops (trainer/epochs.py)
         counts["effective_batch_size"] = (dataset.train_batch_size or train_batch_size) * (
             world_size * gradient_accumulation_steps
         )

@@ -42,6 +42,13 @@ class TrainData:
     texts: ShardedCache | Any
     text_key: Callable[[str], str]  # caption -> embedding cache key
     report: dict = dataclasses.field(default_factory=dict)  # the ingest report (per-dataset sampling keys)
+    #: (row, epoch) -> latent key, for datasets with vae_cache_clear_each_epoch (see trainer/epochs.py).
+    epoch_latent_key: Callable[[int, int], str] | None = None
+
+    def latent_key(self, row: int, epoch: int) -> str:
+        if self.epoch_latent_key is not None:
+            return self.epoch_latent_key(row, epoch)
+        return self.latent_keys[row]
 
     def flush(self) -> None:
         """Write out what on-demand caches encoded, so other jobs and a resumed run find it."""
@@ -147,11 +154,11 @@ class Trainer:
         self.report.log(f"resuming from checkpoint-{step} (step {self.global_step} of {self.total_steps})")
 
     # -- one step ----------------------------------------------------------------------------
-    def _batch_tensors(self, batch: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _batch_tensors(self, batch: list, epoch: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         latents, embeds, pooled = [], [], []
         for ref in batch:
             row = self.data.rows[ref.row]
-            latents.append(self.data.latents.get(self.data.latent_keys[ref.row])["latents"])
+            latents.append(self.data.latents.get(self.data.latent_key(ref.row, epoch))["latents"])
             captions = row.captions or [""]
             pick = int(torch.randint(len(captions), (1,), generator=self.generator)) if len(captions) > 1 else 0
             caption = captions[pick]
@@ -164,8 +171,8 @@ class Trainer:
                 torch.stack(pooled).to(self.device))
 
     def _micro_step(self) -> float:
-        batch, _ = self.sampler.next_batch()
-        latents, embeds, pooled = self._batch_tensors(list(batch.samples))
+        batch, epoch = self.sampler.next_batch()
+        latents, embeds, pooled = self._batch_tensors(list(batch.samples), epoch)
         noise = torch.randn(latents.shape, generator=self.generator).to(self.device, latents.dtype)
         if self.cfg.noise_offset and float(torch.rand(1, generator=self.generator)) < self.cfg.noise_offset_probability:
             offset = torch.randn((latents.shape[0], latents.shape[1], 1, 1), generator=self.generator)

@@ -169,17 +169,11 @@ class TrainingSampler:
 
 def plans_for(rows: Sequence[Any], report: Mapping[str, Any], default_batch_size: int) -> dict[str, DatasetPlan]:
     """Each dataset's plan from the ingest report's per-dataset `sampling` keys (defaults: SimpleTuner's)."""
-    from stagetune.core.errors import NotSupportedError
-
     datasets = report.get("datasets", {}) if isinstance(report, Mapping) else {}
     plans = {}
     for dataset_id in sorted({str(getattr(row, "dataset_id", "")) for row in rows}):
         entry = datasets.get(dataset_id, {}) if isinstance(datasets, Mapping) else {}
         sampling = entry.get("sampling", {}) if isinstance(entry, Mapping) else {}
-        if sampling.get("vae_cache_clear_each_epoch"):
-            raise NotSupportedError(
-                f"not supported yet: vae_cache_clear_each_epoch=true (dataset {dataset_id!r}); latents are "
-                "content-addressed and computed once per crop", field="vae_cache_clear_each_epoch")
         probability = sampling.get("probability")
         end_step = sampling.get("end_step")
         plans[dataset_id] = DatasetPlan(

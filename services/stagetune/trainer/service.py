@@ -36,11 +36,13 @@ def train_job(ctx: JobContext) -> dict[str, str]:
     text_keys = json.loads(store.get_bytes(req.text_keys))
     family = get_family(cfg.model_family)
     row_keys = [latent_keys[row.sample_id] for row in rows]
+    latents, epoch_latent_key = latent_cache(ShardedCache(store, req.latent_cache), cfg, family, rows, row_keys,
+                                             req.data_backend_config_json, per_epoch=per_epoch_datasets(report))
     data = TrainData(
         rows=rows,
-        latents=latent_cache(ShardedCache(store, req.latent_cache), cfg, family, rows, row_keys,
-                             req.data_backend_config_json),
+        latents=latents,
         latent_keys=row_keys,
+        epoch_latent_key=epoch_latent_key,
         texts=text_cache(ShardedCache(store, req.text_cache), cfg, family, text_keys),
         text_key=text_keys.__getitem__,
         report=report,
@@ -69,19 +71,49 @@ def train_job(ctx: JobContext) -> dict[str, str]:
     return outputs
 
 
+def per_epoch_datasets(report: dict) -> dict[str, str | None]:
+    """Datasets with vae_cache_clear_each_epoch, and their crop style (from the ingest report)."""
+    out = {}
+    for dataset_id, entry in (report.get("datasets") or {}).items():
+        sampling = entry.get("sampling") or {} if isinstance(entry, dict) else {}
+        if sampling.get("vae_cache_clear_each_epoch"):
+            out[str(dataset_id)] = entry.get("crop_style")
+    return out
+
+
 def latent_cache(cache: Any, cfg: Any, family: Any, rows: list, row_keys: list[str],
-                 data_backend_config_json: str = "") -> Any:
-    """The precomputed cache, or (vae_cache_ondemand / vae_cache_disable) one that encodes misses here."""
-    if not (cfg.vae_cache_ondemand or cfg.vae_cache_disable):
-        return cache
+                 data_backend_config_json: str = "", *, per_epoch: dict[str, str | None] | None = None,
+                 ) -> tuple[Any, Any]:
+    """`(latents, epoch_latent_key)`: the precomputed cache, or one that encodes misses here.
+
+    Misses are encoded here with vae_cache_ondemand / vae_cache_disable, and for the later epochs of
+    datasets with vae_cache_clear_each_epoch (`per_epoch`), whose latents are new each epoch.
+    """
+    if not (cfg.vae_cache_ondemand or cfg.vae_cache_disable or per_epoch):
+        return cache, None
     from stagetune.core.ondemand import OnDemandCache
+    from stagetune.trainer.epochs import epoch_row
     from stagetune.vae.encode import DatasetImages, encode_rows
 
     encoder = family.latent_encoder(cfg.pretrained_model_name_or_path, revision=cfg.revision)
     row_for_key = {key: row for key, row in zip(row_keys, rows, strict=True)}
     images = DatasetImages(data_backend_config_json)
-    return OnDemandCache(cache, lambda key: encode_rows(encoder, [row_for_key[key]], images)[0], stage="vae",
-                         write=not cfg.vae_cache_disable, write_batch_size=cfg.write_batch_size)
+    latents = OnDemandCache(cache, lambda key: encode_rows(encoder, [row_for_key[key]], images)[0], stage="vae",
+                            write=not cfg.vae_cache_disable, write_batch_size=cfg.write_batch_size)
+    if not per_epoch:
+        return latents, None
+    seed = int(cfg.seed or 0)
+
+    def epoch_latent_key(index: int, epoch: int) -> str:
+        row = rows[index]
+        if epoch <= 0 or row.dataset_id not in per_epoch:
+            return row_keys[index]
+        seen = epoch_row(row, crop_style=per_epoch[row.dataset_id], seed=seed, epoch=epoch)
+        key = encoder.latent_key(seen.pixel_key)
+        row_for_key[key] = seen
+        return key
+
+    return latents, epoch_latent_key
 
 
 def text_cache(cache: Any, cfg: Any, family: Any, text_keys: dict[str, str]) -> Any:

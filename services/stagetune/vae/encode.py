@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import numpy as np
 import torch
 
 from stagetune.core.encode import chunks
@@ -73,8 +74,12 @@ def batches_by_size(rows: Sequence[ManifestRow], batch_size: int) -> Iterable[li
 def batch_pixels(rows: Sequence[ManifestRow],
                  read_pixels: Callable[[ManifestRow], torch.Tensor] = read_local_pixels,
                  pool: ThreadPoolExecutor | None = None) -> torch.Tensor:
-    """A batch's images read, decoded and shaped into [B, 3, H, W] (in parallel with `pool`)."""
-    return torch.stack(list(pool.map(read_pixels, rows)) if pool is not None else [read_pixels(r) for r in rows])
+    """A batch's images read, decoded and shaped into [B, 3, H, W] (in parallel with `pool`).
+
+    Stacked with numpy: this runs on helper threads, which must not start OpenMP workers (core/encode.py).
+    """
+    images = list(pool.map(read_pixels, rows)) if pool is not None else [read_pixels(r) for r in rows]
+    return torch.from_numpy(np.stack([image.numpy() for image in images]))
 
 
 def encode_rows(encoder: Any, rows: Sequence[ManifestRow],
