@@ -53,3 +53,17 @@ def test_prepared_ahead_encodes_the_same_entries(tmp_path: Path, with_prepare: b
     assert all(cache.get(item)["value"].item() == 2 * float(item[-2:]) for item in items)
     if with_prepare:
         assert prepared_in and all(name.startswith("test-prepare") for name in prepared_in)
+
+
+def test_compute_threads_sets_this_threads_count_and_puts_it_back() -> None:
+    from stagetune.core.encode import PROCESS_THREADS, compute_threads
+    from stagetune.vae.service import READ_WORKERS, encoder_threads
+
+    before = torch.get_num_threads()
+    with compute_threads(1):
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
+    with compute_threads():
+        assert torch.get_num_threads() == PROCESS_THREADS
+    assert encoder_threads(torch.device("cpu")) == max(1, PROCESS_THREADS - READ_WORKERS)
+    assert encoder_threads(torch.device("meta")) == PROCESS_THREADS  # not a CPU: no decoding to make room for

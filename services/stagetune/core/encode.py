@@ -56,6 +56,7 @@ def encode_missing(
     lease_ttl: float | None = None,
     owner: str | None = None,
     prepare: Callable[[list[Item]], object] | None = None,
+    torch_threads: int | None = None,
 ) -> EncodeStats:
     """Encode the items whose key is not in `cache` yet; each distinct key is encoded once.
 
@@ -67,6 +68,7 @@ def encode_missing(
     With `prepare`, the encoder's input is made ahead: while batch *n* is encoded, `prepare` runs on
     batches *n+1* and *n+2* in a background thread, and `encode(batch, prepare(batch))` is called.
     Decoding images releases the GIL, so it overlaps the forward pass instead of alternating with it.
+    `torch_threads` is the encoder's thread count (default `PROCESS_THREADS`; see `compute_threads`).
     """
     started = time.perf_counter()
     if write_batch_size < 1:
@@ -81,6 +83,7 @@ def encode_missing(
     progress(stats.hits, stats.total)
     if missing:
         with contextlib.ExitStack() as stack:
+            stack.enter_context(compute_threads(torch_threads))
             if prepare is None:
                 unit_encoder = _plain(encode)
             else:
@@ -91,6 +94,27 @@ def encode_missing(
     metrics.CACHE_BYTES.labels(stage).inc(stats.bytes_written)
     stats.seconds = time.perf_counter() - started
     return stats
+
+
+#: torch's intra-op thread count as the process started, read before any job sets one.
+PROCESS_THREADS = torch.get_num_threads()
+
+
+@contextlib.contextmanager
+def compute_threads(count: int | None = None) -> Iterator[None]:
+    """Run the block with this thread's torch thread count set explicitly (default: `PROCESS_THREADS`).
+
+    `torch.set_num_threads` also sets the count that threads started later take on, so a count set by
+    one job leaks into others. Every thread that computes therefore sets its own, as a fixed function of
+    the machine and the stage, never of timing: results can depend on the count, and two runs of one
+    config must give the same bits.
+    """
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count or PROCESS_THREADS)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def helper_threads(count: int, name: str) -> ThreadPoolExecutor:

@@ -243,6 +243,12 @@ class Trainer:
 
     # -- the run -----------------------------------------------------------------------------
     def train(self) -> dict[str, str]:
+        from stagetune.core.encode import compute_threads
+
+        with compute_threads():  # never a count another job's thread left behind (see compute_threads)
+            return self._train()
+
+    def _train(self) -> dict[str, str]:
         cfg = self.cfg
         try:
             self._train_steps()

@@ -8,7 +8,7 @@ import os
 import xxhash
 
 from stagetune.core.cache import ShardedCache
-from stagetune.core.encode import encode_missing, helper_threads
+from stagetune.core.encode import PROCESS_THREADS, encode_missing, helper_threads
 from stagetune.core.grpc_server import ServiceBinding, job_service
 from stagetune.core.jobs import JobContext
 from stagetune.core.ondemand import cached_only
@@ -22,6 +22,14 @@ SERVICE = "vae"
 #: One core is left to torch: more readers than spare cores slowed encoding several times on a 2-core
 #: machine (benchmarks/README.md).
 READ_WORKERS = max(1, min(4, (os.cpu_count() or 2) - 1))
+
+
+def encoder_threads(device: object) -> int:
+    """On a CPU the decoding threads need cores of their own: the VAE gets the rest, a fixed number per
+    machine (a count chosen by timing would make latents depend on timing; see `compute_threads`)."""
+    if getattr(device, "type", "cpu") != "cpu":
+        return PROCESS_THREADS
+    return max(1, PROCESS_THREADS - READ_WORKERS)
 
 
 def latent_cache_prefix(fingerprint: str) -> str:
@@ -56,6 +64,7 @@ def vae_job(ctx: JobContext) -> dict[str, str]:
                 prepare=lambda batch: batch_pixels(batch, images, pool),
                 encode=lambda batch, pixels: encode_rows(encoder, batch, pixels=pixels),
                 write_batch_size=req.write_batch_size or 128, load=lambda: encoder.vae,
+                torch_threads=encoder_threads(encoder.device),
                 progress=lambda done, total: ctx.progress("encoding latents", done, total, "images"),
             )
     keys = {row.sample_id: encoder.latent_key(row.pixel_key) for row in rows}
