@@ -121,9 +121,8 @@ def helper_threads(count: int, name: str) -> ThreadPoolExecutor:
     """A pool for work beside the encoder (decoding, tokenising, writing shards).
 
     What runs there stays out of torch's compute (numpy, Pillow, tokenizers, I/O): a thread's first torch
-    op starts OpenMP workers of its own, which spin on the cores the encoder needs. Nothing here changes
-    torch's thread count either: in a process running several jobs that setting leaks into other threads,
-    and the trainer's results depend on it (two runs of one config were no longer bit-identical).
+    op starts OpenMP workers of its own, which spin on the cores the encoder needs. Nor do helpers set
+    torch's thread count: that setting leaks into threads started later (see `compute_threads`).
     """
     return ThreadPoolExecutor(max_workers=count, thread_name_prefix=name)
 

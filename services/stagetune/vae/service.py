@@ -18,9 +18,9 @@ from stagetune.v1 import vae_pb2, vae_pb2_grpc
 from stagetune.vae.encode import DatasetImages, batch_pixels, batches_by_size, encode_rows
 
 SERVICE = "vae"
-#: Threads reading and decoding a batch's images (the batch after next, while the VAE encodes this one).
-#: One core is left to torch: more readers than spare cores slowed encoding several times on a 2-core
-#: machine (benchmarks/README.md).
+#: Threads reading and decoding the next batches' images while the VAE encodes this one. On a CPU the VAE
+#: gets the remaining cores (`encoder_threads`): readers and torch threads fighting over the same cores
+#: slowed encoding several times on a 2-core machine (benchmarks/README.md).
 READ_WORKERS = max(1, min(4, (os.cpu_count() or 2) - 1))
 
 
