@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from stagetune.core.config.dataset import load_data_backend_config
-from stagetune.core.errors import ConfigError, NotSupportedError, PreconditionError
+from stagetune.core.errors import ConfigError, InputError, NotSupportedError, PreconditionError
 from stagetune.core.store.local import LocalStore
 from stagetune.ingest import run_ingest
 from stagetune.ingest.caption_sources import caption_filter, normalise_caption_cell
@@ -151,10 +151,10 @@ def test_table_sizes_must_match_the_files(tmp_path: Path) -> None:
     _image(tmp_path / "data/a.png", (640, 512))
     _write_jsonl(tmp_path / "meta.jsonl", [{"id": "a", "description": "x", "width": 512, "height": 512}])
     entry = _entry(caption_strategy="parquet", metadata_backend="parquet", parquet={"path": "meta.jsonl"})
-    result = _ingest(tmp_path, entry)  # SimpleTuner's defaults: id / description / width / height
-    assert result.samples == []
-    (filtered,) = result.report["filtered"]
-    assert "says 512x512 for 'a' but the file is 640x512" in filtered["reason"]
+    # SimpleTuner's defaults: id / description / width / height; the only file is filtered: nothing to train on
+    with pytest.raises(InputError, match="says 512x512 for 'a' but the file is 640x512") as info:
+        _ingest(tmp_path, entry)
+    assert "dataset 'ds'" in str(info.value) and "a.png" in str(info.value)
 
 
 def test_textfile_captions_with_parquet_sizes(tmp_path: Path) -> None:
@@ -295,9 +295,8 @@ def test_caption_filter_list_from_list_txt_and_json(tmp_path: Path) -> None:
 
 def test_caption_filter_list_empties_and_errors(tmp_path: Path) -> None:
     _image(tmp_path / "data/arafed.png")
-    result = _ingest(tmp_path, _entry(), text_embeds={**TEXT_EMBEDS, "caption_filter_list": ["arafed"]})
-    assert result.samples == []
-    assert "caption empty after caption_filter_list" in result.report["filtered"][0]["reason"]
+    with pytest.raises(InputError, match="arafed.png: caption empty after caption_filter_list"):
+        _ingest(tmp_path, _entry(), text_embeds={**TEXT_EMBEDS, "caption_filter_list": ["arafed"]})
     for value, match in (
         ("filters.csv", "must end in .txt or .json"),
         ("nothere.txt", "file not found"),

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from stagetune.core.config.dataset import SAMPLING_KEYS, load_data_backend_config
-from stagetune.core.errors import ConfigError, NotSupportedError
+from stagetune.core.errors import ConfigError, InputError, NotSupportedError
 from stagetune.core.store.local import LocalStore
 from stagetune.ingest import run_ingest
 from stagetune.ingest.buckets import BucketPlanner, crop_box, shuffle_bucket, split_for_rank
@@ -234,14 +234,18 @@ def test_sampling_settings_are_recorded_per_dataset(tmp_path: Path) -> None:
 def test_per_dataset_train_batch_size_sets_the_bucket_minimum(tmp_path: Path) -> None:
     for i in range(3):
         _image(tmp_path / f"data/img{i}.png", (512, 512), colour=i)
+    with pytest.raises(InputError) as info:  # the only bucket is dropped: nothing left to train on
+        run_ingest(_load(tmp_path, _entry(train_batch_size=4)), _store(tmp_path), train_batch_size=1)
+    assert "dataset 'ds'" in str(info.value) and info.value.field == "ds"
+    assert "train_batch_size 4" in str(info.value) and "repeats ≥ 1 would keep it" in str(info.value)
+    for i in range(4):  # a second bucket that fills a batch of 4: the dataset trains, the square bucket is dropped
+        _image(tmp_path / f"data/wide{i}.png", (1024, 512), colour=10 + i)
     result = run_ingest(_load(tmp_path, _entry(train_batch_size=4)), _store(tmp_path), train_batch_size=1)
-    assert result.samples == []
-    (pruned,) = result.report["pruned_buckets"]
+    (pruned,) = [p for p in result.report["pruned_buckets"] if p["bucket"] == "1.0"]
     assert (pruned["effective_batch_size"], pruned["repeats_needed"]) == (4, 1)
-    assert "train_batch_size 4" in pruned["message"] and "repeats ≥ 1 would keep it" in pruned["message"]
     assert result.report["datasets"]["ds"]["effective_batch_size"] == 4
     kept = run_ingest(_load(tmp_path, _entry(train_batch_size=3)), _store(tmp_path), train_batch_size=8)
-    assert len(kept.samples) == 3
+    assert len(kept.samples) == 7  # batch 3: both buckets are kept whole (the sampler drops short batches)
 
 
 @pytest.mark.parametrize(

@@ -139,13 +139,14 @@ def run_training(
             request_id=f"{run_id}-ingest", data_backend_config_json=backends_json,
             dataset_defaults_json=json.dumps(defaults), base_dir=str(base_dir),
             train_batch_size=cfg.train_batch_size, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-            world_size=1, seed=cfg.seed or 0,
+            world_size=1, seed=cfg.seed or 0, allow_dataset_oversubscription=cfg.allow_dataset_oversubscription,
         ))
         run.phases.append(ingested)
         manifest_id = ingested.outputs["manifest_id"]
         model = common_pb2.ModelRef(name_or_path=cfg.pretrained_model_name_or_path, revision=cfg.revision or "",
                                     family=cfg.model_family)
-        extra = [p for p in [cfg.validation_prompt, cfg.validation_negative_prompt] if p]
+        prompts = [cfg.validation_prompt, cfg.validation_negative_prompt]
+        extra = [] if cfg.validation_disable else [p for p in prompts if p]
         with ThreadPoolExecutor(max_workers=2) as pool:
             latents = pool.submit(phase, "vae", vae, vae_pb2.StartEncodeLatentsRequest(
                 request_id=f"{run_id}-vae", manifest_id=manifest_id, model=model,

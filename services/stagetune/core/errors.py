@@ -7,6 +7,9 @@ without a traceback.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterable, Iterator
+
 
 class StagetuneError(Exception):
     """Base of all errors the product reports to users."""
@@ -16,6 +19,11 @@ class StagetuneError(Exception):
     def __init__(self, message: str, *, field: str | None = None) -> None:
         super().__init__(message)
         self.field = field
+
+    @property
+    def problems(self) -> list[StagetuneError]:
+        """The separate problems this error reports (several for `Problems`), for one BadRequest field each."""
+        return [self]
 
 
 class ConfigError(StagetuneError):
@@ -50,3 +58,67 @@ class PreconditionError(StagetuneError):
     """The request is valid but the system is not in a state to run it."""
 
     grpc_code = "FAILED_PRECONDITION"
+
+
+class NotWritableError(PreconditionError):
+    """A folder, bucket or output the run must write to refuses writes (read-only, no permission, a file)."""
+
+
+class Problems(StagetuneError):
+    """Several problems found in one pass, reported together: a user fixes a config in one round, not seven.
+
+    Raise it through `Collector.raise_if_any`, which raises a lone problem as itself, so callers and tests
+    that expect one error class see that class.
+    """
+
+    def __init__(self, problems: Iterable[StagetuneError], *, where: str = "") -> None:
+        flat = [p for problem in problems for p in problem.problems]
+        if not flat:
+            raise ValueError("Problems needs at least one problem")
+        self._problems = flat
+        codes = {p.grpc_code for p in flat}
+        self.grpc_code = codes.pop() if len(codes) == 1 else "INVALID_ARGUMENT"
+        heading = f"{len(flat)} problems" + (f" in {where}" if where else "") + ":"
+        super().__init__(heading + "".join(f"\n  - {p}" for p in flat), field=flat[0].field)
+
+    @property
+    def problems(self) -> list[StagetuneError]:
+        return list(self._problems)
+
+
+class ConfigProblems(Problems, ConfigError):
+    """Several config problems: still a `ConfigError` for callers that catch config mistakes."""
+
+
+class Collector:
+    """Gathers problems from independent checks, then raises them all at once.
+
+    ``with collector.check(): ...`` records a `StagetuneError` raised inside the block and goes on.
+    """
+
+    def __init__(self) -> None:
+        self.problems: list[StagetuneError] = []
+
+    @contextlib.contextmanager
+    def check(self) -> Iterator[None]:
+        try:
+            yield
+        except StagetuneError as exc:
+            self.add(exc)
+
+    def add(self, error: StagetuneError) -> None:
+        self.problems.extend(error.problems)
+
+    def fields(self) -> set[str]:
+        return {p.field for p in self.problems if p.field}
+
+    def __bool__(self) -> bool:
+        return bool(self.problems)
+
+    def raise_if_any(self, where: str = "") -> None:
+        if not self.problems:
+            return
+        if len(self.problems) == 1:
+            raise self.problems[0]
+        cls = ConfigProblems if all(isinstance(p, ConfigError) for p in self.problems) else Problems
+        raise cls(self.problems, where=where)

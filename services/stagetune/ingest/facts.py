@@ -20,18 +20,24 @@ from stagetune.core.imaging import check_complete, read_image_size
 from stagetune.core.store.base import Store
 
 log = logging.getLogger(__name__)
-FORMAT = 1
+#: 2: reasons no longer start with the file name (identical copies share one entry, so the name is the
+#: reporter's to add, not the cache's).
+FORMAT = 2
 
 
 def image_facts(data: bytes, name: str) -> dict[str, Any]:
-    """`{"size": [W, H]}` (after EXIF rotation), or `{"bad": reason}`; reads headers, never pixels."""
+    """`{"size": [W, H]}` (after EXIF rotation), or `{"bad": reason}`; reads headers, never pixels.
+
+    The reason does not name the file: the facts are keyed by content, and an identical copy elsewhere
+    must be reported under its own name.
+    """
     try:
         if not data:
             raise InputError(f"{name}: empty file (0 bytes)", field=name)
         check_complete(data, name=name)
         return {"size": list(read_image_size(data, name=name))}
     except InputError as exc:
-        return {"bad": str(exc)}
+        return {"bad": str(exc).removeprefix(f"{name}: ")}
 
 
 class ImageFacts:

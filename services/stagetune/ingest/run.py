@@ -18,12 +18,12 @@ import json
 import time
 from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from stagetune.core.config.dataset import DataBackends, DatasetConfig
-from stagetune.core.errors import ConfigError, InputError
+from stagetune.core.errors import Collector, ConfigError, InputError
 from stagetune.core.store.base import Store
 from stagetune.ingest.buckets import (
     ALIGNMENT,
@@ -137,6 +137,49 @@ def _why(error: Exception | None) -> str:
 
 
 
+#: Files named per reason in the "no usable image" message; the ingest report lists them all.
+_EXAMPLES = 3
+
+
+def no_usable_image_error(dataset: DatasetConfig, counts: dict[str, Any], bad_files: list[dict[str, Any]],
+                          filtered: list[dict[str, Any]], pruned: list[dict[str, Any]]) -> InputError:
+    """Why a dataset has nothing to train on, naming files: an empty dataset must stop the run at ingest,
+    before any encoder loads, and say what to fix."""
+    where = dataset.instance_data_dir or f"s3://{dataset.aws_bucket_name}/{dataset.aws_data_prefix or ''}"
+    if not counts["discovered"]:
+        return InputError(
+            f"dataset {dataset.id!r} has no image files in {where}: add images (.jpg, .png, .webp …) or "
+            f"disable the dataset", field=dataset.id)
+    parts = []
+    for label, entries in (("not usable as images", bad_files), ("filtered out", filtered)):
+        mine = [e for e in entries if e.get("dataset_id") == dataset.id]
+        if mine:
+            shown = "; ".join(f"{e['relative_path']}: {e['reason']}" for e in mine[:_EXAMPLES])
+            more = f"; and {len(mine) - _EXAMPLES} more" if len(mine) > _EXAMPLES else ""
+            parts.append(f"{len(mine)} {label} ({shown}{more})")
+    for entry in (e for e in pruned if e.get("dataset_id") == dataset.id):
+        parts.append(entry["message"].removeprefix(f"dataset {dataset.id!r}: "))
+    return InputError(
+        f"dataset {dataset.id!r} in {where} has no usable image ({counts['discovered']} file(s) found): "
+        + "; ".join(parts), field=dataset.id)
+
+
+def _oversubscribed_repeats(dataset: DatasetConfig, by_bucket: dict[str, list[_Candidate]], effective: int,
+                            warnings: list[str]) -> int:
+    """SimpleTuner's allow_dataset_oversubscription: the largest `repeats` any short bucket needs, for the
+    whole dataset, with a warning saying so."""
+    short = [len(members) for members in by_bucket.values() if len(members) * (dataset.repeats + 1) < effective]
+    if not short:
+        return dataset.repeats
+    raised = max(repeats_needed(n, effective) for n in short)
+    images = sum(len(members) for members in by_bucket.values())
+    warnings.append(
+        f"dataset {dataset.id!r}: allow_dataset_oversubscription raised repeats from {dataset.repeats} to {raised}: "
+        f"{images} image(s) for an effective batch of {effective}; each image is seen {raised + 1} times per epoch"
+    )
+    return raised
+
+
 def run_ingest(
     backends: DataBackends,
     store: Store,
@@ -145,13 +188,15 @@ def run_ingest(
     gradient_accumulation_steps: int = 1,
     world_size: int = 1,
     seed: int = 0,
+    allow_dataset_oversubscription: bool = False,
     progress: Progress | None = None,
 ) -> IngestResult:
     """Discover, hash, filter, bucket and caption every enabled dataset; write (or reuse) the manifest.
 
     A bucket with fewer than `train_batch_size × world_size × gradient_accumulation_steps` samples after
     repeats cannot form one batch on every rank, so it is dropped (as SimpleTuner does) with a message
-    giving the `repeats` that would keep it.
+    giving the `repeats` that would keep it. With `allow_dataset_oversubscription`, a dataset that does not
+    set `repeats` itself gets the smallest `repeats` that keeps all its buckets instead (SimpleTuner's rule).
     """
     started = time.monotonic()
     effective_batch = _check_batch_params(train_batch_size, gradient_accumulation_steps, world_size)
@@ -322,6 +367,7 @@ def run_ingest(
                 },
                 "seed": seed,
                 "caption_filter_list": list(filters.items),
+                "allow_dataset_oversubscription": allow_dataset_oversubscription,
             }
         )
     )
@@ -353,24 +399,34 @@ def run_ingest(
         survivors: list[_Candidate] = []
         dataset_batch = dataset.train_batch_size or train_batch_size
         dataset_effective = counts["effective_batch_size"]
+        repeats = dataset.repeats
+        if allow_dataset_oversubscription and not dataset.repeats_set:
+            repeats = _oversubscribed_repeats(dataset, by_bucket, dataset_effective, warnings)
+            if repeats != dataset.repeats:
+                counts["repeats"] = repeats
+                for members in by_bucket.values():
+                    for candidate in members:
+                        candidate.row = replace(candidate.row, repeats=repeats)
         for bucket in sorted(by_bucket, key=float):
             members = by_bucket[bucket]
-            with_repeats = len(members) * (dataset.repeats + 1)
+            with_repeats = len(members) * (repeats + 1)
             if with_repeats < dataset_effective:
                 needed = repeats_needed(len(members), dataset_effective)
                 message = (
                     f"dataset {dataset.id!r}: bucket {bucket} dropped: {len(members)} image(s) × "
-                    f"{dataset.repeats + 1} (repeats={dataset.repeats}) = {with_repeats} sample(s) < "
+                    f"{repeats + 1} (repeats={repeats}) = {with_repeats} sample(s) < "
                     f"{dataset_effective} (train_batch_size {dataset_batch} × GPUs {world_size} × "
                     f"gradient_accumulation_steps {gradient_accumulation_steps}); "
                     f"repeats ≥ {needed} would keep it"
+                    + ("" if allow_dataset_oversubscription else " (or allow_dataset_oversubscription, when the "
+                       "dataset does not set repeats)")
                 )
                 pruned.append(
                     {
                         "dataset_id": dataset.id,
                         "bucket": bucket,
                         "images": len(members),
-                        "repeats": dataset.repeats,
+                        "repeats": repeats,
                         "samples_with_repeats": with_repeats,
                         "effective_batch_size": dataset_effective,
                         "repeats_needed": needed,
@@ -385,8 +441,14 @@ def run_ingest(
         survivors.sort(key=lambda c: c.relative_path)
         samples.extend(c.row for c in survivors)
         counts["samples"] = len(survivors)
-        counts["samples_with_repeats"] = len(survivors) * (dataset.repeats + 1)
+        counts["samples_with_repeats"] = len(survivors) * (repeats + 1)
         bucket_counts[dataset.id] = per_bucket
+
+    problems = Collector()
+    for dataset in datasets:
+        if not stats[dataset.id]["samples"]:
+            problems.add(no_usable_image_error(dataset, stats[dataset.id], bad_files, filtered, pruned))
+    problems.raise_if_any()
 
     totals: dict[str, int] = defaultdict(int)
     for per_bucket in bucket_counts.values():
@@ -410,8 +472,7 @@ def run_ingest(
         "bad_files": bad_files,
         "filtered": filtered,
         "pruned_buckets": pruned,
-        "warnings": warnings
-        + ([] if samples else ["no sample left after filtering and pruning: nothing to train on"]),
+        "warnings": warnings,
     }
     store.put_bytes(rows_key, encode_rows(samples))
     store.put_bytes(rep_key, json.dumps(report, indent=1, sort_keys=True, ensure_ascii=False).encode("utf-8"))

@@ -31,6 +31,7 @@ def ingest_job(ctx: JobContext) -> dict[str, str]:
         gradient_accumulation_steps=req.gradient_accumulation_steps or 1,
         world_size=req.world_size or 1,
         seed=req.seed,
+        allow_dataset_oversubscription=req.allow_dataset_oversubscription,
         progress=lambda phase, done, total: ctx.progress(phase, done, total, "files"),
     )
     report = result.report
@@ -54,6 +55,7 @@ def _report_lines(report: Any) -> list[str]:
         lines.append(f"skipped {path}: {reason.removeprefix(path + ': ')}")
     for pruned in data.get("pruned_buckets", []):
         lines.append(str(pruned.get("message", pruned)))
+    lines.extend(str(w) for w in data.get("warnings", []))
     return lines
 
 

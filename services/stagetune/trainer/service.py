@@ -17,7 +17,7 @@ SERVICE = "trainer"
 
 def train_job(ctx: JobContext) -> dict[str, str]:
     from stagetune.core.cache import ShardedCache
-    from stagetune.core.config.train import load_train_config
+    from stagetune.core.config.train import config_from_json, load_train_config
     from stagetune.core.outputs import open_output
     from stagetune.ingest.manifest import load_manifest, load_report
     from stagetune.models.families import get_family
@@ -26,7 +26,7 @@ def train_job(ctx: JobContext) -> dict[str, str]:
 
     req: trainer_pb2.StartTrainingRequest = ctx.request
     base_dir = Path(req.base_dir) if req.base_dir else None
-    cfg = load_train_config(json.loads(req.config_json), base_dir=base_dir)
+    cfg = load_train_config(config_from_json(req.config_json), base_dir=base_dir)
     for warning in getattr(cfg, "warnings", []):
         ctx.log(warning, "warning")
     store = ctx.store
@@ -51,7 +51,7 @@ def train_job(ctx: JobContext) -> dict[str, str]:
     data.texts.refresh()
     output = open_output(cfg.output_dir, base_dir)
     validator = None
-    if req.validation_endpoint and cfg.validation_prompt:
+    if req.validation_endpoint and cfg.validation_prompt and not cfg.validation_disable:
         validator = ValidationRequester(req.validation_endpoint, store, ctx.job_id, cfg, output_dir=output)
     reporter = Reporter(
         progress=lambda step, total: ctx.progress("training", step, total, "steps"),

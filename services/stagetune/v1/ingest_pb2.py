@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from stagetune.v1 import common_pb2 as stagetune_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19stagetune/v1/ingest.proto\x12\x0cstagetune.v1\x1a\x19stagetune/v1/common.proto\"\xdc\x01\n\x12StartIngestRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12 \n\x18\x64\x61ta_backend_config_json\x18\x02 \x01(\t\x12\x1d\n\x15\x64\x61taset_defaults_json\x18\x03 \x01(\t\x12\x10\n\x08\x62\x61se_dir\x18\x04 \x01(\t\x12\x18\n\x10train_batch_size\x18\x05 \x01(\x05\x12#\n\x1bgradient_accumulation_steps\x18\x06 \x01(\x05\x12\x12\n\nworld_size\x18\x07 \x01(\x05\x12\x0c\n\x04seed\x18\x08 \x01(\x03\x32\xc7\x02\n\rIngestService\x12<\n\x05Start\x12 .stagetune.v1.StartIngestRequest\x1a\x11.stagetune.v1.Job\x12=\n\x05Watch\x12\x1d.stagetune.v1.WatchJobRequest\x1a\x13.stagetune.v1.Event0\x01\x12\x35\n\x03Get\x12\x1b.stagetune.v1.GetJobRequest\x1a\x11.stagetune.v1.Job\x12;\n\x06\x43\x61ncel\x12\x1e.stagetune.v1.CancelJobRequest\x1a\x11.stagetune.v1.Job\x12\x45\n\x04List\x12\x1d.stagetune.v1.ListJobsRequest\x1a\x1e.stagetune.v1.ListJobsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19stagetune/v1/ingest.proto\x12\x0cstagetune.v1\x1a\x19stagetune/v1/common.proto\"\x84\x02\n\x12StartIngestRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12 \n\x18\x64\x61ta_backend_config_json\x18\x02 \x01(\t\x12\x1d\n\x15\x64\x61taset_defaults_json\x18\x03 \x01(\t\x12\x10\n\x08\x62\x61se_dir\x18\x04 \x01(\t\x12\x18\n\x10train_batch_size\x18\x05 \x01(\x05\x12#\n\x1bgradient_accumulation_steps\x18\x06 \x01(\x05\x12\x12\n\nworld_size\x18\x07 \x01(\x05\x12\x0c\n\x04seed\x18\x08 \x01(\x03\x12&\n\x1e\x61llow_dataset_oversubscription\x18\t \x01(\x08\x32\xc7\x02\n\rIngestService\x12<\n\x05Start\x12 .stagetune.v1.StartIngestRequest\x1a\x11.stagetune.v1.Job\x12=\n\x05Watch\x12\x1d.stagetune.v1.WatchJobRequest\x1a\x13.stagetune.v1.Event0\x01\x12\x35\n\x03Get\x12\x1b.stagetune.v1.GetJobRequest\x1a\x11.stagetune.v1.Job\x12;\n\x06\x43\x61ncel\x12\x1e.stagetune.v1.CancelJobRequest\x1a\x11.stagetune.v1.Job\x12\x45\n\x04List\x12\x1d.stagetune.v1.ListJobsRequest\x1a\x1e.stagetune.v1.ListJobsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,7 +33,7 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'stagetune.v1.ingest_pb2', _
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_STARTINGESTREQUEST']._serialized_start=71
-  _globals['_STARTINGESTREQUEST']._serialized_end=291
-  _globals['_INGESTSERVICE']._serialized_start=294
-  _globals['_INGESTSERVICE']._serialized_end=621
+  _globals['_STARTINGESTREQUEST']._serialized_end=331
+  _globals['_INGESTSERVICE']._serialized_start=334
+  _globals['_INGESTSERVICE']._serialized_end=661
 # @@protoc_insertion_point(module_scope)

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from stagetune.v1 import common_pb2 as stagetune_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1astagetune/v1/trainer.proto\x12\x0cstagetune.v1\x1a\x19stagetune/v1/common.proto\"\xf7\x01\n\x14StartTrainingRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x0b\x63onfig_json\x18\x02 \x01(\t\x12\x10\n\x08\x62\x61se_dir\x18\x03 \x01(\t\x12\x13\n\x0bmanifest_id\x18\x04 \x01(\t\x12\x14\n\x0clatent_cache\x18\x05 \x01(\t\x12\x12\n\ntext_cache\x18\x06 \x01(\t\x12\x13\n\x0blatent_keys\x18\x08 \x01(\t\x12\x11\n\ttext_keys\x18\t \x01(\t\x12\x1b\n\x13validation_endpoint\x18\x07 \x01(\t\x12 \n\x18\x64\x61ta_backend_config_json\x18\n \x01(\t2\xca\x02\n\x0eTrainerService\x12>\n\x05Start\x12\".stagetune.v1.StartTrainingRequest\x1a\x11.stagetune.v1.Job\x12=\n\x05Watch\x12\x1d.stagetune.v1.WatchJobRequest\x1a\x13.stagetune.v1.Event0\x01\x12\x35\n\x03Get\x12\x1b.stagetune.v1.GetJobRequest\x1a\x11.stagetune.v1.Job\x12;\n\x06\x43\x61ncel\x12\x1e.stagetune.v1.CancelJobRequest\x1a\x11.stagetune.v1.Job\x12\x45\n\x04List\x12\x1d.stagetune.v1.ListJobsRequest\x1a\x1e.stagetune.v1.ListJobsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1astagetune/v1/trainer.proto\x12\x0cstagetune.v1\x1a\x19stagetune/v1/common.proto\"\x8f\x02\n\x14StartTrainingRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x0b\x63onfig_json\x18\x02 \x01(\t\x12\x10\n\x08\x62\x61se_dir\x18\x03 \x01(\t\x12\x13\n\x0bmanifest_id\x18\x04 \x01(\t\x12\x14\n\x0clatent_cache\x18\x05 \x01(\t\x12\x12\n\ntext_cache\x18\x06 \x01(\t\x12\x13\n\x0blatent_keys\x18\x08 \x01(\t\x12\x11\n\ttext_keys\x18\t \x01(\t\x12\x1b\n\x13validation_endpoint\x18\x07 \x01(\t\x12 \n\x18\x64\x61ta_backend_config_json\x18\n \x01(\t\x12\x16\n\x0erun_lock_owner\x18\x0b \x01(\t2\xca\x02\n\x0eTrainerService\x12>\n\x05Start\x12\".stagetune.v1.StartTrainingRequest\x1a\x11.stagetune.v1.Job\x12=\n\x05Watch\x12\x1d.stagetune.v1.WatchJobRequest\x1a\x13.stagetune.v1.Event0\x01\x12\x35\n\x03Get\x12\x1b.stagetune.v1.GetJobRequest\x1a\x11.stagetune.v1.Job\x12;\n\x06\x43\x61ncel\x12\x1e.stagetune.v1.CancelJobRequest\x1a\x11.stagetune.v1.Job\x12\x45\n\x04List\x12\x1d.stagetune.v1.ListJobsRequest\x1a\x1e.stagetune.v1.ListJobsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,7 +33,7 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'stagetune.v1.trainer_pb2', 
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_STARTTRAININGREQUEST']._serialized_start=72
-  _globals['_STARTTRAININGREQUEST']._serialized_end=319
-  _globals['_TRAINERSERVICE']._serialized_start=322
-  _globals['_TRAINERSERVICE']._serialized_end=652
+  _globals['_STARTTRAININGREQUEST']._serialized_end=343
+  _globals['_TRAINERSERVICE']._serialized_start=346
+  _globals['_TRAINERSERVICE']._serialized_end=676
 # @@protoc_insertion_point(module_scope)

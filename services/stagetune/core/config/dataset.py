@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from stagetune.core.config.keys import check_keys, normalise_key
-from stagetune.core.errors import ConfigError, NotSupportedError
+from stagetune.core.errors import Collector, ConfigError, NotSupportedError
 
 IMAGE_KEYS_SUPPORTED = frozenset(
     {
@@ -319,6 +319,8 @@ class DatasetConfig:
     disable_multiline_split: bool = False
     metadata_backend: str = "discovery"
     repeats: int = 0
+    #: The entry sets `repeats` itself: allow_dataset_oversubscription then leaves it alone (as SimpleTuner).
+    repeats_set: bool = False
     is_regularisation_data: bool = False
     probability: float = 1.0
     vae_batch_size: int | None = None
@@ -831,6 +833,7 @@ def _parse_image_dataset(
         ),
         metadata_backend=metadata_backend,
         repeats=repeats,
+        repeats_set="repeats" in data,
         is_regularisation_data=_bool(reg_raw, dataset_id, "is_regularisation_data"),
         probability=1.0 if probability is None else float(probability),
         vae_batch_size=_int(data.get("vae_batch_size"), dataset_id, "vae_batch_size", None),
@@ -958,6 +961,23 @@ def _parse_text_embeds(entry: Mapping[str, Any], base_dir: Path | None = None) -
     )
 
 
+def _parse_entry(index: int, entry: Any, seen: set[str], defaults: Mapping[str, Any], base_dir: Path | None
+                 ) -> DatasetConfig | TextEmbedsConfig:
+    if not isinstance(entry, Mapping):
+        raise ConfigError(f"entry {index} of the data backend config is not an object", field="data_backend_config")
+    normalised = {normalise_key(k): v for k, v in entry.items()}
+    raw_id = normalised.get("id")
+    if not isinstance(raw_id, str) or not raw_id.strip():
+        raise ConfigError(f"entry {index} of the data backend config has no 'id'", field="id")
+    if raw_id in seen:
+        raise ConfigError(f"dataset id {raw_id!r} is used twice", field="id")
+    seen.add(raw_id)
+    dataset_type = str(normalised.get("dataset_type") or "image").strip().lower()
+    if dataset_type == "text_embeds":
+        return _parse_text_embeds(entry, base_dir)
+    return _parse_image_dataset(entry, defaults, base_dir)
+
+
 def load_data_backend_config(
     source: Path | str | list[Any],
     *,
@@ -978,13 +998,20 @@ def load_data_backend_config(
             entries = json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise ConfigError(f"data backend config not found: {path}", field="data_backend_config") from None
+        except IsADirectoryError:
+            raise ConfigError(f"data backend config {path} is a folder; give the path of multidatabackend.json",
+                              field="data_backend_config") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"cannot read data backend config {path}: {exc}", field="data_backend_config") from None
         except json.JSONDecodeError as exc:
             raise ConfigError(f"{path} is not valid JSON: {exc}", field="data_backend_config") from None
     else:
         entries = source
     if not isinstance(entries, list):
+        kind = {dict: "an object", str: "a string"}.get(type(entries), type(entries).__name__)
         raise ConfigError(
-            "multidatabackend.json must be a JSON list of dataset objects", field="data_backend_config"
+            f"{source_name or 'multidatabackend.json'} must be a JSON list of dataset objects, got {kind}",
+            field="data_backend_config",
         )
     global_defaults = {normalise_key(k): v for k, v in (defaults or {}).items()}
     global_defaults = {k: v for k, v in global_defaults.items() if k in GLOBAL_DEFAULTS}
@@ -992,23 +1019,12 @@ def load_data_backend_config(
     datasets: list[DatasetConfig] = []
     text_embeds: list[TextEmbedsConfig] = []
     seen: set[str] = set()
+    problems = Collector()  # every entry is checked, and all their problems reported at once
     for index, entry in enumerate(entries):
-        if not isinstance(entry, Mapping):
-            raise ConfigError(
-                f"entry {index} of the data backend config is not an object", field="data_backend_config"
-            )
-        normalised = {normalise_key(k): v for k, v in entry.items()}
-        raw_id = normalised.get("id")
-        if not isinstance(raw_id, str) or not raw_id.strip():
-            raise ConfigError(f"entry {index} of the data backend config has no 'id'", field="id")
-        if raw_id in seen:
-            raise ConfigError(f"dataset id {raw_id!r} is used twice", field="id")
-        seen.add(raw_id)
-        dataset_type = str(normalised.get("dataset_type") or "image").strip().lower()
-        if dataset_type == "text_embeds":
-            text_embeds.append(_parse_text_embeds(entry, base_dir))
-        else:
-            datasets.append(_parse_image_dataset(entry, global_defaults, base_dir))
+        with problems.check():
+            parsed = _parse_entry(index, entry, seen, global_defaults, base_dir)
+            (text_embeds if isinstance(parsed, TextEmbedsConfig) else datasets).append(parsed)
+    problems.raise_if_any(source_name or "multidatabackend.json")
 
     enabled_text = [t for t in text_embeds if not t.disabled]
     if not enabled_text:

@@ -30,7 +30,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from stagetune.core.config import simpletuner_keys as st
 from stagetune.core.config.keys import check_keys, normalise_key, suggest, unknown_key_error
-from stagetune.core.errors import ConfigError, NotSupportedError
+from stagetune.core.config.no_effect import NO_EFFECT
+from stagetune.core.errors import Collector, ConfigError, NotSupportedError
 
 WHERE = "config.json"
 
@@ -66,9 +67,6 @@ SUPPORTED_VALUES: dict[str, frozenset[Any]] = {
     "text_encoder_1_precision": frozenset({"no_change"}),
     "text_encoder_2_precision": frozenset({"no_change"}),
     "text_encoder_3_precision": frozenset({"no_change"}),
-    "report_to": frozenset({"none"}),
-    "push_to_hub": frozenset({False}),
-    "validation_preview": frozenset({False}),
 }
 
 
@@ -198,10 +196,11 @@ class TrainConfig(BaseModel):
     text_encoder_2_precision: Literal["no_change"] = "no_change"
     text_encoder_3_precision: Literal["no_change"] = "no_change"
 
+    validation_disable: bool = _default("validation_disable")  # no validation images at all
+    # ingest raises a too-small dataset's repeats (unless it sets repeats itself) instead of dropping buckets
+    allow_dataset_oversubscription: bool = _default("allow_dataset_oversubscription")
+
     # accepted, with no effect until the feature they belong to exists
-    report_to: Literal["none"] = "none"
-    push_to_hub: Literal[False] = False
-    validation_preview: Literal[False] = False
     validation_preview_steps: int = Field(_default("validation_preview_steps"), ge=1)
     base_model_default_dtype: Literal["bf16", "fp32"] = _default("base_model_default_dtype")  # only when quantising
     quantize_via: Literal["cpu", "accelerator", "pipeline"] = _default("quantize_via")
@@ -211,6 +210,8 @@ class TrainConfig(BaseModel):
     source_path: Path | None = None
     explicit_keys: frozenset[str] = frozenset()  # TrainConfig fields the user set (in file or overrides)
     warnings: list[str] = Field(default_factory=list)
+    #: Options accepted for a user's unchanged config that change nothing here (config/no_effect.py), as given.
+    no_effect: dict[str, Any] = Field(default_factory=dict)
 
     def dataset_defaults(self) -> dict[str, Any]:
         """config.json's dataset-level values, for datasets in multidatabackend.json that do not set them."""
@@ -239,7 +240,7 @@ DATASET_DEFAULT_KEYS = (
 SUPPORTED_KEYS = frozenset(
     KEY_FOR_FIELD.get(name, name)
     for name in TrainConfig.model_fields
-    if name not in {"user_prompts", "base_dir", "source_path", "explicit_keys", "warnings"}
+    if name not in {"user_prompts", "base_dir", "source_path", "explicit_keys", "warnings", "no_effect"}
 )
 
 _ENV_PATTERN = re.compile(r"\{env:([^{}]*)\}")
@@ -467,16 +468,48 @@ def load_user_prompt_library(path: Path) -> dict[str, str]:
 def _read_source(source: Path | str | Mapping[str, Any]) -> tuple[dict[str, Any], Path | None]:
     if isinstance(source, Mapping):
         return dict(source), None
+    if not isinstance(source, str | os.PathLike):
+        raise ConfigError(
+            f"{WHERE} must be a JSON object of option -> value, got {_json_kind(source)}", field="config"
+        )
     path = Path(source)
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise ConfigError(f"config file not found: {path}") from None
+        raise ConfigError(f"config file not found: {path}", field="config") from None
+    except IsADirectoryError:
+        raise ConfigError(f"config file {path} is a folder; give the path of config.json", field="config") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc}", field="config") from None
     except json.JSONDecodeError as exc:
-        raise ConfigError(f"{path} is not valid JSON: {exc}") from None
+        raise ConfigError(f"{path} is not valid JSON: {exc}", field="config") from None
     if not isinstance(data, dict):
-        raise ConfigError(f"{path} must be a JSON object of option -> value")
+        raise ConfigError(
+            f"{path} must be a JSON object of option -> value, got {_json_kind(data)}", field="config"
+        )
     return data, path
+
+
+def config_from_json(text: str, where: str = WHERE) -> dict[str, Any]:
+    """config.json as JSON text (what the gRPC API carries): a JSON object, or a ConfigError naming what it is.
+
+    Never pass the parsed value to `load_train_config` unchecked: a JSON string would be read as a path.
+    """
+    try:
+        data = json.loads(text)
+    except (TypeError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"{where} is not valid JSON: {exc}", field="config_json") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where} must be a JSON object of option -> value, got {_json_kind(data)}",
+                          field="config_json")
+    return data
+
+
+def _json_kind(value: Any) -> str:
+    """How a user would name what they wrote: 'a list', 'a string', ..."""
+    kinds = {list: "a list", str: "a string", bool: "a boolean", int: "a number", float: "a number",
+             type(None): "null"}
+    return kinds.get(type(value), type(value).__name__)
 
 
 def _canonical(raw: Mapping[str, Any], what: str) -> dict[str, tuple[str, Any]]:
@@ -516,6 +549,7 @@ def load_train_config(
     """
     data, source_path = _read_source(source)
     base = Path(base_dir) if base_dir is not None else Path.cwd()
+    problems = Collector()  # every refused key and bad value, reported together
     merged = _canonical(data, WHERE)
     for key, item in _canonical(overrides or {}, "overrides").items():
         merged[key] = item
@@ -524,20 +558,23 @@ def load_train_config(
     values: dict[str, Any] = {}
     known = SUPPORTED_KEYS | set(st.OPTIONS) | set(st.LEGACY_OPTIONS) | st.IGNORED_KEYS
     for key, (raw_key, value) in merged.items():
-        value = _expand_env(value, key)
-        if value is None or (isinstance(value, str) and not value.strip() and key not in ALLOW_EMPTY):
-            if key not in known:
-                raise unknown_key_error(key, known, WHERE)
-            continue  # SimpleTuner skips null and empty values: its default applies
-        if key in st.IGNORED_KEYS:
-            warnings.append(
-                f"{raw_key} is ignored in {WHERE} (SimpleTuner ignores it too; per-dataset options go in "
-                "multidatabackend.json)"
-            )
-            continue
-        values[key] = value
+        with problems.check():
+            value = _expand_env(value, key)
+            if value is None or (isinstance(value, str) and not value.strip() and key not in ALLOW_EMPTY):
+                if key not in known:
+                    raise unknown_key_error(key, known, WHERE)
+                continue  # SimpleTuner skips null and empty values: its default applies
+            if key in st.IGNORED_KEYS:
+                warnings.append(
+                    f"{raw_key} is ignored in {WHERE} (SimpleTuner ignores it too; per-dataset options go in "
+                    "multidatabackend.json)"
+                )
+                continue
+            values[key] = value
 
-    unsupported = (set(st.OPTIONS) | set(st.LEGACY_OPTIONS)) - SUPPORTED_KEYS
+    no_effect = {key: values.pop(key) for key in list(values) if key in NO_EFFECT and key not in SUPPORTED_KEYS}
+    accepted = _convert_no_effect(no_effect, warnings, problems)
+    unsupported = (set(st.OPTIONS) | set(st.LEGACY_OPTIONS)) - SUPPORTED_KEYS - NO_EFFECT.keys()
     inert = {key: (values[key],) for key in unsupported & values.keys() if _is_default(key, values[key])}
     given = check_keys(
         values,
@@ -545,28 +582,12 @@ def load_train_config(
         recognised_unsupported=unsupported,
         where=WHERE,
         inert_values=inert,
+        problems=problems,
     )
 
-    fields = _convert_supported(given)
+    fields = _convert_supported(given, problems)
     explicit = frozenset(fields)
-
-    if "model_type" not in fields:
-        raise NotSupportedError(
-            f"not supported yet: model_type=full (SimpleTuner's default when {WHERE} does not set "
-            "model_type); set model_type to lora",
-            field="model_type",
-        )
-    if "model_family" not in fields:
-        raise ConfigError(f"model_family is required in {WHERE} (stagetune supports sd3)", field="model_family")
-    if "pretrained_model_name_or_path" not in fields:
-        raise ConfigError(
-            f"pretrained_model_name_or_path is required in {WHERE}", field="pretrained_model_name_or_path"
-        )
-    if "optimizer" not in fields:
-        warnings.append(
-            "optimizer not set: SimpleTuner's default adamw_bf16 is not supported yet, using torch-adamw "
-            "(torch.optim.AdamW)"
-        )
+    _check_required(fields, problems, warnings)
 
     output_dir = Path(fields.get("output_dir", _default("output_dir"))).expanduser()
     fields["output_dir"] = output_dir if output_dir.is_absolute() else base / output_dir
@@ -575,60 +596,109 @@ def load_train_config(
     if "user_prompt_library" in fields:
         library = _resolve_path(fields["user_prompt_library"], base, source_path)
         fields["user_prompt_library"] = library
-        fields["user_prompts"] = load_user_prompt_library(library)
+        with problems.check():
+            fields["user_prompts"] = load_user_prompt_library(library)
 
-    _cross_check(fields, explicit, warnings)
+    with problems.check():
+        _cross_check(fields, explicit, warnings)
 
+    config = None
     try:
         config = TrainConfig(
-            **fields, base_dir=base, source_path=source_path, explicit_keys=explicit, warnings=warnings
+            **fields, base_dir=base, source_path=source_path, explicit_keys=explicit, warnings=warnings,
+            no_effect=accepted,
         )
     except ValidationError as exc:
-        error = exc.errors()[0]
-        field = str(error["loc"][0]) if error["loc"] else None
-        raise ConfigError(f"{field}: {error['msg']} (got {error.get('input')!r})", field=field) from None
+        reported = problems.fields()
+        for error in exc.errors():
+            field = str(error["loc"][0]) if error["loc"] else None
+            if field not in reported:
+                problems.add(ConfigError(f"{field}: {error['msg']} (got {error.get('input')!r})", field=field))
+    problems.raise_if_any(WHERE)
+    assert config is not None
     _warn_after(config)
     return config
 
 
-def _convert_supported(given: Mapping[str, Any]) -> dict[str, Any]:
+def _check_required(fields: dict[str, Any], problems: Collector, warnings: list[str]) -> None:
+    """Keys SimpleTuner cannot do without (or whose default stagetune does not offer)."""
+    if "model_type" not in fields and "model_type" not in problems.fields():
+        problems.add(NotSupportedError(
+            f"not supported yet: model_type=full (SimpleTuner's default when {WHERE} does not set "
+            "model_type); set model_type to lora",
+            field="model_type",
+        ))
+    if "model_family" not in fields and "model_family" not in problems.fields():
+        problems.add(ConfigError(f"model_family is required in {WHERE} (stagetune supports sd3)",
+                                 field="model_family"))
+    if "pretrained_model_name_or_path" not in fields:
+        problems.add(ConfigError(
+            f"pretrained_model_name_or_path is required in {WHERE}", field="pretrained_model_name_or_path"
+        ))
+    if "optimizer" not in fields and "optimizer" not in problems.fields():
+        warnings.append(
+            "optimizer not set: SimpleTuner's default adamw_bf16 is not supported yet, using torch-adamw "
+            "(torch.optim.AdamW)"
+        )
+
+
+def _convert_no_effect(given: Mapping[str, Any], warnings: list[str], problems: Collector) -> dict[str, Any]:
+    """Check no-effect options as SimpleTuner parses them; note the ones set away from its default."""
+    accepted: dict[str, Any] = {}
+    for key, value in given.items():
+        with problems.check():
+            option = _opt(key)
+            converted = _coerce(key, value, option.type)
+            if isinstance(converted, str):
+                converted = converted.strip()
+            _check_choice(key, converted, option.choices)
+            accepted[key] = converted
+            if not _is_default(key, value):
+                warnings.append(f"{key}={_show(converted)} changes nothing here: {NO_EFFECT[key]}")
+    return accepted
+
+
+def _convert_supported(given: Mapping[str, Any], problems: Collector) -> dict[str, Any]:
     """Typed values for TrainConfig, with SimpleTuner's value rules and our not-supported-yet checks."""
     fields: dict[str, Any] = {}
     for key, value in given.items():
-        option = _opt(key)
-        name = FIELD_FOR_KEY.get(key, key)
-        if key == "optimizer":
-            fields[name] = _convert_optimizer(value)
-            continue
-        if key == "validation_resolution":
-            fields[name] = parse_validation_resolution(value)
-            continue
-        if key == "validation_guidance_skip_layers":
-            fields[name] = _parse_skip_layers(value, key)
-            continue
-        if key in ("resolution", "minimum_image_size", "maximum_image_size", "target_downsample_size"):
-            # pixels (int) or, with resolution_type "area", megapixels (float), as in multidatabackend.json
-            number = _coerce(key, value, "float")
-            fields[name] = int(number) if number.is_integer() and not _is_float_literal(value) else number
-            continue
-        if key == "resume_from_checkpoint":
-            fields[name] = _convert_resume(value)
-            continue
-        converted = _coerce(key, value, option.type)
-        if isinstance(converted, str):
-            converted = converted.strip()
-        if key == "lr_scheduler" and converted == "cosine_with_warmup":
-            converted = "cosine"  # SimpleTuner's alias
-        if key == "caption_strategy" and converted == "instance_prompt":
-            converted = "instanceprompt"
-        choices = option.choices
-        if key == "caption_strategy":
-            choices = (*(choices or ()), "instanceprompt")
-        _check_choice(key, converted, choices)
-        if key == "validation_prompt" and converted == "":
-            converted = None
-        fields[name] = converted
+        with problems.check():
+            _convert_one(key, value, fields)
     return fields
+
+
+def _convert_one(key: str, value: Any, fields: dict[str, Any]) -> None:
+    """One option's typed value into `fields` (under its TrainConfig name)."""
+    option = _opt(key)
+    name = FIELD_FOR_KEY.get(key, key)
+    special = {
+        "optimizer": _convert_optimizer,
+        "validation_resolution": parse_validation_resolution,
+        "validation_guidance_skip_layers": lambda v: _parse_skip_layers(v, key),
+        "resume_from_checkpoint": _convert_resume,
+    }
+    if key in special:
+        fields[name] = special[key](value)
+        return
+    if key in ("resolution", "minimum_image_size", "maximum_image_size", "target_downsample_size"):
+        # pixels (int) or, with resolution_type "area", megapixels (float), as in multidatabackend.json
+        number = _coerce(key, value, "float")
+        fields[name] = int(number) if number.is_integer() and not _is_float_literal(value) else number
+        return
+    converted = _coerce(key, value, option.type)
+    if isinstance(converted, str):
+        converted = converted.strip()
+    if key == "lr_scheduler" and converted == "cosine_with_warmup":
+        converted = "cosine"  # SimpleTuner's alias
+    if key == "caption_strategy" and converted == "instance_prompt":
+        converted = "instanceprompt"
+    choices = option.choices
+    if key == "caption_strategy":
+        choices = (*(choices or ()), "instanceprompt")
+    _check_choice(key, converted, choices)
+    if key == "validation_prompt" and converted == "":
+        converted = None
+    fields[name] = converted
 
 
 def _is_float_literal(value: Any) -> bool:

@@ -1,0 +1,238 @@
+"""Config and dataset mistakes are reported early, all at once, and name what to fix.
+
+Also: the SimpleTuner options that change nothing about training are accepted (config/no_effect.py),
+`allow_dataset_oversubscription` raises repeats as SimpleTuner does, and a dataset with nothing usable
+stops ingest naming every reason.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from PIL import Image
+
+from stagetune.core.config import simpletuner_keys as st
+from stagetune.core.config.dataset import load_data_backend_config
+from stagetune.core.config.no_effect import NO_EFFECT
+from stagetune.core.config.train import SUPPORTED_KEYS, TrainConfig, config_from_json, load_train_config
+from stagetune.core.errors import ConfigError, ConfigProblems, InputError, NotSupportedError
+from stagetune.core.store.local import LocalStore
+from stagetune.ingest.run import run_ingest
+
+BASE = {"model_type": "lora", "model_family": "sd3", "pretrained_model_name_or_path": "/m", "max_train_steps": 4}
+TEXT_EMBEDS = {"id": "text", "dataset_type": "text_embeds", "default": True}
+
+
+def _image(path: Path, size: tuple[int, int] = (256, 256), colour: int = 90) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, (colour, 40, 200)).save(path)
+    return path
+
+
+def _ingest(tmp_path: Path, entry: dict[str, Any], **kwargs: Any):
+    backends = load_data_backend_config([entry, TEXT_EMBEDS], base_dir=tmp_path)
+    return run_ingest(backends, LocalStore(tmp_path / "store", fsync=False), **{"train_batch_size": 1, **kwargs})
+
+
+def _entry(**kwargs: Any) -> dict[str, Any]:
+    return {"id": "ds", "instance_data_dir": "data", "resolution": 256, "resolution_type": "pixel", **kwargs}
+
+
+# ----------------------------------------------------------------------------------------- config.json
+
+
+@pytest.mark.parametrize(("text", "kind"), [("[]", "a list"), ('"sd3"', "a string"), ("3", "a number"),
+                                            ("null", "null")])
+def test_config_that_is_not_an_object_is_a_clear_error(tmp_path: Path, text: str, kind: str) -> None:
+    path = tmp_path / "config.json"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=f"must be a JSON object of option -> value, got {kind}") as info:
+        load_train_config(path)
+    assert info.value.field == "config"
+    with pytest.raises(ConfigError, match=f"got {kind}") as info:
+        config_from_json(text)  # the JSON text, as the gRPC API receives it
+    assert info.value.field == "config_json"
+
+
+def test_every_refused_key_and_bad_value_is_reported_at_once() -> None:
+    config = {
+        **BASE,
+        "learnin_rate": 1e-4,  # typo
+        "base_model_precision": "int8-quanto",  # not built yet
+        "lora_rank": 0,  # out of range
+        "validation_resolution": "huge",  # unparsable
+        "--train_batch_size": "two",  # wrong type
+    }
+    with pytest.raises(ConfigProblems) as info:
+        load_train_config(config)
+    problems = info.value.problems
+    assert {p.field for p in problems} == {
+        "learnin_rate", "base_model_precision", "lora_rank", "validation_resolution", "train_batch_size"}
+    assert isinstance(info.value, ConfigError) and info.value.grpc_code == "INVALID_ARGUMENT"
+    message = str(info.value)
+    assert message.startswith("5 problems in config.json:")
+    assert "did you mean 'learning_rate'" in message and "not supported yet: base_model_precision" in message
+    assert sum(isinstance(p, NotSupportedError) for p in problems) == 1
+    assert message.count("\n  - ") == 5  # one line each, each once
+
+
+def test_a_single_problem_keeps_its_own_class() -> None:
+    with pytest.raises(NotSupportedError) as info:
+        load_train_config({**BASE, "base_model_precision": "int8-quanto"})
+    assert not isinstance(info.value, ConfigProblems) and info.value.field == "base_model_precision"
+
+
+def test_missing_required_keys_are_reported_together_with_typos() -> None:
+    with pytest.raises(ConfigProblems) as info:
+        load_train_config({"model_typ": "lora", "max_train_steps": 1})
+    assert {p.field for p in info.value.problems} == {
+        "model_typ", "model_type", "model_family", "pretrained_model_name_or_path"}
+
+
+# ------------------------------------------------------------------------------ options with no effect
+
+
+def test_no_effect_options_are_simpletuner_options_and_not_trainconfig_fields() -> None:
+    assert set(NO_EFFECT) <= set(st.OPTIONS)
+    assert not set(NO_EFFECT) & SUPPORTED_KEYS
+    assert {"report_to", "push_to_hub", "disable_benchmark", "validation_preview", "logging_dir"} <= set(NO_EFFECT)
+
+
+def test_every_no_effect_option_loads_at_a_non_default_value() -> None:
+    for key, option in NO_EFFECT.items():
+        spec = st.OPTIONS[key]
+        if spec.choices:
+            value = next(c for c in spec.choices if c != spec.default)
+        elif spec.type == "bool":
+            value = not spec.default
+        elif spec.type == "int":
+            value = (spec.default or 0) + 3
+        else:
+            value = "something-else"
+        config = load_train_config({**BASE, key: value})
+        assert config.no_effect[key] == value, key
+        assert any(w.startswith(f"{key}=") and option in w for w in config.warnings), key
+
+
+def test_no_effect_options_are_still_checked_and_quiet_at_their_default() -> None:
+    with pytest.raises(ConfigError, match="did you mean 'wandb'") as info:
+        load_train_config({**BASE, "report_to": "wandbb"})
+    assert info.value.field == "report_to"
+    with pytest.raises(ConfigError, match="expected true or false"):
+        load_train_config({**BASE, "push_to_hub": "perhaps"})
+    quiet = load_train_config({**BASE, "report_to": "none", "disable_benchmark": False, "--push_to_hub": "false"})
+    assert not any(w.split("=")[0] in NO_EFFECT for w in quiet.warnings)
+
+
+def test_the_users_unchanged_config_with_logging_and_benchmark_keys_loads() -> None:
+    config = load_train_config({
+        **BASE, "validation_disable": True, "disable_benchmark": True, "report_to": "wandb",
+        "tracker_project_name": "mine", "push_to_hub": True, "hub_model_id": "me/lora",
+        "allow_dataset_oversubscription": True,
+    })
+    assert config.validation_disable is True and config.allow_dataset_oversubscription is True
+    assert config.no_effect["report_to"] == "wandb"
+
+
+def test_trainconfig_fields_exist_for_implemented_keys() -> None:
+    assert {"validation_disable", "allow_dataset_oversubscription"} <= set(TrainConfig.model_fields)
+    assert TrainConfig.model_fields["validation_disable"].default is False
+
+
+# --------------------------------------------------------------------------------- multidatabackend.json
+
+
+def test_dataset_config_problems_across_entries_are_reported_at_once(tmp_path: Path) -> None:
+    entries = [
+        _entry(id="a", resolutoin=512),  # typo
+        _entry(id="b", crop_style="face"),  # not built yet
+        _entry(id="c", repeats=-1),  # bad value
+        TEXT_EMBEDS,
+    ]
+    with pytest.raises(ConfigProblems) as info:
+        load_data_backend_config(entries, base_dir=tmp_path)
+    assert [p.field for p in info.value.problems] == ["resolutoin", "crop_style", "repeats"]
+    assert "'a'" in str(info.value) and "'b'" in str(info.value) and "'c'" in str(info.value)
+
+
+@pytest.mark.parametrize(("text", "kind"), [("{}", "an object"), ('"x"', "a string")])
+def test_dataset_config_that_is_not_a_list(tmp_path: Path, text: str, kind: str) -> None:
+    path = tmp_path / "multidatabackend.json"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=f"must be a JSON list of dataset objects, got {kind}"):
+        load_data_backend_config(path)
+
+
+# ------------------------------------------------------------------- datasets with nothing to train on
+
+
+def test_empty_dataset_fails_at_ingest_naming_it(tmp_path: Path) -> None:
+    (tmp_path / "data").mkdir()
+    with pytest.raises(InputError, match=r"dataset 'ds' has no image files in .*data") as info:
+        _ingest(tmp_path, _entry())
+    assert info.value.field == "ds"
+    assert not list((tmp_path / "store").glob("manifests/*/report.json"))  # no manifest written
+
+
+def test_dataset_of_only_bad_files_names_each_file_and_reason(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "empty.png").write_bytes(b"")
+    (data / "notes.jpg").write_text("not a picture")
+    whole = _image(tmp_path / "whole.png").read_bytes()
+    (data / "cut.png").write_bytes(whole[: len(whole) // 2])
+    _image(data / "tiny.png", (64, 64))
+    before = {p.name: p.read_bytes() for p in data.iterdir()}
+    with pytest.raises(InputError) as info:
+        _ingest(tmp_path, _entry(minimum_image_size=128))
+    message = str(info.value)
+    assert "dataset 'ds'" in message and "(4 file(s) found)" in message
+    assert "empty.png: empty file" in message and "notes.jpg: not an image" in message
+    assert "cut.png: truncated PNG" in message and "tiny.png:" in message and "minimum_image_size" in message
+    assert {p.name: p.read_bytes() for p in data.iterdir()} == before  # nothing deleted or changed
+
+
+def test_identical_bad_copies_are_reported_under_their_own_names(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    for name in ("first.png", "second.png"):
+        path = data / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)  # the same broken bytes twice
+    _image(data / "good.png")
+    result = _ingest(tmp_path, _entry())
+    bad = {Path(b["path"]).name: b["reason"] for b in result.report["bad_files"]}
+    assert set(bad) == {"first.png", "second.png"}
+    assert not any("first" in reason or "second" in reason for reason in bad.values())
+    again = _ingest(tmp_path, _entry())  # from the facts cache, keyed by content
+    assert {Path(b["path"]).name for b in again.report["bad_files"]} == {"first.png", "second.png"}
+
+
+# -------------------------------------------------------------------- allow_dataset_oversubscription
+
+
+def test_oversubscription_raises_repeats_as_simpletuner_does(tmp_path: Path) -> None:
+    for i in range(3):
+        _image(tmp_path / f"data/sq{i}.png", colour=i)
+    _image(tmp_path / "data/wide.png", (512, 256))
+    # effective batch 2 × 2 GPUs × 1 = 4: squares need repeats 1 (3 × 2), the one wide image repeats 3 (1 × 4)
+    with pytest.raises(InputError, match="allow_dataset_oversubscription"):
+        _ingest(tmp_path, _entry(), train_batch_size=2, world_size=2)
+    result = _ingest(tmp_path, _entry(), train_batch_size=2, world_size=2, allow_dataset_oversubscription=True)
+    assert {r.bucket for r in result.samples} == {"1.0", "2.0"}
+    assert {r.repeats for r in result.samples} == {3}  # the largest need, for the whole dataset
+    assert result.report["pruned_buckets"] == []
+    assert any("raised repeats from 0 to 3" in w for w in result.report["warnings"])
+    assert result.report["datasets"]["ds"]["samples_with_repeats"] == 16
+
+
+def test_oversubscription_leaves_repeats_the_dataset_sets(tmp_path: Path) -> None:
+    for i in range(3):
+        _image(tmp_path / f"data/sq{i}.png", colour=i)
+    for i in range(4):
+        _image(tmp_path / f"data/wide{i}.png", (512, 256), colour=50 + i)
+    result = _ingest(tmp_path, _entry(repeats=0), train_batch_size=4, allow_dataset_oversubscription=True)
+    assert {r.bucket for r in result.samples} == {"2.0"} and {r.repeats for r in result.samples} == {0}
+    (pruned,) = result.report["pruned_buckets"]
+    assert pruned["bucket"] == "1.0" and pruned["repeats_needed"] == 1
