@@ -18,7 +18,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from stagetune.ingest.manifest import pixel_key_for
+from stagetune.core.manifest import pixel_key_for
 from stagetune.models.sd3.text import SD3TextEncoder
 from stagetune.models.sd3.vae import SD3LatentEncoder
 
@@ -158,7 +158,7 @@ def test_text_fingerprint_covers_every_encoder_tokenizer_and_dtype(models: dict[
 
 _OTHER_PROCESS = """
 import json, sys, torch
-from stagetune.ingest.manifest import pixel_key_for
+from stagetune.core.manifest import pixel_key_for
 from stagetune.models.sd3.text import SD3TextEncoder
 from stagetune.models.sd3.vae import SD3LatentEncoder
 cases = json.load(sys.stdin)

@@ -163,8 +163,15 @@ def test_trains_end_to_end_and_second_run_encodes_nothing(tmp_path: Path, tiny_s
     after = generate(pipe)
     assert np.abs(after - before).max() > 1e-4, "the trained adapter must change the pipeline's output"
 
-    # Same data, same encoders: every latent and embedding is a cache hit.
-    second = train_embedded(config, store_url)
+    # The same command again: the run is finished, nothing is trained, encoded or rewritten.
+    weights = lora_file.read_bytes()
+    again = train_embedded(config, store_url)
+    assert again.already_finished == 4 and [p.name for p in again.phases] == ["ingest"]
+    assert lora_file.read_bytes() == weights
+
+    # A new run (another output_dir) on the same data and encoders: every latent and embedding is a cache hit.
+    second = train_embedded(write_configs(tmp_path, tiny_sd3_path, steps=4, output_dir=str(tmp_path / "second")),
+                            store_url)
     for stage in ("vae", "text"):
         outputs = second.phase(stage).outputs
         assert outputs["encoded"] == "0" and outputs["hits"] == outputs["total"], (stage, outputs)
@@ -264,7 +271,8 @@ def test_caches_filled_during_training_or_not_at_all(tmp_path: Path, tiny_sd3_pa
     latents = ShardedCache(store, run.phase("vae").outputs["cache_prefix"])
     latents.refresh()
     assert len(latents) == 8  # … every latent the trainer needed was encoded and written back
-    rerun = train_embedded(write_configs(tmp_path, tiny_sd3_path, steps=4, validation=False), store_url)
+    rerun = train_embedded(write_configs(tmp_path, tiny_sd3_path, steps=4, validation=False,
+                                         output_dir=str(tmp_path / "rerun")), store_url)
     assert rerun.phase("vae").outputs["encoded"] == "0" and rerun.phase("vae").outputs["hits"] == "8"
 
     # vae_cache_disable: encode during training, never write.

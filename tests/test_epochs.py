@@ -11,8 +11,8 @@ from safetensors.torch import load_file
 from test_end_to_end import make_dataset, train_embedded, write_configs
 
 from stagetune.core.cache import ShardedCache
+from stagetune.core.manifest import ManifestRow, pixel_key_for
 from stagetune.core.store import open_store
-from stagetune.ingest.manifest import ManifestRow, pixel_key_for
 from stagetune.trainer.epochs import epoch_row
 
 

@@ -12,9 +12,9 @@ from PIL import Image
 from stagetune.core.config.dataset import load_data_backend_config
 from stagetune.core.errors import ConfigError, InputError, NotFoundError
 from stagetune.core.imaging import load_image_rgb, prepare_pixels
+from stagetune.core.manifest import pixel_key_for, sample_id_for
 from stagetune.core.store.base import Store
 from stagetune.ingest import expand_repeats, load_manifest, load_report, run_ingest
-from stagetune.ingest.manifest import pixel_key_for, sample_id_for
 
 TEXT_EMBEDS = {"id": "text-embeds", "dataset_type": "text_embeds", "default": True, "write_batch_size": 128}
 ROW_FIELDS = {

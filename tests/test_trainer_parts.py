@@ -9,9 +9,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from stagetune.core import checkpoints as checkpoint
 from stagetune.core.errors import ConfigError, NotFoundError
 from stagetune.core.store.local import LocalStore
-from stagetune.trainer import checkpoint
 from stagetune.trainer.flow import FlowSchedule, noisy_input, sample_sigmas, timesteps_for
 from stagetune.trainer.sampler import (
     BucketBatchSampler,

@@ -6,6 +6,7 @@ import argparse
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
 
 def _store(url: str | None):  # noqa: ANN202 - imported lazily
@@ -23,13 +24,18 @@ def _store(url: str | None):  # noqa: ANN202 - imported lazily
 
 
 class _Bars:
-    """One progress bar per phase, fed by the services' Watch events."""
+    """One progress bar per phase, fed by the services' Watch events.
 
-    def __init__(self) -> None:
+    Each message is printed once: a config warning the CLI already printed, or a line two stages both
+    log, is not repeated; a job's error is not printed as a log line, since the CLI prints the failure.
+    """
+
+    def __init__(self, already_said: list[str] | None = None) -> None:
         from tqdm import tqdm
 
         self._tqdm = tqdm
         self._bars: dict[str, object] = {}
+        self._said: set[str] = set(already_said or ())
 
     def event(self, phase: str, event) -> None:  # noqa: ANN001
         kind = event.WhichOneof("body")
@@ -47,7 +53,11 @@ class _Bars:
             bar.n = p.done
             bar.refresh()
         elif kind == "log":
-            self._tqdm.write(f"[{phase}] {event.log.message}", file=sys.stderr)
+            message = event.log.message
+            if event.log.level == "error" or message in self._said:
+                return
+            self._said.add(message)
+            self._tqdm.write(f"[{phase}] {message}", file=sys.stderr)
         elif kind == "metric" and event.metric.name == "loss":
             bar = self._bars.get(phase)
             if bar is not None:
@@ -107,36 +117,67 @@ def _stop_cleanly_on_signals() -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from stagetune.preflight import prepare_run
+
+    # Everything that can be wrong with the config pair, paths, model, store or output_dir is found here,
+    # before torch is imported or a service starts: a typo is answered in about a second.
+    store = _store(args.store)
+    plan = prepare_run(Path(args.config), store=store, data_backend_config=args.data_backend_config)
+    try:
+        return _train(args, plan)
+    finally:
+        plan.close()
+
+
+def _train(args: argparse.Namespace, plan: Any) -> int:
+    from stagetune.core.security import ChannelSecurity, ServerSecurity
     from stagetune.models.warmup import warm_imports
+
+    server_security, channel_security = ServerSecurity.from_env(), ChannelSecurity.from_env()
+    for warning in plan.cfg.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    warm_imports()  # overlaps the model libraries' import with ingest
+    _stop_cleanly_on_signals()
     from stagetune.pipeline import run_training, start_embedded
 
-    warm_imports()  # overlaps the model libraries' import with ingest
     _quiet_libraries(args.log_level)
-    _stop_cleanly_on_signals()
     # Job messages reach the terminal as Watch events; the services' own log lines would repeat them.
     logging.getLogger("stagetune.core.jobs").setLevel(logging.ERROR)
-
-    store = _store(args.store)
-    servers = start_embedded(store)
-    if args.metrics_port is not None:
-        from stagetune.core.metrics import serve_metrics
-
-        print(f"metrics on :{serve_metrics(args.metrics_port)}/metrics", file=sys.stderr)
-    endpoints = {name: server.address for name, server in servers.items()}
-    bars = _Bars()
+    servers = start_embedded(plan.store, security=server_security)
+    interrupted = False
     try:
-        run = run_training(Path(args.config), endpoints, data_backend_config=args.data_backend_config,
-                           on_event=bars.event, on_phase=bars.phase_done)
+        if args.metrics_port is not None:
+            from stagetune.core.metrics import serve_metrics
+
+            print(f"metrics on :{serve_metrics(args.metrics_port)}/metrics", file=sys.stderr)
+        endpoints = {name: server.address for name, server in servers.items()}
+        bars = _Bars(already_said=plan.cfg.warnings)
+        run = run_training(plan, endpoints, on_event=bars.event, on_phase=bars.phase_done,
+                           channel_options=channel_security)
     except KeyboardInterrupt:
-        print("interrupted: checkpoints are saved; run the same command again to resume", file=sys.stderr)
+        interrupted = True
+        print("interrupted: finished shards and the last checkpoint are kept; run the same command again to resume",
+              file=sys.stderr)
         return 130
     finally:
         for server in servers.values():
-            server.stop(0.5)
+            server.stop(0.5, jobs_timeout=1.0 if interrupted else None)
+    return _summary(plan, run)
+
+
+def _summary(plan: Any, run: Any) -> int:
+    output = plan.output.url.rstrip("/")
+    if run.already_finished is not None:
+        print(f"\n{output} already holds this run, finished at step {run.already_finished}: nothing to train. "
+              "Raise max_train_steps (or num_train_epochs) to train on, or choose another output_dir.")
+        return 0
     trained = run.phase("trainer").outputs
     total = sum(p.seconds for p in run.phases)
-    print(f"\ntrained {trained.get('steps')} steps in {total:.1f}s; "
-          f"LoRA: {trained.get('output', '').rstrip('/')}/{trained.get('lora')}")
+    steps, new = trained.get("steps"), trained.get("steps_trained", trained.get("steps"))
+    resumed = f" (resumed at step {int(steps) - int(new)})" if new != steps else ""
+    print(f"\ntrained {new} steps{resumed} in {total:.1f}s, {steps} in all; LoRA: {output}/{trained.get('lora')}")
+    if run.changed_settings:
+        print("settings changed since the checkpoint it resumed: " + "; ".join(run.changed_settings))
     return 0
 
 
@@ -146,12 +187,24 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from stagetune.core.grpc_server import start_server
     from stagetune.core.metrics import serve_metrics
-    from stagetune.pipeline import service_binding
+    from stagetune.core.security import ServerSecurity
+    from stagetune.pipeline import DEFAULT_PORTS, service_binding
 
+    port, metrics_port = DEFAULT_PORTS[args.service]
+    port = port if args.port is None else args.port
+    metrics_port = metrics_port if args.metrics_port is None else args.metrics_port
+    security = ServerSecurity.from_env(token_file=args.token_file, cert=args.tls_cert, key=args.tls_key,
+                                       client_ca=args.tls_client_ca)
     store = _store(args.store)
-    server = start_server([service_binding(args.service, store)], host=args.host, port=args.port)
-    metrics_port = serve_metrics(args.metrics_port, host=args.host)
-    print(f"{args.service} serving gRPC on {args.host}:{server.port}, metrics on :{metrics_port}/metrics",
+    server = start_server([service_binding(args.service, store)], host=args.host, port=port, security=security)
+    try:
+        metrics_port = serve_metrics(metrics_port, host=args.host)
+    except BaseException:
+        server.stop(0)
+        raise
+    auth = ", token required" if security.token else ""
+    tls = (", mutual TLS" if security.client_ca else ", TLS") if security.tls else ""
+    print(f"{args.service} serving gRPC on {args.host}:{server.port}{tls}{auth}, metrics on :{metrics_port}/metrics",
           flush=True)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -183,6 +236,12 @@ def cmd_example(args: argparse.Namespace) -> int:
     return 0
 
 
+SERVE_EPILOG = """default ports (all five services can run on one host):
+  ingest 50051 (metrics 9471), vae 50052 (9472), text 50053 (9473), trainer 50054 (9474), validation 50055 (9475)
+environment: STAGETUNE_STORE, STAGETUNE_API_TOKEN[_FILE], STAGETUNE_TLS_CERT/_KEY/_CLIENT_CA; clients:
+  STAGETUNE_TLS_CA, STAGETUNE_TLS_CLIENT_CERT/_KEY, STAGETUNE_TLS_SERVER_NAME"""
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="stagetune", description=__doc__.split(".")[0] if __doc__ else None)
     parser.add_argument("--log-level", default="WARNING", help="Python logging level (default: WARNING)")
@@ -196,12 +255,19 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port")
     train.set_defaults(func=cmd_train)
 
-    serve = sub.add_parser("serve", help="run one service")
+    serve = sub.add_parser("serve", help="run one service", epilog=SERVE_EPILOG,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     serve.add_argument("service", choices=["ingest", "vae", "text", "trainer", "validation"])
-    serve.add_argument("--port", type=int, default=50051)
+    serve.add_argument("--port", type=int, default=None, help="gRPC port (default: 50051-50055 by service; 0: any)")
     serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--metrics-port", type=int, default=9090)
+    serve.add_argument("--metrics-port", type=int, default=None,
+                       help="Prometheus port (default: 9471-9475 by service; 0: any)")
     serve.add_argument("--store", default=None, help="object store: a folder or s3://bucket?endpoint=…")
+    serve.add_argument("--token-file", default=None,
+                       help="require this bearer token (a file, e.g. a mounted Secret; or STAGETUNE_API_TOKEN)")
+    serve.add_argument("--tls-cert", default=None, help="serve TLS with this PEM certificate chain")
+    serve.add_argument("--tls-key", default=None, help="… and this PEM private key")
+    serve.add_argument("--tls-client-ca", default=None, help="require client certificates from this CA (mutual TLS)")
     serve.set_defaults(func=cmd_serve)
 
     tiny = sub.add_parser("tiny-model", help="write a tiny random-weight model in diffusers format")

@@ -11,20 +11,23 @@ import contextlib
 import dataclasses
 import json
 import logging
-import os
+import threading
 import time
 import uuid
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import grpc
 
+from stagetune.core import errors
 from stagetune.core.client import call, follow
-from stagetune.core.errors import InputError, NotFoundError
+from stagetune.core.errors import InputError
 from stagetune.core.grpc_server import RunningServer, start_server
+from stagetune.core.run_settings import config_settings, decide
+from stagetune.core.security import ChannelSecurity, ServerSecurity
 from stagetune.core.store.base import Store
+from stagetune.preflight import RunPlan, prepare_run
 from stagetune.v1 import (
     common_pb2,
     ingest_pb2,
@@ -40,6 +43,15 @@ from stagetune.v1 import (
 log = logging.getLogger(__name__)
 
 SERVICES = ("ingest", "vae", "text", "trainer", "validation")
+#: Each service's default gRPC and metrics ports, distinct so all five can run on one host as the README
+#: shows them (`stagetune serve <service>` with no port flags).
+DEFAULT_PORTS: dict[str, tuple[int, int]] = {
+    "ingest": (50051, 9471),
+    "vae": (50052, 9472),
+    "text": (50053, 9473),
+    "trainer": (50054, 9474),
+    "validation": (50055, 9475),
+}
 
 def service_binding(name: str, store: Store) -> Any:
     if name not in SERVICES:
@@ -48,9 +60,10 @@ def service_binding(name: str, store: Store) -> Any:
     return module.binding(store)
 
 
-def start_embedded(store: Store, host: str = "127.0.0.1") -> dict[str, RunningServer]:
-    """One server per service, each on its own free loopback port."""
-    return {name: start_server([service_binding(name, store)], host=host) for name in SERVICES}
+def start_embedded(store: Store, host: str = "127.0.0.1", security: ServerSecurity | None = None
+                   ) -> dict[str, RunningServer]:
+    """One server per service, each on its own free loopback port (with the token/TLS settings given)."""
+    return {name: start_server([service_binding(name, store)], host=host, security=security) for name in SERVICES}
 
 
 @dataclasses.dataclass
@@ -63,6 +76,10 @@ class PhaseResult:
 @dataclasses.dataclass
 class TrainingRun:
     phases: list[PhaseResult] = dataclasses.field(default_factory=list)
+    #: The output_dir already held this run, finished at this step: nothing was trained.
+    already_finished: int | None = None
+    #: Training settings changed since the checkpoint this run resumed (SimpleTuner's resume-and-adjust).
+    changed_settings: list[str] = dataclasses.field(default_factory=list)
 
     def phase(self, name: str) -> PhaseResult:
         return next(p for p in self.phases if p.name == name)
@@ -70,108 +87,185 @@ class TrainingRun:
 
 EventSink = Callable[[str, common_pb2.Event], None]
 
-
-def read_json(path: Path, what: str) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise NotFoundError(f"{what} not found: {path}", field=what) from None
-    except json.JSONDecodeError as exc:
-        raise InputError(f"{what} {path} is not valid JSON: {exc}", field=what) from None
+#: How long Ctrl-C waits for the running stages to stop at their next batch before giving up on them.
+CANCEL_WAIT_S = 3.0
+#: How long Ctrl-C waits for the trainer to save its checkpoint (what lets the next run resume).
+TRAINER_SAVE_S = 600.0
 
 
-def find_data_backend_config(cfg: Any, explicit: str | None, config_path: Path) -> Path:
-    candidate = explicit or getattr(cfg, "data_backend_config", None)
-    if not candidate:
-        default = config_path.parent / "multidatabackend.json"
-        if default.exists():
-            return default
-        raise InputError("no data_backend_config: set it in config.json or pass --data_backend_config",
-                         field="data_backend_config")
-    path = Path(candidate).expanduser()
-    if not path.is_absolute() and not path.exists() and (config_path.parent / path).exists():
-        path = config_path.parent / path
-    return path
+class _Stages:
+    """The services' stubs, and the jobs started on them, so Ctrl-C can cancel every running one."""
+
+    def __init__(self, channels: dict[str, grpc.Channel], on_event: EventSink,
+                 on_phase: Callable[[PhaseResult], None]) -> None:
+        self.stubs = {
+            "ingest": ingest_pb2_grpc.IngestServiceStub(channels["ingest"]),
+            "vae": vae_pb2_grpc.VaeServiceStub(channels["vae"]),
+            "text": text_pb2_grpc.TextServiceStub(channels["text"]),
+            "trainer": trainer_pb2_grpc.TrainerServiceStub(channels["trainer"]),
+        }
+        self.on_event = on_event
+        self.on_phase = on_phase
+        self.running: dict[str, common_pb2.Job] = {}
+        self._lock = threading.Lock()
+
+    def run(self, name: str, request: Any) -> PhaseResult:
+        stub = self.stubs[name]
+        started = time.perf_counter()
+        job = call(stub.Start, request)
+        with self._lock:
+            self.running[name] = job
+        try:
+            job = follow(stub, job, lambda event: self.on_event(name, event))
+        finally:
+            with self._lock:
+                self.running.pop(name, None)
+        result = PhaseResult(name, time.perf_counter() - started, dict(job.outputs))
+        self.on_phase(result)
+        return result
+
+    def cancel(self, name: str) -> None:
+        with self._lock:
+            job = self.running.get(name)
+        if job is not None:
+            with contextlib.suppress(errors.StagetuneError):
+                call(self.stubs[name].Cancel, common_pb2.CancelJobRequest(job_id=job.job_id))
+
+    def cancel_all(self, wait_s: float = CANCEL_WAIT_S) -> None:
+        """Cancel every running job and wait for them to stop: the encoders at their next batch (finished
+        shards are kept) within `wait_s`, the trainer until its checkpoint is saved (up to TRAINER_SAVE_S)."""
+        with self._lock:
+            running = dict(self.running)
+        for name, job in running.items():
+            with contextlib.suppress(errors.StagetuneError):
+                call(self.stubs[name].Cancel, common_pb2.CancelJobRequest(job_id=job.job_id))
+        for name, job in running.items():
+            deadline = time.monotonic() + (TRAINER_SAVE_S if name == "trainer" else wait_s)
+            while time.monotonic() < deadline:
+                try:
+                    state = call(self.stubs[name].Get, common_pb2.GetJobRequest(job_id=job.job_id)).state
+                except errors.StagetuneError:
+                    break
+                if state in (common_pb2.JOB_STATE_SUCCEEDED, common_pb2.JOB_STATE_FAILED,
+                             common_pb2.JOB_STATE_CANCELLED):
+                    break
+                time.sleep(0.05)
 
 
 def run_training(
-    config_path: Path,
+    plan: RunPlan | Path | str,
     endpoints: dict[str, str],
     *,
     data_backend_config: str | None = None,
     on_event: EventSink = lambda phase, event: None,
     on_phase: Callable[[PhaseResult], None] = lambda result: None,
+    channel_options: ChannelSecurity | None = None,
 ) -> TrainingRun:
-    """Drive one training run through the services; raises the service's own error on failure."""
-    from stagetune.core.config.train import load_train_config
+    """Drive one training run through the services; raises the service's own error on failure.
 
-    base_dir = Path(os.getcwd())
-    raw_config = read_json(config_path, "config")
-    cfg = load_train_config(raw_config, base_dir=base_dir)  # fail fast, before any service works
-    backend_path = find_data_backend_config(cfg, data_backend_config, config_path)
-    backends_json = json.dumps(read_json(backend_path, "data_backend_config"))
-    run_id = uuid.uuid4().hex[:12]
-    run = TrainingRun()
-    channels = {name: grpc.insecure_channel(address) for name, address in endpoints.items()}
+    `plan` is a checked run (preflight.prepare_run, which holds the output_dir's lock), or a config path
+    to check here. Ctrl-C cancels every running stage; each stops at its next batch or step.
+    """
+    owned = not isinstance(plan, RunPlan)
+    if owned:
+        plan = prepare_run(Path(plan), store=None, data_backend_config=data_backend_config)
+    assert isinstance(plan, RunPlan)
+    security = channel_options or ChannelSecurity()
+    channels = {name: security.channel(address) for name, address in endpoints.items()}
+    stages = _Stages(channels, on_event, on_phase)
     try:
-        ingest = ingest_pb2_grpc.IngestServiceStub(channels["ingest"])
-        vae = vae_pb2_grpc.VaeServiceStub(channels["vae"])
-        text = text_pb2_grpc.TextServiceStub(channels["text"])
-        trainer = trainer_pb2_grpc.TrainerServiceStub(channels["trainer"])
-
-        def phase(name: str, stub: Any, request: Any) -> PhaseResult:
-            started = time.perf_counter()
-            job = call(stub.Start, request)
-            try:
-                job = follow(stub, job, lambda event: on_event(name, event))
-            except KeyboardInterrupt:
-                # Ctrl-C: let the job stop cleanly (the trainer saves a checkpoint) before we exit.
-                call(stub.Cancel, common_pb2.CancelJobRequest(job_id=job.job_id))
-                with contextlib.suppress(Exception):
-                    follow(stub, job)
-                raise
-            result = PhaseResult(name, time.perf_counter() - started, dict(job.outputs))
-            on_phase(result)
-            return result
-
-        defaults = cfg.dataset_defaults()
-        ingested = phase("ingest", ingest, ingest_pb2.StartIngestRequest(
-            request_id=f"{run_id}-ingest", data_backend_config_json=backends_json,
-            dataset_defaults_json=json.dumps(defaults), base_dir=str(base_dir),
-            train_batch_size=cfg.train_batch_size, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-            world_size=1, seed=cfg.seed or 0, allow_dataset_oversubscription=cfg.allow_dataset_oversubscription,
-        ))
-        run.phases.append(ingested)
-        manifest_id = ingested.outputs["manifest_id"]
-        model = common_pb2.ModelRef(name_or_path=cfg.pretrained_model_name_or_path, revision=cfg.revision or "",
-                                    family=cfg.model_family)
-        prompts = [cfg.validation_prompt, cfg.validation_negative_prompt]
-        extra = [] if cfg.validation_disable else [p for p in prompts if p]
-        with ThreadPoolExecutor(max_workers=2) as pool:
-            latents = pool.submit(phase, "vae", vae, vae_pb2.StartEncodeLatentsRequest(
-                request_id=f"{run_id}-vae", manifest_id=manifest_id, model=model,
-                vae_batch_size=cfg.vae_batch_size, write_batch_size=cfg.write_batch_size,
-                data_backend_config_json=backends_json, base_dir=str(base_dir),
-                keys_only=cfg.vae_cache_ondemand or cfg.vae_cache_disable,
-            ))
-            texts = pool.submit(phase, "text", text, text_pb2.StartEncodeTextRequest(
-                request_id=f"{run_id}-text", manifest_id=manifest_id, extra_captions=extra, model=model,
-                max_sequence_length=cfg.tokenizer_max_length, t5_padding=cfg.t5_padding,
-                batch_size=cfg.text_encoder_batch_size,
-                write_batch_size=int(ingested.outputs.get("text_write_batch_size") or cfg.write_batch_size),
-                keys_only=cfg.text_cache_ondemand or cfg.text_cache_disable,
-            ))
-            latent_result, text_result = latents.result(), texts.result()
-        run.phases += [latent_result, text_result]
-        trained = phase("trainer", trainer, trainer_pb2.StartTrainingRequest(
-            request_id=f"{run_id}-trainer", config_json=json.dumps(raw_config), base_dir=str(base_dir),
-            manifest_id=manifest_id, latent_cache=latent_result.outputs["cache_prefix"],
-            latent_keys=latent_result.outputs["keys"], text_cache=text_result.outputs["cache_prefix"],
-            text_keys=text_result.outputs["keys"], validation_endpoint=endpoints.get("validation", ""),
-            data_backend_config_json=backends_json,
-        ))
-        run.phases.append(trained)
-        return run
+        return _drive(plan, stages, endpoints)
+    except KeyboardInterrupt:
+        stages.cancel_all()
+        raise
     finally:
         for channel in channels.values():
             channel.close()
+        if owned:
+            plan.close()
+
+
+def _drive(plan: RunPlan, stages: _Stages, endpoints: dict[str, str]) -> TrainingRun:
+    cfg = plan.cfg
+    run_id = uuid.uuid4().hex[:12]
+    run = TrainingRun()
+    ingested = stages.run("ingest", ingest_pb2.StartIngestRequest(
+        request_id=f"{run_id}-ingest", data_backend_config_json=plan.backends_json,
+        dataset_defaults_json=json.dumps(cfg.dataset_defaults(), default=str), base_dir=str(plan.base_dir),
+        train_batch_size=cfg.train_batch_size, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        world_size=1, seed=cfg.seed or 0, allow_dataset_oversubscription=cfg.allow_dataset_oversubscription,
+    ))
+    run.phases.append(ingested)
+    finished = _check_data(plan, ingested.outputs)
+    if finished is not None:
+        run.already_finished = finished
+        return run
+    manifest_id = ingested.outputs["manifest_id"]
+    model = common_pb2.ModelRef(name_or_path=cfg.pretrained_model_name_or_path, revision=cfg.revision or "",
+                                family=cfg.model_family)
+    prompts = [cfg.validation_prompt, cfg.validation_negative_prompt]
+    extra = [] if cfg.validation_disable else [p for p in prompts if p]
+    latent_result, text_result = _encode_both(stages, vae_pb2.StartEncodeLatentsRequest(
+        request_id=f"{run_id}-vae", manifest_id=manifest_id, model=model,
+        vae_batch_size=cfg.vae_batch_size, write_batch_size=cfg.write_batch_size,
+        data_backend_config_json=plan.backends_json, base_dir=str(plan.base_dir),
+        keys_only=cfg.vae_cache_ondemand or cfg.vae_cache_disable,
+    ), text_pb2.StartEncodeTextRequest(
+        request_id=f"{run_id}-text", manifest_id=manifest_id, extra_captions=extra, model=model,
+        max_sequence_length=cfg.tokenizer_max_length, t5_padding=cfg.t5_padding,
+        batch_size=cfg.text_encoder_batch_size,
+        write_batch_size=int(ingested.outputs.get("text_write_batch_size") or cfg.write_batch_size),
+        keys_only=cfg.text_cache_ondemand or cfg.text_cache_disable,
+    ))
+    run.phases += [latent_result, text_result]
+    trained = stages.run("trainer", trainer_pb2.StartTrainingRequest(
+        request_id=f"{run_id}-trainer", config_json=json.dumps(plan.raw_config), base_dir=str(plan.base_dir),
+        manifest_id=manifest_id, latent_cache=latent_result.outputs["cache_prefix"],
+        latent_keys=latent_result.outputs["keys"], text_cache=text_result.outputs["cache_prefix"],
+        text_keys=text_result.outputs["keys"], validation_endpoint=endpoints.get("validation", ""),
+        data_backend_config_json=plan.backends_json, run_lock_owner=plan.lock.owner if plan.lock else "",
+    ))
+    run.phases.append(trained)
+    if trained.outputs.get("already_finished"):
+        run.already_finished = int(trained.outputs["already_finished"])
+    run.changed_settings = [c for c in trained.outputs.get("changed_settings", "").split("; ") if c]
+    return run
+
+
+def _encode_both(stages: _Stages, vae_request: Any, text_request: Any) -> tuple[PhaseResult, PhaseResult]:
+    """The two encoder stages at once. When one fails the other is cancelled, not left running, and the
+    first failure is the one reported. The text stage is followed on a daemon thread, so Ctrl-C never
+    waits on it (run_training cancels both)."""
+    box: dict[str, Any] = {}
+
+    def text_phase() -> None:
+        try:
+            box["result"] = stages.run("text", text_request)
+        except BaseException as exc:  # noqa: BLE001 - handed to the main thread
+            box["error"] = exc
+            stages.cancel("vae")
+
+    thread = threading.Thread(target=text_phase, name="text-phase", daemon=True)
+    thread.start()
+    try:
+        latent_result = stages.run("vae", vae_request)
+    except errors.StagetuneError:
+        if "error" in box:
+            raise box["error"] from None
+        stages.cancel("text")
+        raise
+    thread.join()
+    if "error" in box:
+        raise box["error"]
+    return latent_result, box["result"]
+
+
+def _check_data(plan: RunPlan, ingest_outputs: dict[str, str]) -> int | None:
+    """After ingest, before any encoding: refuse another run's data; say when the run already finished."""
+    data = {"samples": int(ingest_outputs.get("data_samples") or 0), "digest": ingest_outputs.get("data_digest", "")}
+    current = {**config_settings(plan.cfg), "data": data}
+    decision = decide(plan.output_state, current, resume_from_checkpoint=plan.cfg.resume_from_checkpoint)
+    finished = decision.finished_step
+    if finished is not None and plan.cfg.uses_max_train_steps and plan.cfg.max_train_steps <= finished:
+        return finished
+    return None

@@ -24,6 +24,8 @@ _CODE_TO_ERROR: dict[grpc.StatusCode, type[errors.StagetuneError]] = {
     grpc.StatusCode.NOT_FOUND: errors.NotFoundError,
     grpc.StatusCode.UNAVAILABLE: errors.StoreUnavailableError,
     grpc.StatusCode.FAILED_PRECONDITION: errors.PreconditionError,
+    grpc.StatusCode.DATA_LOSS: errors.CorruptError,
+    grpc.StatusCode.UNAUTHENTICATED: errors.UnauthenticatedError,
 }
 
 
@@ -36,18 +38,26 @@ class JobFailed(errors.StagetuneError):
         self.job = job
 
 
-def error_from_rpc(exc: grpc.RpcError) -> errors.StagetuneError:
+def field_violations(exc: grpc.RpcError) -> list[tuple[str, str]]:
+    """The (field, description) pairs of the error's BadRequest detail, in order."""
     status = rpc_status.from_call(exc) if hasattr(exc, "trailing_metadata") else None
-    field = None
-    if status is not None:
-        for detail in status.details:
-            if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
-                bad = error_details_pb2.BadRequest()
-                detail.Unpack(bad)
-                if bad.field_violations:
-                    field = bad.field_violations[0].field
+    out: list[tuple[str, str]] = []
+    for detail in status.details if status is not None else ():
+        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            bad = error_details_pb2.BadRequest()
+            detail.Unpack(bad)
+            out.extend((v.field, v.description) for v in bad.field_violations)
+    return out
+
+
+def error_from_rpc(exc: grpc.RpcError) -> errors.StagetuneError:
+    """The server's error as the same kind of `StagetuneError`, each problem with its field."""
     cls = _CODE_TO_ERROR.get(exc.code(), errors.StagetuneError)
-    return cls(exc.details() or str(exc.code()), field=field)
+    violations = field_violations(exc)
+    error = cls(exc.details() or str(exc.code()), field=violations[0][0] if violations else None)
+    if len(violations) > 1:
+        error._problems = [cls(description, field=field) for field, description in violations]  # type: ignore[attr-defined]
+    return error
 
 
 def call(fn: Callable[..., Any], request: Any, **kwargs: Any) -> Any:

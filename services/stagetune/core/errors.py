@@ -22,8 +22,9 @@ class StagetuneError(Exception):
 
     @property
     def problems(self) -> list[StagetuneError]:
-        """The separate problems this error reports (several for `Problems`), for one BadRequest field each."""
-        return [self]
+        """The separate problems this error reports (several for `Problems`, or for one rebuilt from a gRPC
+        status with several field violations), for one BadRequest field each."""
+        return list(getattr(self, "_problems", None) or [self])
 
 
 class ConfigError(StagetuneError):
@@ -64,6 +65,33 @@ class NotWritableError(PreconditionError):
     """A folder, bucket or output the run must write to refuses writes (read-only, no permission, a file)."""
 
 
+class UnauthenticatedError(StagetuneError):
+    """A service refused the call: no token, or the wrong one (core/security.py)."""
+
+    grpc_code = "UNAUTHENTICATED"
+
+
+class CorruptError(StagetuneError):
+    """Stored data that cannot be read back (a record or index damaged outside stagetune)."""
+
+    grpc_code = "DATA_LOSS"
+
+
+class PortInUseError(StagetuneError):
+    """A server cannot listen on the port it was given."""
+
+    grpc_code = "UNAVAILABLE"
+
+
+class OutputInUseError(PreconditionError):
+    """Another live run holds the output_dir's run lock."""
+
+
+class RunMismatchError(PreconditionError):
+    """The output_dir holds another run's checkpoints or weights: resuming or overwriting them would pass
+    one run's weights off as another's, or lose them."""
+
+
 class Problems(StagetuneError):
     """Several problems found in one pass, reported together: a user fixes a config in one round, not seven.
 
@@ -75,15 +103,11 @@ class Problems(StagetuneError):
         flat = [p for problem in problems for p in problem.problems]
         if not flat:
             raise ValueError("Problems needs at least one problem")
-        self._problems = flat
         codes = {p.grpc_code for p in flat}
         self.grpc_code = codes.pop() if len(codes) == 1 else "INVALID_ARGUMENT"
         heading = f"{len(flat)} problems" + (f" in {where}" if where else "") + ":"
         super().__init__(heading + "".join(f"\n  - {p}" for p in flat), field=flat[0].field)
-
-    @property
-    def problems(self) -> list[StagetuneError]:
-        return list(self._problems)
+        self._problems = flat
 
 
 class ConfigProblems(Problems, ConfigError):

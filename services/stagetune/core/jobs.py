@@ -27,7 +27,7 @@ from typing import Any
 import xxhash
 
 from stagetune.core import metrics
-from stagetune.core.errors import NotFoundError, StagetuneError
+from stagetune.core.errors import CorruptError, NotFoundError, StagetuneError
 from stagetune.core.store.base import Store
 
 log = logging.getLogger(__name__)
@@ -189,7 +189,10 @@ class ThreadPerJob:
     def _start_waiting(self) -> None:  # under self._lock
         while self._queue and len(self._running) < self._max_workers:
             fn, args = self._queue.popleft()
-            thread = threading.Thread(target=self._run, args=(fn, args), name=f"{self._name}-{next(self._numbers)}")
+            # Daemon: a process told to stop (Ctrl-C twice, SIGTERM past its grace) must not hang on a job
+            # still loading a model; every write a job makes is atomic, so stopping mid-job loses no data.
+            thread = threading.Thread(target=self._run, args=(fn, args), name=f"{self._name}-{next(self._numbers)}",
+                                      daemon=True)
             self._running.add(thread)
             thread.start()
 
@@ -204,14 +207,15 @@ class ThreadPerJob:
                 if not self._closed:
                     self._start_waiting()
 
-    def shutdown(self) -> None:
-        """Drop jobs not started yet and wait for the running ones."""
+    def shutdown(self, timeout: float | None = None) -> None:
+        """Drop jobs not started yet and wait for the running ones (at most `timeout` seconds in all)."""
         with self._lock:
             self._closed = True
             self._queue.clear()
             running = list(self._running)
+        deadline = None if timeout is None else time.monotonic() + timeout
         for thread in running:
-            thread.join()
+            thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
 
 
 class JobManager:
@@ -244,7 +248,14 @@ class JobManager:
         key = self._record_key(job_id)
         if not self.store.exists(key):
             return None
-        return JobRecord.from_json(self.store.get_bytes(key).decode())
+        return self._parse(key, self.store.get_bytes(key))
+
+    def _parse(self, key: str, data: bytes) -> JobRecord:
+        try:
+            return JobRecord.from_json(data.decode("utf-8"))
+        except (ValueError, KeyError, TypeError) as exc:
+            raise CorruptError(f"job record {key} in {self.store.url} is unreadable ({type(exc).__name__}: {exc}); "
+                               "delete it to forget the job", field="job_id") from None
 
     # -- events ------------------------------------------------------------------------------
     def _emit(self, job_id: str, kind: str, data: Any) -> None:
@@ -332,7 +343,11 @@ class JobManager:
         records: dict[str, JobRecord] = {}
         for key in self.store.list("jobs/"):
             if key.endswith("/record.json") and key.split("/")[1].startswith(f"{self.service}-"):
-                record = JobRecord.from_json(self.store.get_bytes(key).decode())
+                try:
+                    record = self._parse(key, self.store.get_bytes(key))
+                except (CorruptError, NotFoundError) as exc:  # one bad record must not hide every other job
+                    log.warning("List skips a job: %s", exc)
+                    continue
                 records[record.job_id] = record
         with self._lock:
             records.update(self._records)
@@ -361,7 +376,8 @@ class JobManager:
             if not alive():
                 return
 
-    def shutdown(self) -> None:
+    def shutdown(self, timeout: float | None = None) -> None:
+        """Cancel every job and wait for them to stop (at most `timeout` seconds)."""
         for context in self._contexts.values():
             context.cancelled.set()
-        self._threads.shutdown()
+        self._threads.shutdown(timeout)

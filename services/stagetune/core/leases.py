@@ -200,8 +200,10 @@ class Leases:
         return now - seen[1] > max(self.ttl, claim.ttl)
 
     def _write_claim(self, unit: str, state: str, number: int, beat: int) -> _Claim:
+        # written_at, host and pid are for people, and for a run lock telling a crashed holder (see run_lock.py).
         body = {"format": FORMAT, "owner": self.owner, "unit": unit, "state": state, "number": number,
-                "beat": beat, "ttl": self.ttl, "written_at": time.time()}  # written_at: for people only
+                "beat": beat, "ttl": self.ttl, "written_at": time.time(), "host": socket.gethostname(),
+                "pid": os.getpid()}
         self.store.put_bytes(self._claim_key(unit, self.owner), json.dumps(body).encode(), durable=False)
         return _Claim(self.owner, state, number, beat, self.ttl)
 
@@ -270,6 +272,50 @@ class Leases:
             self._drop_own(unit)
         except Exception:  # noqa: BLE001 - already failing; the claim ages out after a ttl
             log.warning("could not remove claim %s", self._claim_key(unit, self.owner), exc_info=True)
+
+    def adopt(self, unit: str) -> bool:
+        """Go on renewing a claim this owner id already holds, written by another process (a client that
+        took a run lock hands it to the service doing the run). False when there is no such claim."""
+        try:
+            body = json.loads(self.store.get_bytes(self._claim_key(unit, self.owner)))
+            claim = _Claim(self.owner, _READY, int(body["number"]), int(body["beat"]), self.ttl)
+        except NotFoundError:
+            return False
+        except (ValueError, KeyError, TypeError):
+            return False
+        with self._lock:
+            self._held[unit] = claim
+            self._lost.discard(unit)
+        self._start_heartbeat()
+        return True
+
+    def stop_renewing(self, unit: str) -> None:
+        """Stop renewing an adopted claim but leave it: the process that took it releases it."""
+        with self._lock:
+            self._held.pop(unit, None)
+
+    def other_claims(self, unit: str) -> dict[str, dict]:
+        """The raw claim objects of other owners on `unit`, keyed by owner (unreadable ones as {})."""
+        out: dict[str, dict] = {}
+        for key in self.store.list(self._unit_prefix(unit)):
+            name = key.rsplit("/", 1)[-1]
+            if not (name.startswith(_CLAIM) and name.endswith(_SUFFIX)):
+                continue
+            owner = name[len(_CLAIM) : -len(_SUFFIX)]
+            if owner == self.owner:
+                continue
+            try:
+                body = json.loads(self.store.get_bytes(key))
+            except NotFoundError:
+                continue
+            except ValueError:
+                body = {}
+            out[owner] = body if isinstance(body, dict) else {}
+        return out
+
+    def remove_claim(self, unit: str, owner: str) -> None:
+        """Delete another owner's claim that the caller has found dead by its own rule."""
+        self.store.delete(self._claim_key(unit, owner))
 
     def lost(self, unit: str) -> bool:
         """The claim was taken over (this replica stalled past its ttl): stop working on the unit."""

@@ -11,6 +11,8 @@ import threading
 
 from prometheus_client import REGISTRY, Counter, Histogram, start_http_server
 
+from stagetune.core.errors import PortInUseError
+
 GRPC_STARTED = Counter(
     "grpc_server_started_total", "RPCs started on the server.", ["grpc_service", "grpc_method"]
 )
@@ -56,6 +58,11 @@ def serve_metrics(port: int, host: str = "127.0.0.1") -> int:
     global _http_port
     with _http_lock:
         if _http_port is None:
-            server, _ = start_http_server(port, addr=host, registry=REGISTRY)
+            try:
+                server, _ = start_http_server(port, addr=host, registry=REGISTRY)
+            except OSError as exc:
+                raise PortInUseError(
+                    f"cannot serve metrics on {host}:{port}: {exc.strerror or exc} (pass --metrics-port with a "
+                    "free port, or 0 for any)", field="metrics_port") from None
             _http_port = server.server_port
         return _http_port

@@ -24,8 +24,8 @@ from pathlib import Path, PurePosixPath
 
 from stagetune.core.config.dataset import DatasetConfig
 from stagetune.core.errors import StagetuneError
+from stagetune.core.manifest import canonical_json
 from stagetune.ingest.caption_sources import CaptionFilter, CaptionTable
-from stagetune.ingest.manifest import canonical_json
 
 
 @dataclass(frozen=True)

@@ -38,8 +38,8 @@ from typing import NamedTuple
 import xxhash
 
 from stagetune.core.errors import NotFoundError
+from stagetune.core.manifest import hash_bytes
 from stagetune.core.store.base import Store
-from stagetune.ingest.manifest import hash_bytes
 from stagetune.ingest.sources import Source, SourceFile, read_many
 
 log = logging.getLogger(__name__)

@@ -24,6 +24,19 @@ from typing import Any
 
 from stagetune.core.config.dataset import DataBackends, DatasetConfig
 from stagetune.core.errors import Collector, ConfigError, InputError
+from stagetune.core.manifest import (
+    MANIFEST_VERSION,
+    ManifestRow,
+    canonical_json,
+    decode_rows,
+    encode_rows,
+    hash_bytes,
+    load_manifest,
+    pixel_key_for,
+    report_key,
+    sample_id_for,
+    samples_key,
+)
 from stagetune.core.store.base import Store
 from stagetune.ingest.buckets import (
     ALIGNMENT,
@@ -37,19 +50,6 @@ from stagetune.ingest.captions import resolve_captions
 from stagetune.ingest.discovery import limit_samples
 from stagetune.ingest.facts import ImageFacts, image_facts
 from stagetune.ingest.hashcache import HashCache, iter_hashed
-from stagetune.ingest.manifest import (
-    MANIFEST_VERSION,
-    ManifestRow,
-    canonical_json,
-    decode_rows,
-    encode_rows,
-    hash_bytes,
-    load_manifest,
-    pixel_key_for,
-    report_key,
-    sample_id_for,
-    samples_key,
-)
 from stagetune.ingest.sources import SourceFile, source_for
 
 Progress = Callable[[str, int, int], None]

@@ -6,8 +6,11 @@ import json
 from pathlib import Path
 from typing import Any
 
+from stagetune.core import checks, requests
+from stagetune.core.errors import Collector
 from stagetune.core.grpc_server import ServiceBinding, job_service
 from stagetune.core.jobs import JobContext
+from stagetune.core.run_settings import data_settings
 from stagetune.core.store.base import Store
 from stagetune.v1 import ingest_pb2, ingest_pb2_grpc
 
@@ -37,7 +40,10 @@ def ingest_job(ctx: JobContext) -> dict[str, str]:
     report = result.report
     for line in _report_lines(report):
         ctx.log(line, "warning")
+    data = data_settings(result.samples)  # the trainer's and the CLI's "is this the same data?"
     return {
+        "data_digest": data["digest"],
+        "data_samples": str(data["samples"]),
         "manifest_id": result.manifest_id,
         "samples": str(len(result.samples)),
         "captions": str(len(result.captions)),
@@ -59,7 +65,26 @@ def _report_lines(report: Any) -> list[str]:
     return lines
 
 
+def validate(req: ingest_pb2.StartIngestRequest) -> None:
+    """Start's checks: the dataset config parses, its folders exist, the counts make sense."""
+    from stagetune.core.config.dataset import load_data_backend_config
+
+    problems = Collector()
+    requests.non_negative(problems, req, "train_batch_size", "gradient_accumulation_steps", "world_size")
+    entries = requests.json_list(problems, req.data_backend_config_json, "data_backend_config_json")
+    defaults = requests.json_object(problems, req.dataset_defaults_json, "dataset_defaults_json")
+    base = requests.base_dir(problems, req.base_dir)
+    if entries is not None and defaults is not None:
+        with problems.check():
+            backends = load_data_backend_config(entries, defaults=defaults, base_dir=base)
+            for dataset in backends.enabled:
+                if dataset.instance_data_dir is not None:
+                    with problems.check():
+                        checks.check_dataset_folder(dataset.id, dataset.instance_data_dir)
+    problems.raise_if_any("StartIngestRequest")
+
+
 def binding(store: Store) -> ServiceBinding:
     return job_service(store, name=SERVICE, servicer_base=ingest_pb2_grpc.IngestServiceServicer,
                        add_to_server=ingest_pb2_grpc.add_IngestServiceServicer_to_server,
-                       request_type=ingest_pb2.StartIngestRequest, work=ingest_job)
+                       request_type=ingest_pb2.StartIngestRequest, work=ingest_job, validate=validate)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import threading
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -24,11 +23,11 @@ from typing import Any
 import xxhash
 
 from stagetune.core.atomic import atomic_write_text
+from stagetune.core.checks import is_hub_id
 from stagetune.core.errors import NotFoundError
 
 FINGERPRINT_VERSION = "stagetune-fingerprint-v1"
 _CHUNK = 8 * 1024 * 1024
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _memo_lock = threading.Lock()
 
 
@@ -108,11 +107,6 @@ def hash_files(paths: Iterable[Path]) -> dict[str, str]:
             except OSError:
                 pass  # a read-only home only loses the memo, not the fingerprint
     return results
-
-
-def is_hub_id(name_or_path: str) -> bool:
-    """``org/name`` that is not an existing local path: what ``from_pretrained`` would look up on the hub."""
-    return bool(_HUB_ID.match(name_or_path)) and not Path(name_or_path).expanduser().exists()
 
 
 def resolve_model_root(name_or_path: str, subfolders: list[str], *, revision: str | None) -> Path:

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 
+from stagetune.core import requests
 from stagetune.core.cache import ShardedCache
 from stagetune.core.encode import chunks, encode_missing
+from stagetune.core.errors import Collector, InputError
 from stagetune.core.grpc_server import ServiceBinding, job_service
 from stagetune.core.jobs import JobContext
 from stagetune.core.ondemand import cached_only
@@ -21,7 +24,7 @@ def text_cache_prefix(fingerprint: str) -> str:
 
 
 def text_job(ctx: JobContext) -> dict[str, str]:
-    from stagetune.ingest.run import load_manifest
+    from stagetune.core.manifest import load_manifest
     from stagetune.models.dtypes import parse_dtype
     from stagetune.models.families import get_family
 
@@ -61,7 +64,24 @@ def text_job(ctx: JobContext) -> dict[str, str]:
     return {"cache_prefix": prefix, "keys": keys_key, "fingerprint": encoder.fingerprint, **stats.as_outputs()}
 
 
+T5_PADDING = ("", "unmodified", "zero")
+
+
+def validator(store: Store) -> Callable[[text_pb2.StartEncodeTextRequest], None]:
+    def validate(req: text_pb2.StartEncodeTextRequest) -> None:
+        problems = Collector()
+        requests.non_negative(problems, req, "max_sequence_length", "batch_size", "write_batch_size")
+        requests.manifest(problems, store, req.manifest_id, required=not req.extra_captions)
+        requests.model_ref(problems, req.model)
+        if req.t5_padding not in T5_PADDING:
+            problems.add(InputError(f"t5_padding must be unmodified or zero, got {req.t5_padding!r}",
+                                    field="t5_padding"))
+        problems.raise_if_any("StartEncodeTextRequest")
+
+    return validate
+
+
 def binding(store: Store) -> ServiceBinding:
     return job_service(store, name=SERVICE, servicer_base=text_pb2_grpc.TextServiceServicer,
                        add_to_server=text_pb2_grpc.add_TextServiceServicer_to_server,
-                       request_type=text_pb2.StartEncodeTextRequest, work=text_job)
+                       request_type=text_pb2.StartEncodeTextRequest, work=text_job, validate=validator(store))

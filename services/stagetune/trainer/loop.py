@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import io
-import json
 import logging
 import math
 import time
@@ -17,14 +16,14 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-import xxhash
 
-from stagetune.core import metrics
+from stagetune.core import checkpoints as checkpoint
+from stagetune.core import metrics, run_settings
 from stagetune.core.cache import ShardedCache
-from stagetune.core.errors import ConfigError, PreconditionError
+from stagetune.core.errors import ConfigError, PreconditionError, RunMismatchError
 from stagetune.core.jobs import JobCancelled
+from stagetune.core.run_settings import Change, config_settings, data_settings, decide, read_output_state
 from stagetune.core.store.base import Store
-from stagetune.trainer import checkpoint
 from stagetune.trainer.flow import FlowSchedule, noisy_input, sample_sigmas, timesteps_for
 from stagetune.trainer.lora import LORA_FILE, add_lora, load_lora_bytes, lora_file_bytes
 from stagetune.trainer.sampler import DatasetPlan, SamplerState, TrainingSampler, expand_repeats, plans_for
@@ -68,15 +67,6 @@ class Reporter:
     cancelled: Callable[[], bool] = lambda: False
 
 
-def config_fingerprint(cfg: Any, data: TrainData) -> str:
-    """What must match for a checkpoint to be resumed as the same run."""
-    fields = {k: getattr(cfg, k) for k in (
-        "seed", "learning_rate", "train_batch_size", "gradient_accumulation_steps", "lora_rank",
-        "lora_alpha", "lora_dropout", "flow_schedule_shift", "pretrained_model_name_or_path")}
-    fields["latent_keys"] = xxhash.xxh3_64_hexdigest("".join(data.latent_keys).encode())
-    return xxhash.xxh3_64_hexdigest(json.dumps(fields, sort_keys=True, default=str).encode())
-
-
 class Trainer:
     def __init__(self, cfg: Any, family: Any, data: TrainData, output: Store, reporter: Reporter) -> None:
         self.cfg = cfg
@@ -87,6 +77,9 @@ class Trainer:
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(str(cfg.mixed_precision))
         self.global_step = 0
+        self.resumed_from = 0
+        self.already_finished: int | None = None
+        self.changes: tuple[Change, ...] = ()
 
     # -- set-up ------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -123,7 +116,7 @@ class Trainer:
             sigmoid_scale=cfg.flow_sigmoid_scale, **self.family.flow_shift_params(cfg.pretrained_model_name_or_path),
         )
         self.total_steps = self._total_steps()
-        self.fingerprint = config_fingerprint(cfg, self.data)
+        self.settings = {**config_settings(cfg), "data": data_settings(self.data.rows)}
         self._resume()
 
     def _total_steps(self) -> int:
@@ -136,22 +129,37 @@ class Trainer:
         return int(cfg.num_train_epochs) * per_epoch
 
     def _resume(self) -> None:
+        """Resume this run's latest checkpoint, never another run's (core/run_settings.py decides)."""
+        decision = decide(read_output_state(self.output), self.settings,
+                          resume_from_checkpoint=self.cfg.resume_from_checkpoint)
+        self.changes = decision.changes
+        if decision.finished_step is not None and decision.finished_step >= self.total_steps:
+            self.already_finished = decision.finished_step
+            self.report.log(f"{self.output.url} already holds this run, finished at step {decision.finished_step}: "
+                            f"nothing to train (raise max_train_steps or num_train_epochs to train on)")
+            return
         found = checkpoint.resolve_resume(self.output, self.cfg.resume_from_checkpoint)
         if found is None:
             return
         store, step = found
         files, state = checkpoint.load_checkpoint(store, step)
-        if state.get("fingerprint") != self.fingerprint:
-            self.report.log(f"checkpoint-{step} was made with other settings or data; resuming it anyway")
-        load_lora_bytes(self.model, files[LORA_FILE])
+        if not isinstance(state.get("settings"), dict):
+            self.report.log(f"checkpoint-{step} was written before stagetune recorded run settings: resuming it "
+                            "without comparing them")
+        try:
+            load_lora_bytes(self.model, files[LORA_FILE])
+        except (RuntimeError, KeyError, ValueError) as exc:
+            raise RunMismatchError(f"checkpoint-{step} in {store.url} does not fit this model and adapter: "
+                                   f"{str(exc).splitlines()[0]}", field="resume_from_checkpoint") from None
         self.optimizer.load_state_dict(torch.load(io.BytesIO(files["optimizer.pt"]), weights_only=True))
         self.scheduler.load_state_dict(torch.load(io.BytesIO(files["scheduler.pt"]), weights_only=True))
         rng = torch.load(io.BytesIO(files["random_states.pt"]), weights_only=True)
         torch.set_rng_state(rng["torch"])
         self.generator.set_state(rng["generator"])
         self.sampler.state = SamplerState(**state["sampler"])
-        self.global_step = int(state["step"])
-        self.report.log(f"resuming from checkpoint-{step} (step {self.global_step} of {self.total_steps})")
+        self.global_step = self.resumed_from = int(state["step"])
+        changed = f" with changed settings: {'; '.join(str(c) for c in self.changes)}" if self.changes else ""
+        self.report.log(f"resuming from checkpoint-{step} (step {self.global_step} of {self.total_steps}){changed}")
 
     # -- one step ----------------------------------------------------------------------------
     def _batch_tensors(self, batch: list, epoch: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -230,7 +238,7 @@ class Trainer:
             "scheduler.pt": tensor_bytes(self.scheduler.state_dict()),
             "random_states.pt": tensor_bytes({"torch": torch.get_rng_state(), "generator": self.generator.get_state()}),
         }
-        state = {"sampler": dataclasses.asdict(self.sampler.state), "fingerprint": self.fingerprint,
+        state = {"sampler": dataclasses.asdict(self.sampler.state), "settings": self.settings,
                  "total_steps": self.total_steps}
         self.data.flush()
         name = checkpoint.save_checkpoint(self.output, self.global_step, files, state,
@@ -250,19 +258,31 @@ class Trainer:
 
     def _train(self) -> dict[str, str]:
         cfg = self.cfg
+        if self.already_finished is not None:
+            return {"lora": LORA_FILE, "steps": str(self.already_finished), "steps_trained": "0",
+                    "already_finished": str(self.already_finished)}
+        if self.global_step < self.total_steps:  # no longer finished, whatever an earlier run wrote
+            run_settings.write_record(self.output, state="running", step=self.global_step,
+                                      total_steps=self.total_steps, settings=self.settings, changes=self.changes)
         try:
             self._train_steps()
         except JobCancelled:
-            if self.global_step > 0:
+            if self.global_step > self.resumed_from:
                 self.save_checkpoint()  # Ctrl-C, SIGTERM or Cancel: the next run resumes here
             raise
         self.data.flush()
         final = self.lora_bytes()
         self.output.put_bytes(LORA_FILE, final)
+        run_settings.write_record(self.output, state="finished", step=self.global_step, total_steps=self.total_steps,
+                                  settings=self.settings, changes=self.changes)
         self.report.log(f"wrote {LORA_FILE} ({len(final)} bytes) after {self.global_step} steps")
         if self.report.validate is not None and cfg.validation_prompt:
             self.report.validate(self.global_step, final)
-        return {"lora": LORA_FILE, "steps": str(self.global_step)}
+        outputs = {"lora": LORA_FILE, "steps": str(self.global_step),
+                   "steps_trained": str(self.global_step - self.resumed_from)}
+        if self.changes:
+            outputs["changed_settings"] = "; ".join(str(c) for c in self.changes)
+        return outputs
 
     def _train_steps(self) -> None:
         cfg = self.cfg

@@ -4,11 +4,16 @@ from adapter snapshots without waiting for it."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from stagetune.core import requests
+from stagetune.core.errors import Collector, InputError
 from stagetune.core.grpc_server import ServiceBinding, job_service
 from stagetune.core.jobs import JobContext
+from stagetune.core.outputs import open_output
+from stagetune.core.run_lock import RunLock
 from stagetune.core.store.base import Store
 from stagetune.v1 import trainer_pb2, trainer_pb2_grpc
 
@@ -18,11 +23,9 @@ SERVICE = "trainer"
 def train_job(ctx: JobContext) -> dict[str, str]:
     from stagetune.core.cache import ShardedCache
     from stagetune.core.config.train import config_from_json, load_train_config
-    from stagetune.core.outputs import open_output
-    from stagetune.ingest.manifest import load_manifest, load_report
+    from stagetune.core.manifest import load_manifest, load_report
     from stagetune.models.families import get_family
-    from stagetune.trainer.loop import Reporter, TrainData, Trainer
-    from stagetune.validation.client import ValidationRequester
+    from stagetune.trainer.loop import TrainData
 
     req: trainer_pb2.StartTrainingRequest = ctx.request
     base_dir = Path(req.base_dir) if req.base_dir else None
@@ -50,6 +53,16 @@ def train_job(ctx: JobContext) -> dict[str, str]:
     data.latents.refresh()
     data.texts.refresh()
     output = open_output(cfg.output_dir, base_dir)
+    with RunLock(output, owner=req.run_lock_owner or None).adopt_or_acquire():
+        return _train(ctx, cfg, data, output, family, req)
+
+
+def _train(ctx: JobContext, cfg: Any, data: Any, output: Any, family: Any, req: trainer_pb2.StartTrainingRequest
+           ) -> dict[str, str]:
+    from stagetune.trainer.loop import Reporter, Trainer
+    from stagetune.validation.client import ValidationRequester
+
+    store = ctx.store
     validator = None
     if req.validation_endpoint and cfg.validation_prompt and not cfg.validation_disable:
         validator = ValidationRequester(req.validation_endpoint, store, ctx.job_id, cfg, output_dir=output)
@@ -64,7 +77,7 @@ def train_job(ctx: JobContext) -> dict[str, str]:
     ctx.progress("loading model", 0, 1)
     trainer.setup()
     outputs = trainer.train()
-    if validator is not None:
+    if validator is not None and not outputs.get("already_finished"):
         ctx.progress("waiting for validation", 0, len(validator.pending))
         outputs["validation_images"] = str(validator.wait())
     outputs["output"] = output.url
@@ -130,7 +143,56 @@ def text_cache(cache: Any, cfg: Any, family: Any, text_keys: dict[str, str]) -> 
                          stage="text", write=not cfg.text_cache_disable, write_batch_size=cfg.write_batch_size)
 
 
+def validator(store: Store) -> Callable[[trainer_pb2.StartTrainingRequest], None]:
+    """Start's checks: the config, the manifest and caches it names, and an output_dir this run may use."""
+
+    def validate(req: trainer_pb2.StartTrainingRequest) -> None:
+        from stagetune.core.config.train import config_from_json, load_train_config
+
+        problems = Collector()
+        base = requests.base_dir(problems, req.base_dir)
+        cfg = None
+        with problems.check():
+            cfg = load_train_config(config_from_json(req.config_json), base_dir=base)
+        requests.manifest(problems, store, req.manifest_id)
+        requests.store_objects(problems, store, [("latent_keys", req.latent_keys), ("text_keys", req.text_keys)])
+        for name in ("latent_cache", "text_cache"):
+            if not getattr(req, name):
+                problems.add(InputError(f"{name} is empty: give the cache_prefix the encoder job returned",
+                                        field=name))
+        if req.validation_endpoint and ":" not in req.validation_endpoint:
+            problems.add(InputError(f"validation_endpoint must be host:port, got {req.validation_endpoint!r}",
+                                    field="validation_endpoint"))
+        if req.data_backend_config_json:
+            requests.json_list(problems, req.data_backend_config_json, "data_backend_config_json")
+        if cfg is not None:
+            with problems.check():
+                _check_output(cfg, base, req.run_lock_owner)
+        problems.raise_if_any("StartTrainingRequest")
+
+    return validate
+
+
+def _check_output(cfg: Any, base: Path | None, lock_owner: str) -> None:
+    """Writable, not locked by another run, and not holding another model's or adapter's checkpoints."""
+    from stagetune.core.checks import check_local_output
+    from stagetune.core.errors import OutputInUseError
+    from stagetune.core.run_settings import config_settings, decide, read_output_state
+
+    if "://" not in str(cfg.output_dir):
+        check_local_output(Path(cfg.output_dir))
+    output = open_output(cfg.output_dir, base)
+    lock = RunLock(output, owner=lock_owner or None)
+    try:
+        holder = lock.holder()
+    finally:
+        lock.release()
+    if holder is not None:
+        raise OutputInUseError(f"output_dir {output.url} is in use by another run ({holder})", field="output_dir")
+    decide(read_output_state(output), config_settings(cfg), resume_from_checkpoint=cfg.resume_from_checkpoint)
+
+
 def binding(store: Store) -> ServiceBinding:
     return job_service(store, name=SERVICE, servicer_base=trainer_pb2_grpc.TrainerServiceServicer,
                        add_to_server=trainer_pb2_grpc.add_TrainerServiceServicer_to_server,
-                       request_type=trainer_pb2.StartTrainingRequest, work=train_job)
+                       request_type=trainer_pb2.StartTrainingRequest, work=train_job, validate=validator(store))

@@ -14,7 +14,7 @@ import torch
 
 from stagetune.core.encode import chunks
 from stagetune.core.errors import InputError
-from stagetune.ingest.manifest import ManifestRow
+from stagetune.core.manifest import ManifestRow
 
 
 def pixel_seed(row: ManifestRow) -> int:

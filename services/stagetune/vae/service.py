@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 
 import xxhash
 
+from stagetune.core import requests
 from stagetune.core.cache import ShardedCache
 from stagetune.core.encode import PROCESS_THREADS, encode_missing, helper_threads
+from stagetune.core.errors import Collector
 from stagetune.core.grpc_server import ServiceBinding, job_service
 from stagetune.core.jobs import JobContext
+from stagetune.core.manifest import ManifestRow
 from stagetune.core.ondemand import cached_only
 from stagetune.core.store.base import Store
-from stagetune.ingest.manifest import ManifestRow
 from stagetune.v1 import vae_pb2, vae_pb2_grpc
 from stagetune.vae.encode import DatasetImages, batch_pixels, batches_by_size, encode_rows
 
@@ -37,7 +40,7 @@ def latent_cache_prefix(fingerprint: str) -> str:
 
 
 def vae_job(ctx: JobContext) -> dict[str, str]:
-    from stagetune.ingest.run import load_manifest
+    from stagetune.core.manifest import load_manifest
     from stagetune.models.dtypes import parse_dtype
     from stagetune.models.families import get_family
 
@@ -76,7 +79,21 @@ def vae_job(ctx: JobContext) -> dict[str, str]:
             "keys_digest": xxhash.xxh3_64_hexdigest(json.dumps(keys, sort_keys=True).encode()), **stats.as_outputs()}
 
 
+def validator(store: Store) -> Callable[[vae_pb2.StartEncodeLatentsRequest], None]:
+    def validate(req: vae_pb2.StartEncodeLatentsRequest) -> None:
+        problems = Collector()
+        requests.non_negative(problems, req, "vae_batch_size", "write_batch_size")
+        requests.manifest(problems, store, req.manifest_id)
+        requests.model_ref(problems, req.model)
+        requests.base_dir(problems, req.base_dir)
+        if req.data_backend_config_json:
+            requests.json_list(problems, req.data_backend_config_json, "data_backend_config_json")
+        problems.raise_if_any("StartEncodeLatentsRequest")
+
+    return validate
+
+
 def binding(store: Store) -> ServiceBinding:
     return job_service(store, name=SERVICE, servicer_base=vae_pb2_grpc.VaeServiceServicer,
                        add_to_server=vae_pb2_grpc.add_VaeServiceServicer_to_server,
-                       request_type=vae_pb2.StartEncodeLatentsRequest, work=vae_job)
+                       request_type=vae_pb2.StartEncodeLatentsRequest, work=vae_job, validate=validator(store))

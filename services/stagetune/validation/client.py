@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-import grpc
-
 from stagetune.core.client import call, follow
+from stagetune.core.security import ChannelSecurity
 from stagetune.core.store.base import Store
 from stagetune.v1 import common_pb2, validation_pb2, validation_pb2_grpc
 
@@ -39,7 +38,7 @@ class ValidationRequester:
     """Starts one validation job per snapshot; `wait` collects them at the end of training."""
 
     def __init__(self, endpoint: str, store: Store, job_id: str, cfg: Any, *, output_dir: Store) -> None:
-        self.channel = grpc.insecure_channel(endpoint)
+        self.channel = ChannelSecurity.from_env().channel(endpoint)  # the cluster's token and TLS, if any
         self.stub = validation_pb2_grpc.ValidationServiceStub(self.channel)
         self.store = store
         self.job_id = job_id

@@ -4,7 +4,10 @@ and streams small previews as job events."""
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 
+from stagetune.core import requests
+from stagetune.core.errors import Collector, InputError
 from stagetune.core.grpc_server import ServiceBinding, job_service
 from stagetune.core.jobs import JobContext
 from stagetune.core.store.base import Store
@@ -12,6 +15,7 @@ from stagetune.v1 import validation_pb2, validation_pb2_grpc
 
 SERVICE = "validation"
 PREVIEW_EDGE = 256
+MAX_EDGE = 8192
 
 
 def image_name(step: int, name: str, width: int, height: int) -> str:
@@ -48,7 +52,35 @@ def validation_job(ctx: JobContext) -> dict[str, str]:
     return {"images": str(written), "output": output.url if output is not None else ""}
 
 
+def validator(store: Store) -> Callable[[validation_pb2.StartValidationRequest], None]:
+    def validate(req: validation_pb2.StartValidationRequest) -> None:
+        problems = Collector()
+        requests.model_ref(problems, req.model)
+        if not req.prompts:
+            problems.add(InputError("prompts is empty: give at least one prompt to sample", field="prompts"))
+        for index, prompt in enumerate(req.prompts):
+            if not prompt.prompt.strip():
+                problems.add(InputError(f"prompts[{index}].prompt is empty", field=f"prompts[{index}].prompt"))
+        if req.adapter_key:
+            requests.store_objects(problems, store, [("adapter_key", req.adapter_key)])
+        sampling = req.sampling
+        requests.non_negative(problems, sampling, "num_inference_steps", prefix="sampling.")
+        requests.finite(problems, sampling, "guidance_scale", "skip_layer_guidance_scale",
+                        "skip_layer_guidance_start", "skip_layer_guidance_stop", prefix="sampling.")
+        for index, size in enumerate(sampling.resolutions):
+            if not (0 < size.width <= MAX_EDGE and 0 < size.height <= MAX_EDGE):
+                problems.add(InputError(f"sampling.resolutions[{index}] must be 1-{MAX_EDGE} pixels each way, got "
+                                        f"{size.width}x{size.height}", field=f"sampling.resolutions[{index}]"))
+        if any(layer < 0 for layer in sampling.skip_guidance_layers):
+            problems.add(InputError("sampling.skip_guidance_layers must be ≥ 0",
+                                    field="sampling.skip_guidance_layers"))
+        problems.raise_if_any("StartValidationRequest")
+
+    return validate
+
+
 def binding(store: Store) -> ServiceBinding:
     return job_service(store, name=SERVICE, servicer_base=validation_pb2_grpc.ValidationServiceServicer,
                        add_to_server=validation_pb2_grpc.add_ValidationServiceServicer_to_server,
-                       request_type=validation_pb2.StartValidationRequest, work=validation_job)
+                       request_type=validation_pb2.StartValidationRequest, work=validation_job,
+                       validate=validator(store))

@@ -8,6 +8,7 @@ worst, a temp file that listings ignore. Readers can therefore memory-map object
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 from collections.abc import Callable, Iterator
@@ -15,7 +16,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from stagetune.core.atomic import atomic_write
-from stagetune.core.errors import InputError, NotFoundError
+from stagetune.core.errors import InputError, NotFoundError, NotWritableError
 from stagetune.core.store.base import InvalidKeyError, Store, check_key, check_prefix
 
 #: Temp files start with this; keys whose last component starts with it are refused so a listing
@@ -55,6 +56,17 @@ class LocalStore(Store):
             raise InputError(
                 f"cannot store {key!r} in {self.url}: it is a folder of other objects", field="key"
             ) from exc
+        except PermissionError as exc:
+            raise NotWritableError(
+                f"cannot write {self.url}: permission denied at {exc.filename or self.root} (a read-only folder, "
+                "or another user's?)", field="store"
+            ) from exc
+        except OSError as exc:
+            if exc.errno in (errno.EROFS, errno.ENOSPC, errno.EDQUOT):
+                raise NotWritableError(
+                    f"cannot write {self.url}: {exc.strerror} at {exc.filename or self.root}", field="store"
+                ) from exc
+            raise
 
     def put_bytes(self, key: str, data: bytes, *, durable: bool = True) -> None:
         self._write_atomic(key, lambda handle: handle.write(data), fsync=durable)

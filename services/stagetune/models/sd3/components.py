@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from stagetune.core.checks import is_hub_id
 from stagetune.core.errors import InputError, NotFoundError
-from stagetune.models.fingerprint import is_hub_id
 from stagetune.models.loading import MODEL_LOAD_LOCK
 
 if TYPE_CHECKING:

@@ -1,0 +1,138 @@
+"""Everything `stagetune train` checks before it imports torch or starts a service.
+
+A typo, a missing folder, an unreachable store or a read-only output_dir is answered in about a second,
+all problems at once, each printed once. Then the output_dir's run lock is taken (a second run on the
+same output_dir fails here), and what the output_dir already holds is compared with this run's settings
+(core/run_settings.py), so another run's checkpoints are never resumed as ours.
+
+Pure Python and the store client only: nothing here may import torch, diffusers or grpc.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from stagetune.core import checks
+from stagetune.core.config.dataset import DataBackends, load_data_backend_config
+from stagetune.core.config.keys import normalise_key
+from stagetune.core.config.train import TrainConfig, load_train_config
+from stagetune.core.errors import Collector, ConfigError, NotWritableError, StagetuneError
+from stagetune.core.outputs import open_output
+from stagetune.core.run_lock import RunLock
+from stagetune.core.run_settings import Decision, OutputState, config_settings, decide, read_output_state
+from stagetune.core.store.base import Store
+
+
+@dataclasses.dataclass
+class RunPlan:
+    """A checked run: its configs, stores and the output_dir lock it holds until `close`."""
+
+    config_path: Path
+    raw_config: dict[str, Any]
+    cfg: TrainConfig
+    backends: DataBackends
+    backends_json: str
+    base_dir: Path
+    store: Store | None
+    output: Store
+    lock: RunLock | None
+    output_state: OutputState
+    decision: Decision
+
+    def close(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+
+
+def read_config_file(path: Path, what: str = "config") -> Any:
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{what} file not found: {path}", field=what) from None
+    except IsADirectoryError:
+        raise ConfigError(f"{what} file {path} is a folder, not a JSON file", field=what) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read {what} file {path}: {exc}", field=what) from None
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{what} file {path} is not valid JSON: {exc}", field=what) from None
+
+
+def find_data_backend_config(raw: dict[str, Any], explicit: str | None, config_path: Path, base_dir: Path) -> Path:
+    """--data_backend_config, else the config's key, else multidatabackend.json beside config.json."""
+    given = {normalise_key(k): v for k, v in raw.items()}.get("data_backend_config")
+    candidate = explicit or (given if isinstance(given, str) and given.strip() else None)
+    if not candidate:
+        default = config_path.parent / "multidatabackend.json"
+        if default.exists():
+            return default
+        raise ConfigError("no data_backend_config: set it in config.json or pass --data_backend_config",
+                          field="data_backend_config")
+    path = Path(candidate).expanduser()
+    if path.is_absolute():
+        return path
+    for base in (base_dir, config_path.parent, config_path.parent.parent):  # as SimpleTuner, then beside config
+        if (base / path).exists():
+            return base / path
+    return base_dir / path
+
+
+def prepare_run(config_path: Path | str, *, store: Store | None, data_backend_config: str | None = None,
+                base_dir: Path | None = None, lock: bool = True) -> RunPlan:
+    """Check the whole config pair, paths, model, store and output_dir; take the output_dir's run lock."""
+    config_path = Path(config_path)
+    base = Path(base_dir) if base_dir is not None else Path(os.getcwd())
+    problems = Collector()
+    raw = read_config_file(config_path)
+    if not isinstance(raw, dict):
+        load_train_config(config_path)  # raises the error that names what the file holds
+    cfg = backends = backends_json = None
+    with problems.check():
+        cfg = load_train_config(raw, base_dir=base)
+    with problems.check():
+        backends_path = find_data_backend_config(raw, data_backend_config, config_path, base)
+        entries = read_config_file(backends_path, "data_backend_config")
+        backends = load_data_backend_config(entries, defaults=cfg.dataset_defaults() if cfg else {}, base_dir=base)
+        backends_json = json.dumps(entries)
+    if cfg is not None:
+        with problems.check():
+            checks.check_model_source(cfg.pretrained_model_name_or_path, revision=cfg.revision)
+    for dataset in backends.enabled if backends is not None else ():
+        if dataset.instance_data_dir is not None:
+            with problems.check():
+                checks.check_dataset_folder(dataset.id, dataset.instance_data_dir)
+    if store is not None:  # None: the services' store is not ours to reach (they check it themselves)
+        with problems.check():
+            checks.probe_store(store)
+    if cfg is not None and "://" not in str(cfg.output_dir):
+        with problems.check():
+            checks.check_local_output(Path(cfg.output_dir))
+    problems.raise_if_any()
+    assert cfg is not None and backends is not None and backends_json is not None
+    output, run_lock, state, decision = open_checked_output(cfg, base, take_lock=lock)
+    return RunPlan(config_path, raw, cfg, backends, backends_json, base, store, output, run_lock, state, decision)
+
+
+def open_checked_output(cfg: TrainConfig, base_dir: Path, *, take_lock: bool = True
+                        ) -> tuple[Store, RunLock | None, OutputState, Decision]:
+    """Open output_dir, take its run lock, and refuse another run's outputs (before ingest)."""
+    output = open_output(cfg.output_dir, base_dir)
+    run_lock = None
+    try:
+        if take_lock:
+            try:
+                run_lock = RunLock(output).acquire()
+            except NotWritableError as exc:
+                raise NotWritableError(f"output_dir {output.url} cannot be written: {exc}",
+                                       field="output_dir") from None
+        state = read_output_state(output)
+        decision = decide(state, config_settings(cfg), resume_from_checkpoint=cfg.resume_from_checkpoint)
+    except StagetuneError:
+        if run_lock is not None:
+            run_lock.release()
+        raise
+    return output, run_lock, state, decision
