@@ -7,6 +7,11 @@ stops ingest naming every reason.
 
 from __future__ import annotations
 
+import json
+import os
+import re
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -236,3 +241,27 @@ def test_oversubscription_leaves_repeats_the_dataset_sets(tmp_path: Path) -> Non
     assert {r.bucket for r in result.samples} == {"2.0"} and {r.repeats for r in result.samples} == {0}
     (pruned,) = result.report["pruned_buckets"]
     assert pruned["bucket"] == "1.0" and pruned["repeats_needed"] == 1
+
+
+# ------------------------------------------------------------------------------------------- the CLI
+
+
+def test_cli_reports_every_problem_once_before_importing_torch(tmp_path: Path) -> None:
+    (tmp_path / "multidatabackend.json").write_text(json.dumps([
+        {"id": "photos", "instance_data_dir": str(tmp_path / "no-such-folder")},
+        {"id": "text", "dataset_type": "text_embeds", "default": True}]))
+    (tmp_path / "config.json").write_text(json.dumps({
+        **BASE, "pretrained_model_name_or_path": str(tmp_path / "no-such-model"), "learnin_rate": 1e-4,
+        "data_backend_config": str(tmp_path / "multidatabackend.json"), "output_dir": str(tmp_path / "out")}))
+    env = dict(os.environ, STAGETUNE_STORE=str(tmp_path / "store"))
+    done = subprocess.run([sys.executable, "-X", "importtime", "-m", "stagetune.cli", "train", "--config",
+                           str(tmp_path / "config.json")], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 2, done.stderr[-2000:]
+    imported = [line for line in done.stderr.splitlines() if line.startswith("import time:")]
+    assert imported and not [line for line in imported if re.search(r"\|\s+(torch|diffusers|grpc)(\.|$)", line)]
+    said = [line for line in done.stderr.splitlines() if not line.startswith("import time:")]
+    assert "error: 3 problems:" in said
+    for fragment in ("did you mean 'learning_rate'", "no-such-model does not exist", "no-such-folder does not exist"):
+        assert sum(fragment in line for line in said) == 1, (fragment, said)
+    assert not any("Traceback" in line for line in said)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "store").exists()  # nothing written

@@ -295,8 +295,12 @@ def test_read_only_mount(tmp_path: Path, model_folder: Path) -> None:
         config = _configs(tmp_path, model_folder, output_dir=str(mount / "output"))
         with pytest.raises(NotWritableError, match="read-only file system"):
             prepare_run(config, store=LocalStore(tmp_path / "store"))
-        with pytest.raises(NotWritableError, match="Read-only file system"):
+        with pytest.raises(NotWritableError, match="store .* is a read-only file system") as info:
             prepare_run(_configs(tmp_path, model_folder), store=LocalStore(mount / "store"))
+        assert info.value.field == "store"
+        # the LocalStore itself names a read-only file system it meets while writing
+        with pytest.raises(NotWritableError, match="Read-only file system"):
+            LocalStore(mount / "store").put_bytes("a", b"1")
     finally:
         subprocess.run(["umount", str(mount)], check=False)
 

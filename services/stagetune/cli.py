@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -116,6 +117,10 @@ def _stop_cleanly_on_signals() -> None:
     signal.signal(signal.SIGTERM, interrupt)
 
 
+#: The exit status of a run stopped by Ctrl-C or SIGTERM (128 + SIGINT, as shells report it).
+INTERRUPTED = 130
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from stagetune.preflight import prepare_run
 
@@ -130,6 +135,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace, plan: Any) -> int:
+    from stagetune.core.grpc_server import stop_servers
     from stagetune.core.security import ChannelSecurity, ServerSecurity
     from stagetune.models.warmup import warm_imports
 
@@ -158,10 +164,11 @@ def _train(args: argparse.Namespace, plan: Any) -> int:
         interrupted = True
         print("interrupted: finished shards and the last checkpoint are kept; run the same command again to resume",
               file=sys.stderr)
-        return 130
+        return INTERRUPTED
     finally:
-        for server in servers.values():
-            server.stop(0.5, jobs_timeout=1.0 if interrupted else None)
+        # Interrupted: the stages were cancelled and waited for already (pipeline.run_training); what still
+        # runs is stopped with the process (every write is atomic).
+        stop_servers(list(servers.values()), 0 if interrupted else 0.5, jobs_timeout=0 if interrupted else None)
     return _summary(plan, run)
 
 
@@ -290,10 +297,17 @@ def main(argv: list[str] | None = None) -> int:
     from stagetune.core.errors import StagetuneError
 
     try:
-        return args.func(args)
+        code = args.func(args)
     except StagetuneError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if code == INTERRUPTED:
+        # Everything worth keeping is written (atomically) and the output_dir's lock is released. Tearing
+        # down torch, gRPC and the stopped jobs' threads in the interpreter's exit took seconds: skip it.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from typing import Any
 import grpc
 
 from stagetune.core import errors
-from stagetune.core.client import call, follow
+from stagetune.core.client import TERMINAL, call, follow
 from stagetune.core.errors import InputError
 from stagetune.core.grpc_server import RunningServer, start_server
 from stagetune.core.run_settings import config_settings, decide
@@ -88,7 +88,7 @@ class TrainingRun:
 EventSink = Callable[[str, common_pb2.Event], None]
 
 #: How long Ctrl-C waits for the running stages to stop at their next batch before giving up on them.
-CANCEL_WAIT_S = 3.0
+CANCEL_WAIT_S = 1.0
 #: How long Ctrl-C waits for the trainer to save its checkpoint (what lets the next run resume).
 TRAINER_SAVE_S = 600.0
 
@@ -117,12 +117,19 @@ class _Stages:
             self.running[name] = job
         try:
             job = follow(stub, job, lambda event: self.on_event(name, event))
-        finally:
-            with self._lock:
-                self.running.pop(name, None)
+        except KeyboardInterrupt:
+            raise  # still running: cancel_all cancels it
+        except BaseException:
+            self._forget(name)
+            raise
+        self._forget(name)
         result = PhaseResult(name, time.perf_counter() - started, dict(job.outputs))
         self.on_phase(result)
         return result
+
+    def _forget(self, name: str) -> None:
+        with self._lock:
+            self.running.pop(name, None)
 
     def cancel(self, name: str) -> None:
         with self._lock:
@@ -146,8 +153,7 @@ class _Stages:
                     state = call(self.stubs[name].Get, common_pb2.GetJobRequest(job_id=job.job_id)).state
                 except errors.StagetuneError:
                     break
-                if state in (common_pb2.JOB_STATE_SUCCEEDED, common_pb2.JOB_STATE_FAILED,
-                             common_pb2.JOB_STATE_CANCELLED):
+                if state in TERMINAL:
                     break
                 time.sleep(0.05)
 

@@ -98,9 +98,12 @@ def prepare_run(config_path: Path | str, *, store: Store | None, data_backend_co
         entries = read_config_file(backends_path, "data_backend_config")
         backends = load_data_backend_config(entries, defaults=cfg.dataset_defaults() if cfg else {}, base_dir=base)
         backends_json = json.dumps(entries)
-    if cfg is not None:
+    # The model is checked even when config.json has other problems: all of them are reported in one go.
+    given = {normalise_key(k): v for k, v in raw.items()}
+    model = cfg.pretrained_model_name_or_path if cfg is not None else given.get("pretrained_model_name_or_path")
+    if isinstance(model, str) and model.strip() and "{env:" not in model:
         with problems.check():
-            checks.check_model_source(cfg.pretrained_model_name_or_path, revision=cfg.revision)
+            checks.check_model_source(model, revision=cfg.revision if cfg is not None else None)
     for dataset in backends.enabled if backends is not None else ():
         if dataset.instance_data_dir is not None:
             with problems.check():

@@ -36,7 +36,7 @@ import safetensors
 import safetensors.torch
 import torch
 
-from stagetune.core.errors import NotFoundError, StagetuneError
+from stagetune.core.errors import CorruptError, NotFoundError
 from stagetune.core.store.base import Store
 
 log = logging.getLogger(__name__)
@@ -160,10 +160,12 @@ class ShardedCache:
         except NotFoundError:
             return None, []  # deleted between list and get (cache being cleared)
         except ValueError as exc:
-            raise StagetuneError(f"cache index {index_file!r} in {self.store.url} is not valid JSON") from exc
+            raise CorruptError(f"cache index {index_file!r} in {self.store.url} is not valid JSON: delete it (and its "
+                               "shard) and the entries are encoded again", field="cache") from exc
         keys = body.get("keys") if isinstance(body, dict) else body
         if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
-            raise StagetuneError(f"cache index {index_file!r} in {self.store.url} has no list of keys")
+            raise CorruptError(f"cache index {index_file!r} in {self.store.url} has no list of keys: delete it (and "
+                               "its shard) and the entries are encoded again", field="cache")
         return shard_id, keys
 
     def _register(self, shard_id: str, keys: Iterable[str]) -> None:

@@ -88,7 +88,12 @@ def _read_only_fs(path: Path) -> bool:
 
 
 def probe_store(store: Store, *, what: str = "store") -> None:
-    """Write, read back and delete a small object: the store is reachable and takes writes, now."""
+    """The store is reachable and takes writes, now: a local folder is checked without creating it, any
+    other store by writing, reading back and deleting a small object."""
+    root = getattr(store, "root", None)
+    if isinstance(root, Path):
+        check_local_output(root, what=what)
+        return
     key = f"{PROBE_PREFIX}{uuid.uuid4().hex}"
     try:
         store.put_bytes(key, b"stagetune write probe", durable=False)

@@ -17,7 +17,7 @@ from grpc_status import rpc_status
 from stagetune.core import errors
 from stagetune.v1 import common_pb2
 
-_TERMINAL = {common_pb2.JOB_STATE_SUCCEEDED, common_pb2.JOB_STATE_FAILED, common_pb2.JOB_STATE_CANCELLED}
+TERMINAL = {common_pb2.JOB_STATE_SUCCEEDED, common_pb2.JOB_STATE_FAILED, common_pb2.JOB_STATE_CANCELLED}
 
 _CODE_TO_ERROR: dict[grpc.StatusCode, type[errors.StagetuneError]] = {
     grpc.StatusCode.INVALID_ARGUMENT: errors.ConfigError,
@@ -78,11 +78,11 @@ def follow(stub: Any, job: common_pb2.Job, on_event: Callable[[common_pb2.Event]
                 on_event(event)
             if event.HasField("job"):
                 final = event.job
-                if final.state in _TERMINAL:
+                if final.state in TERMINAL:
                     break
     except grpc.RpcError as exc:
         raise error_from_rpc(exc) from None
-    if final.state not in _TERMINAL:
+    if final.state not in TERMINAL:
         final = call(stub.Get, common_pb2.GetJobRequest(job_id=job.job_id))
     if final.state != common_pb2.JOB_STATE_SUCCEEDED:
         raise JobFailed(final)

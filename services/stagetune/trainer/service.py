@@ -79,7 +79,7 @@ def _train(ctx: JobContext, cfg: Any, data: Any, output: Any, family: Any, req: 
     outputs = trainer.train()
     if validator is not None and not outputs.get("already_finished"):
         ctx.progress("waiting for validation", 0, len(validator.pending))
-        outputs["validation_images"] = str(validator.wait())
+        outputs["validation_images"] = str(validator.wait(ctx.cancelled.is_set))
     outputs["output"] = output.url
     return outputs
 

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import time
+from collections.abc import Callable
 from typing import Any
 
-from stagetune.core.client import call, follow
+from stagetune.core.client import TERMINAL, call, follow
+from stagetune.core.errors import StagetuneError
+from stagetune.core.jobs import JobCancelled
 from stagetune.core.security import ChannelSecurity
 from stagetune.core.store.base import Store
 from stagetune.v1 import common_pb2, validation_pb2, validation_pb2_grpc
@@ -53,9 +58,23 @@ class ValidationRequester:
                                      step=step, output_prefix=self.output_prefix)
         self.pending.append(call(self.stub.Start, request))
 
-    def wait(self) -> int:
+    def wait(self, cancelled: Callable[[], bool] = lambda: False, poll_s: float = 0.1) -> int:
+        """Images written by every requested job; when the trainer is cancelled meanwhile, the pending
+        validation jobs are cancelled too and `JobCancelled` is raised (Ctrl-C does not wait for sampling)."""
         images = 0
-        for job in self.pending:
-            images += int(follow(self.stub, job).outputs.get("images", 0))
-        self.channel.close()
+        try:
+            for job in self.pending:
+                while True:
+                    current = call(self.stub.Get, common_pb2.GetJobRequest(job_id=job.job_id))
+                    if current.state in TERMINAL:
+                        images += int(follow(self.stub, current).outputs.get("images", 0))
+                        break
+                    if cancelled():
+                        for other in self.pending:
+                            with contextlib.suppress(StagetuneError):
+                                call(self.stub.Cancel, common_pb2.CancelJobRequest(job_id=other.job_id))
+                        raise JobCancelled("validation")
+                    time.sleep(poll_s)
+        finally:
+            self.channel.close()
         return images
