@@ -265,3 +265,17 @@ def test_cli_reports_every_problem_once_before_importing_torch(tmp_path: Path) -
         assert sum(fragment in line for line in said) == 1, (fragment, said)
     assert not any("Traceback" in line for line in said)
     assert not (tmp_path / "out").exists() and not (tmp_path / "store").exists()  # nothing written
+
+
+def test_dataset_keys_with_no_effect_load_at_any_value(tmp_path: Path) -> None:
+    from stagetune.core.config.dataset import DATASET_NO_EFFECT
+
+    values = {"cache_dir": "cache/vae/x", "compress_cache": True, "metadata_update_interval": 60,
+              "scan_for_errors": True, "disable_validation": True, "write_batch_size": 64,
+              "text_encoder_batch_size": 8, "vae_cache_ondemand": True, "text_cache_ondemand": True}
+    assert set(values) == DATASET_NO_EFFECT
+    backends = load_data_backend_config([_entry(**values), {**TEXT_EMBEDS, "compress_cache": True}],
+                                        base_dir=tmp_path)
+    assert backends.enabled[0].id == "ds"
+    with pytest.raises(NotSupportedError, match="vae_cache_disable"):  # this one changes results: still refused
+        load_data_backend_config([_entry(vae_cache_disable=True), TEXT_EMBEDS], base_dir=tmp_path)

@@ -164,7 +164,7 @@ def test_unknown_key_names_dataset_and_suggests() -> None:
     ("key", "value"),
     [
         ("caption_shuffle", {"enable": True}),
-        ("vae_cache_ondemand", True),
+        ("vae_cache_disable", True),
         ("conditioning_data", "cn"),
         ("delete_unwanted_images", True),
         ("start_epoch", 2),

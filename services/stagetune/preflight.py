@@ -18,6 +18,7 @@ from typing import Any
 
 from stagetune.core import checks
 from stagetune.core.config.dataset import DataBackends, load_data_backend_config
+from stagetune.core.config.files import read_json_file
 from stagetune.core.config.keys import normalise_key
 from stagetune.core.config.train import TrainConfig, load_train_config
 from stagetune.core.errors import Collector, ConfigError, NotWritableError, StagetuneError
@@ -50,16 +51,7 @@ class RunPlan:
 
 
 def read_config_file(path: Path, what: str = "config") -> Any:
-    try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"{what} file not found: {path}", field=what) from None
-    except IsADirectoryError:
-        raise ConfigError(f"{what} file {path} is a folder, not a JSON file", field=what) from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"cannot read {what} file {path}: {exc}", field=what) from None
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"{what} file {path} is not valid JSON: {exc}", field=what) from None
+    return read_json_file(path, what=f"{what} file", field=what)
 
 
 def find_data_backend_config(raw: dict[str, Any], explicit: str | None, config_path: Path, base_dir: Path) -> Path:

@@ -83,27 +83,22 @@ def json_list(problems: Collector, text: str, field: str) -> list[Any] | None:
     if not text:
         problems.add(InputError(f"{field} is empty", field=field))
         return None
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        problems.add(InputError(f"{field} is not valid JSON: {exc}", field=field))
-        return None
-    if not isinstance(value, list):
-        problems.add(InputError(f"{field} must be a JSON list, got {type(value).__name__}", field=field))
-        return None
-    return value
+    return _json(problems, text, field, list)
 
 
 def json_object(problems: Collector, text: str, field: str) -> dict[str, Any] | None:
-    if not text:
-        return {}
+    return _json(problems, text, field, dict) if text else {}
+
+
+def _json(problems: Collector, text: str, field: str, kind: type) -> Any:
     try:
         value = json.loads(text)
     except json.JSONDecodeError as exc:
         problems.add(InputError(f"{field} is not valid JSON: {exc}", field=field))
         return None
-    if not isinstance(value, dict):
-        problems.add(InputError(f"{field} must be a JSON object, got {type(value).__name__}", field=field))
+    if not isinstance(value, kind):
+        wanted = "a JSON list" if kind is list else "a JSON object"
+        problems.add(InputError(f"{field} must be {wanted}, got {type(value).__name__}", field=field))
         return None
     return value
 

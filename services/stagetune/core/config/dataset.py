@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from stagetune.core.config.files import read_json_file
 from stagetune.core.config.keys import check_keys, normalise_key
 from stagetune.core.errors import Collector, ConfigError, NotSupportedError
 
@@ -77,6 +78,23 @@ IMAGE_KEYS_SUPPORTED = frozenset(
         "preserve_data_backend_cache",
         "delete_problematic_images",
         "parquet",
+    }
+)
+
+#: Dataset keys that change nothing about what is trained here (caches are content-addressed in the store,
+#: encoding happens before training or on demand with the same result): accepted at any value, as
+#: config/no_effect.py does for config.json.
+DATASET_NO_EFFECT = frozenset(
+    {
+        "cache_dir",
+        "compress_cache",
+        "metadata_update_interval",
+        "scan_for_errors",
+        "disable_validation",
+        "write_batch_size",
+        "text_encoder_batch_size",
+        "vae_cache_ondemand",
+        "text_cache_ondemand",
     }
 )
 
@@ -736,8 +754,8 @@ def _parse_image_dataset(
         )
     data = check_keys(
         entry,
-        supported=IMAGE_KEYS_SUPPORTED,
-        recognised_unsupported=IMAGE_KEYS_RECOGNISED,
+        supported=IMAGE_KEYS_SUPPORTED | DATASET_NO_EFFECT,
+        recognised_unsupported=IMAGE_KEYS_RECOGNISED - DATASET_NO_EFFECT,
         inert_values=INERT_VALUES,
         where=where,
     )
@@ -941,8 +959,8 @@ def _parse_text_embeds(entry: Mapping[str, Any], base_dir: Path | None = None) -
     where = _where(dataset_id)
     data = check_keys(
         entry,
-        supported=TEXT_EMBEDS_KEYS_SUPPORTED,
-        recognised_unsupported=TEXT_EMBEDS_KEYS_RECOGNISED,
+        supported=TEXT_EMBEDS_KEYS_SUPPORTED | DATASET_NO_EFFECT,
+        recognised_unsupported=TEXT_EMBEDS_KEYS_RECOGNISED - DATASET_NO_EFFECT,
         inert_values=INERT_VALUES,
         where=where,
     )
@@ -994,17 +1012,7 @@ def load_data_backend_config(
     if isinstance(source, (str, Path)):
         path = Path(source)
         source_name = str(path)
-        try:
-            entries = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise ConfigError(f"data backend config not found: {path}", field="data_backend_config") from None
-        except IsADirectoryError:
-            raise ConfigError(f"data backend config {path} is a folder; give the path of multidatabackend.json",
-                              field="data_backend_config") from None
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"cannot read data backend config {path}: {exc}", field="data_backend_config") from None
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"{path} is not valid JSON: {exc}", field="data_backend_config") from None
+        entries = read_json_file(path, what="data backend config", field="data_backend_config")
     else:
         entries = source
     if not isinstance(entries, list):

@@ -29,6 +29,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from stagetune.core.config import simpletuner_keys as st
+from stagetune.core.config.files import read_json_file
 from stagetune.core.config.keys import check_keys, normalise_key, suggest, unknown_key_error
 from stagetune.core.config.no_effect import NO_EFFECT
 from stagetune.core.errors import Collector, ConfigError, NotSupportedError
@@ -437,14 +438,7 @@ def _resolve_path(value: str | Path, base_dir: Path, source_path: Path | None) -
 def load_user_prompt_library(path: Path) -> dict[str, str]:
     """{nickname: prompt} (or {nickname: {"prompt": …}}), as SimpleTuner's PromptLibraryService."""
     key = "user_prompt_library"
-    try:
-        payload = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"{key}: prompt library file not found: {path}", field=key) from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{key}: cannot read {path}: {exc}", field=key) from None
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"{key}: {path} is not valid JSON: {exc}", field=key) from None
+    payload = read_json_file(path, what=f"{key}: prompt library file", field=key)
     if not isinstance(payload, dict):
         raise ConfigError(f"{key}: {path} must be a JSON object of nickname -> prompt", field=key)
     prompts: dict[str, str] = {}
@@ -473,16 +467,7 @@ def _read_source(source: Path | str | Mapping[str, Any]) -> tuple[dict[str, Any]
             f"{WHERE} must be a JSON object of option -> value, got {_json_kind(source)}", field="config"
         )
     path = Path(source)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"config file not found: {path}", field="config") from None
-    except IsADirectoryError:
-        raise ConfigError(f"config file {path} is a folder; give the path of config.json", field="config") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"cannot read config file {path}: {exc}", field="config") from None
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"{path} is not valid JSON: {exc}", field="config") from None
+    data = read_json_file(path, what="config file", field="config")
     if not isinstance(data, dict):
         raise ConfigError(
             f"{path} must be a JSON object of option -> value, got {_json_kind(data)}", field="config"
