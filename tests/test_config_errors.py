@@ -279,3 +279,9 @@ def test_dataset_keys_with_no_effect_load_at_any_value(tmp_path: Path) -> None:
     assert backends.enabled[0].id == "ds"
     with pytest.raises(NotSupportedError, match="vae_cache_disable"):  # this one changes results: still refused
         load_data_backend_config([_entry(vae_cache_disable=True), TEXT_EMBEDS], base_dir=tmp_path)
+
+
+def test_an_s3_output_dir_stays_a_url() -> None:
+    url = "s3://bucket/runs/one?endpoint=http://127.0.0.1:9000"
+    assert load_train_config({**BASE, "output_dir": url}).output_dir == url
+    assert load_train_config({**BASE, "output_dir": "out"}, base_dir=Path("/base")).output_dir == Path("/base/out")

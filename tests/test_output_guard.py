@@ -379,3 +379,24 @@ def test_prepare_run_holds_the_lock_until_closed(tmp_path: Path, model_folder: P
         prepare_run(config, store=LocalStore(tmp_path / "store"))
     plan.close()
     prepare_run(config, store=LocalStore(tmp_path / "store")).close()
+
+
+def test_an_s3_output_dir_is_locked_and_checked_too(tmp_path: Path, model_folder: Path, s3_server) -> None:
+    from fixtures_store import fresh_bucket
+
+    output = s3_server.url(fresh_bucket(), prefix="runs/one")
+    config = _configs(tmp_path, model_folder, output_dir=output)
+    plan = prepare_run(config, store=LocalStore(tmp_path / "store"))
+    assert plan.output.url.startswith("s3://")
+    with pytest.raises(OutputInUseError, match="is in use by another run"):
+        prepare_run(config, store=LocalStore(tmp_path / "store"))
+    plan.close()
+    store = open_store(output)
+    made_by = config_settings(load_train_config({**BASE, "pretrained_model_name_or_path": str(model_folder)}))
+    checkpoints.save_checkpoint(store, 3, {"pytorch_lora_weights.safetensors": b"w"},
+                                {"sampler": {}, "settings": made_by})
+    with pytest.raises(RunMismatchError, match="lora_rank: 16 → 8"):
+        prepare_run(_configs(tmp_path, model_folder, output_dir=output, lora_rank=8, lora_alpha=16),
+                    store=LocalStore(tmp_path / "store"))
+    config = _configs(tmp_path, model_folder, output_dir=output)  # (rewrites config.json) the same settings resume
+    assert prepare_run(config, store=LocalStore(tmp_path / "store")).decision.resume_step == 3

@@ -95,7 +95,8 @@ class TrainConfig(BaseModel):
     pretrained_model_name_or_path: str
     revision: str | None = None
     variant: str | None = None
-    output_dir: Path = Path(_default("output_dir"))
+    # a local folder (resolved against base_dir), or a store URL such as s3://bucket/prefix?endpoint=… kept as given
+    output_dir: Path | str = Path(_default("output_dir"))
     data_backend_config: Path | None = None
     seed: int | None = None  # as SimpleTuner: 0 means "from the clock", -1 "random"; the trainer resolves it
 
@@ -574,8 +575,7 @@ def load_train_config(
     explicit = frozenset(fields)
     _check_required(fields, problems, warnings)
 
-    output_dir = Path(fields.get("output_dir", _default("output_dir"))).expanduser()
-    fields["output_dir"] = output_dir if output_dir.is_absolute() else base / output_dir
+    fields["output_dir"] = _output_dir(fields.get("output_dir", _default("output_dir")), base)
     if "data_backend_config" in fields:
         fields["data_backend_config"] = _resolve_path(fields["data_backend_config"], base, source_path)
     if "user_prompt_library" in fields:
@@ -603,6 +603,14 @@ def load_train_config(
     assert config is not None
     _warn_after(config)
     return config
+
+
+def _output_dir(value: Any, base: Path) -> Path | str:
+    """A URL stays a string (a Path would fold `s3://` into `s3:/`, a local folder named "s3:")."""
+    if "://" in str(value):
+        return str(value)
+    path = Path(value).expanduser()
+    return path if path.is_absolute() else base / path
 
 
 def _check_required(fields: dict[str, Any], problems: Collector, warnings: list[str]) -> None:
