@@ -400,3 +400,31 @@ def test_an_s3_output_dir_is_locked_and_checked_too(tmp_path: Path, model_folder
                     store=LocalStore(tmp_path / "store"))
     config = _configs(tmp_path, model_folder, output_dir=output)  # (rewrites config.json) the same settings resume
     assert prepare_run(config, store=LocalStore(tmp_path / "store")).decision.resume_step == 3
+
+
+def test_training_into_an_s3_output_dir(tmp_path: Path, tiny_sd3_path: Path, s3_server) -> None:
+    from fixtures_store import fresh_bucket
+    from test_end_to_end import make_dataset, train_embedded, write_configs
+
+    make_dataset(tmp_path / "data")
+    output = s3_server.url(fresh_bucket(), prefix="runs/first")
+    config = write_configs(tmp_path, tiny_sd3_path, steps=2, output_dir=output)  # with validation images
+    run = train_embedded(config, str(tmp_path / "store"))
+    assert run.phase("trainer").outputs["output"].startswith("s3://")
+    store = open_store(output)
+    keys = set(store.list(""))
+    assert {"pytorch_lora_weights.safetensors", "checkpoint-2/training_state.json", RECORD_KEY,
+            "validation_images/step_2_validation_64x64.png"} <= keys
+    assert not [k for k in keys if "claim-" in k]  # the run lock is released
+    assert not list(Path.cwd().glob("s3:*"))
+    assert train_embedded(config, str(tmp_path / "store")).already_finished == 2
+
+
+def test_sub_folders_of_outputs_keep_url_options() -> None:
+    from stagetune.core.outputs import join_output, output_location
+
+    url = "s3://bucket/runs/one/?endpoint=http://127.0.0.1:9000&access_key=a"
+    assert join_output(url, "validation_images") == (
+        "s3://bucket/runs/one/validation_images?endpoint=http://127.0.0.1:9000&access_key=a")
+    assert join_output("/data/out", "validation_images") == "/data/out/validation_images"
+    assert output_location("out", Path("/base")) == "/base/out" and output_location(url) == url

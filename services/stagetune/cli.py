@@ -181,8 +181,8 @@ def _summary(plan: Any, run: Any) -> int:
     trained = run.phase("trainer").outputs
     total = sum(p.seconds for p in run.phases)
     steps, new = trained.get("steps"), trained.get("steps_trained", trained.get("steps"))
-    resumed = f" (resumed at step {int(steps) - int(new)})" if new != steps else ""
-    print(f"\ntrained {new} steps{resumed} in {total:.1f}s, {steps} in all; LoRA: {output}/{trained.get('lora')}")
+    resumed = f" (resumed at step {int(steps) - int(new)}, {steps} in all)" if new != steps else ""
+    print(f"\ntrained {new} steps{resumed} in {total:.1f}s; LoRA: {output}/{trained.get('lora')}")
     if run.changed_settings:
         print("settings changed since the checkpoint it resumed: " + "; ".join(run.changed_settings))
     return 0

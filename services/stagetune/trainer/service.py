@@ -12,7 +12,7 @@ from stagetune.core import requests
 from stagetune.core.errors import Collector, InputError
 from stagetune.core.grpc_server import ServiceBinding, job_service
 from stagetune.core.jobs import JobContext
-from stagetune.core.outputs import open_output
+from stagetune.core.outputs import open_output, output_location
 from stagetune.core.run_lock import RunLock
 from stagetune.core.store.base import Store
 from stagetune.v1 import trainer_pb2, trainer_pb2_grpc
@@ -65,7 +65,9 @@ def _train(ctx: JobContext, cfg: Any, data: Any, output: Any, family: Any, req: 
     store = ctx.store
     validator = None
     if req.validation_endpoint and cfg.validation_prompt and not cfg.validation_disable:
-        validator = ValidationRequester(req.validation_endpoint, store, ctx.job_id, cfg, output_dir=output)
+        base = Path(req.base_dir) if req.base_dir else None
+        validator = ValidationRequester(req.validation_endpoint, store, ctx.job_id, cfg,
+                                        output_dir=output_location(cfg.output_dir, base))
     reporter = Reporter(
         progress=lambda step, total: ctx.progress("training", step, total, "steps"),
         log=ctx.log,

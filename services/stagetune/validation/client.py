@@ -10,6 +10,7 @@ from typing import Any
 from stagetune.core.client import TERMINAL, call, follow
 from stagetune.core.errors import StagetuneError
 from stagetune.core.jobs import JobCancelled
+from stagetune.core.outputs import join_output
 from stagetune.core.security import ChannelSecurity
 from stagetune.core.store.base import Store
 from stagetune.v1 import common_pb2, validation_pb2, validation_pb2_grpc
@@ -42,13 +43,13 @@ def validation_request(cfg: Any, *, request_id: str, adapter_key: str, step: int
 class ValidationRequester:
     """Starts one validation job per snapshot; `wait` collects them at the end of training."""
 
-    def __init__(self, endpoint: str, store: Store, job_id: str, cfg: Any, *, output_dir: Store) -> None:
+    def __init__(self, endpoint: str, store: Store, job_id: str, cfg: Any, *, output_dir: str) -> None:
         self.channel = ChannelSecurity.from_env().channel(endpoint)  # the cluster's token and TLS, if any
         self.stub = validation_pb2_grpc.ValidationServiceStub(self.channel)
         self.store = store
         self.job_id = job_id
         self.cfg = cfg
-        self.output_prefix = f"{output_dir.url.rstrip('/')}/validation_images"
+        self.output_prefix = join_output(output_dir, "validation_images")
         self.pending: list[common_pb2.Job] = []
 
     def request(self, step: int, lora: bytes) -> None:
