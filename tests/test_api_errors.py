@@ -23,6 +23,7 @@ import pytest
 from stagetune.core.client import error_from_rpc, field_violations
 from stagetune.core.errors import CorruptError
 from stagetune.core.grpc_server import job_service, start_server
+from stagetune.core.messages import to_struct
 from stagetune.core.store.local import LocalStore
 from stagetune.pipeline import DEFAULT_PORTS, start_embedded
 from stagetune.v1 import (
@@ -118,9 +119,9 @@ def test_encoder_starts_refuse_bad_requests(api: dict) -> None:
     assert code == grpc.StatusCode.INVALID_ARGUMENT
     assert fields == {"manifest_id", "model.name_or_path", "model.family", "vae_batch_size"}
     text = api["stubs"]["text"].Start
-    code, fields, _ = _refused(text, text_pb2.StartEncodeTextRequest(extra_captions=["x"], model=model,
-                                                                      t5_padding="left"))
-    assert (code, fields) == (grpc.StatusCode.INVALID_ARGUMENT, {"t5_padding"})
+    code, fields, message = _refused(text, text_pb2.StartEncodeTextRequest(
+        extra_captions=["x"], model=model, family_options=to_struct({"t5_padding": "left", "sana_thing": 1})))
+    assert (code, fields) == (grpc.StatusCode.INVALID_ARGUMENT, {"t5_padding", "family_options.sana_thing"}), message
     code, fields, _ = _refused(text, text_pb2.StartEncodeTextRequest(model=model))
     assert fields == {"manifest_id"}
     _no_jobs(api, "vae")

@@ -80,7 +80,7 @@ def test_seed_000_example_config_loads(tmp_path: Path) -> None:
     assert config.user_prompts == {"cat": "a photo of a cat", "dog": "a photo of a dog"}
     # SimpleTuner defaults for what the example leaves out
     assert config.flow_schedule_shift == 3.0
-    assert config.tokenizer_max_length == 154
+    assert config.family_options["tokenizer_max_length"] == 154
     assert config.learning_rate == 4e-7
     assert config.checkpointing_steps == 500 and config.validation_steps == 100
     assert config.validation_negative_prompt == "blurry, cropped, ugly"
@@ -92,10 +92,10 @@ def test_seed_000_example_config_loads(tmp_path: Path) -> None:
 def test_seed_slg_example_with_dash_dash_keys() -> None:
     slg = next(b for b in config_blocks(seed_texts()["000_2c8829940f8a1939.txt"]) if "--validation_guidance" in b)
     config = load(slg)
-    assert config.validation_guidance_skip_layers == [7, 8, 9]
-    assert config.validation_guidance_skip_layers_start == 0.01
-    assert config.validation_guidance_skip_layers_stop == 0.2
-    assert config.validation_guidance_skip_scale == 2.8
+    assert config.family_options["validation_guidance_skip_layers"] == [7, 8, 9]
+    assert config.family_options["validation_guidance_skip_layers_start"] == 0.01
+    assert config.family_options["validation_guidance_skip_layers_stop"] == 0.2
+    assert config.family_options["validation_guidance_skip_scale"] == 2.8
     assert config.validation_guidance == 4.0
     assert config.flow_use_uniform_schedule is True and config.flow_schedule_auto_shift is True
     assert not any("skip_layers" in w for w in config.warnings)  # 30 steps: fires at steps 1..5
@@ -236,8 +236,6 @@ def test_invalid_values_are_config_errors_with_the_choices() -> None:
         ("base_model_precision", "nf4-bnb"),
         ("text_encoder_1_precision", "int4-quanto"),
         ("text_encoder_3_precision", "fp8-quanto"),
-        ("sd3_clip_uncond_behaviour", "zero"),
-        ("sd3_t5_uncond_behaviour", "zero"),
         ("mixed_precision", "fp8"),
         ("attention_mechanism", "sageattention"),
     ],
@@ -344,9 +342,9 @@ def test_max_train_steps_wins_over_epochs() -> None:
 
 
 def test_tokenizer_max_length_clamped_to_sd3_limit() -> None:
-    assert load({"tokenizer_max_length": 77}).tokenizer_max_length == 77
+    assert load({"tokenizer_max_length": 77}).family_options["tokenizer_max_length"] == 77
     config = load({"tokenizer_max_length": 512})
-    assert config.tokenizer_max_length == 154 and any("154" in w for w in config.warnings)
+    assert config.family_options["tokenizer_max_length"] == 154 and any("154" in w for w in config.warnings)
 
 
 def test_flow_schedule_warnings() -> None:
@@ -388,7 +386,8 @@ def test_validation_resolution_default_is_simpletuners() -> None:
 
 @pytest.mark.parametrize("value", [[7, 8, 9], "[7, 8, 9]", "7,8,9", ["7", "8", "9"]])
 def test_skip_layers_forms(value: Any) -> None:
-    assert load({"validation_guidance_skip_layers": value}).validation_guidance_skip_layers == [7, 8, 9]
+    assert load({"validation_guidance_skip_layers": value}).family_options["validation_guidance_skip_layers"] == [
+        7, 8, 9]
     with pytest.raises(ConfigError, match=">= 0"):
         load({"validation_guidance_skip_layers": [-1]})
 

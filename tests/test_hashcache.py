@@ -16,9 +16,9 @@ from fixtures_store import S3Server, fresh_bucket
 
 from stagetune.core.errors import NotFoundError
 from stagetune.core.manifest import hash_bytes
+from stagetune.core.sources import LocalSource, Source, SourceFile, source_for
 from stagetune.core.store import LocalStore, Store, open_store
 from stagetune.ingest.hashcache import FORMAT, HashCache, cache_prefix, hash_files, iter_hashed
-from stagetune.ingest.sources import LocalSource, Source, SourceFile, source_for
 
 PAST_NS = 1_700_000_000 * 10**9  # files are dated well before "now" so the racy-window rule does not apply
 

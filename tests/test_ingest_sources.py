@@ -12,11 +12,11 @@ import pytest
 from fixtures_store import fresh_bucket
 from test_end_to_end import CAPTIONS, make_dataset, train_embedded, write_configs
 
+from stagetune.core import sources
 from stagetune.core.cache import ShardedCache
 from stagetune.core.config.dataset import load_data_backend_config
 from stagetune.core.store import open_store
 from stagetune.core.store.local import LocalStore
-from stagetune.ingest import sources
 from stagetune.ingest.run import run_ingest
 
 TEXT = {"id": "t", "type": "local", "dataset_type": "text_embeds", "default": True}

@@ -61,13 +61,18 @@ def _store_with_checkpoint(tmp_path: Path, settings: dict, step: int = 4) -> Loc
 def test_every_config_field_has_a_class() -> None:
     """A new option must be placed on purpose: compared as model/adapter (refused), training (allowed),
     or not compared because it cannot change the weights."""
-    classes = config_settings(load_train_config(BASE))
+    config = load_train_config(BASE)
+    classes = config_settings(config)
     placed = set(classes["model"]) | set(classes["adapter"]) | set(classes["training"]) | NOT_COMPARED
     validation = {f for f in TrainConfig.model_fields if f.startswith("validation_")}
-    assert set(TrainConfig.model_fields) - validation == placed
+    family = set(config.family_options)  # the family's own options: by the same classes
+    assert set(TrainConfig.model_fields) - validation == placed - family
+    assert {"tokenizer_max_length", "t5_padding"} <= set(classes["model"])
+    assert "sd3_clip_uncond_behaviour" in classes["training"]
+    assert not {k for k in family if k.startswith("validation_")} & placed
     assert not set(classes["model"]) & set(classes["training"])
     assert {"learning_rate", "lr_scheduler", "max_train_steps", "seed", "train_batch_size"} <= set(classes["training"])
-    assert set(ADAPTER_KEYS) == set(classes["adapter"]) and set(MODEL_KEYS) >= set(classes["model"])
+    assert set(ADAPTER_KEYS) == set(classes["adapter"]) and set(MODEL_KEYS) | family >= set(classes["model"])
 
 
 @pytest.mark.parametrize(("change", "kind"), [

@@ -19,7 +19,7 @@ from PIL import Image
 
 from stagetune.core.errors import ConfigError, InputError, NotFoundError, NotSupportedError, StoreUnavailableError
 from stagetune.core.imaging import read_image_size
-from stagetune.ingest.sources import LocalSource, S3Source, Source, SourceFile, read_many, source_for
+from stagetune.core.sources import LocalSource, S3Source, Source, SourceFile, read_many, source_for
 
 SECRET = "sEcReT-do-not-print-4711"
 

@@ -11,7 +11,7 @@ from fixtures_store import fresh_bucket
 from PIL import Image
 
 from stagetune.core.errors import InputError
-from stagetune.vae.encode import DatasetImages
+from stagetune.core.latents import DatasetImages
 
 
 def test_rows_of_an_s3_dataset_are_read_with_its_aws_keys(s3_server, tmp_path) -> None:

@@ -24,6 +24,7 @@ from stagetune.core import errors
 from stagetune.core.client import TERMINAL, call, follow
 from stagetune.core.errors import InputError
 from stagetune.core.grpc_server import RunningServer, start_server
+from stagetune.core.messages import to_struct
 from stagetune.core.run_settings import config_settings, decide
 from stagetune.core.security import ChannelSecurity, ServerSecurity
 from stagetune.core.store.base import Store
@@ -218,8 +219,7 @@ def _drive(plan: RunPlan, stages: _Stages, endpoints: dict[str, str]) -> Trainin
         keys_only=cfg.vae_cache_ondemand or cfg.vae_cache_disable,
     ), text_pb2.StartEncodeTextRequest(
         request_id=f"{run_id}-text", manifest_id=manifest_id, extra_captions=extra, model=model,
-        max_sequence_length=cfg.tokenizer_max_length, t5_padding=cfg.t5_padding,
-        batch_size=cfg.text_encoder_batch_size,
+        family_options=to_struct(cfg.family_options), batch_size=cfg.text_encoder_batch_size,
         write_batch_size=int(ingested.outputs.get("text_write_batch_size") or cfg.write_batch_size),
         keys_only=cfg.text_cache_ondemand or cfg.text_cache_disable,
     ))

@@ -9,16 +9,13 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 from stagetune.core import checks
 from stagetune.core.errors import Collector, InputError, NotFoundError, NotSupportedError
 from stagetune.core.store.base import Store
-
-#: Families a request may name; each has a folder under models/ (kept here so checking needs no torch).
-FAMILIES = ("sd3",)
 
 
 def non_negative(problems: Collector, request: Any, *fields: str, prefix: str = "") -> None:
@@ -39,16 +36,35 @@ def finite(problems: Collector, owner: Any, *fields: str, prefix: str = "") -> N
 
 def model_ref(problems: Collector, model: Any, *, field: str = "model") -> None:
     """A ModelRef names a known family and a model that exists (a diffusers folder or a hub id)."""
+    from stagetune.models.family import family_names
+
     family = model.family or "sd3"
-    if family not in FAMILIES:
+    if family not in family_names():
         problems.add(NotSupportedError(f"{field}.family: not supported yet: {family!r} (supported: "
-                                       f"{', '.join(FAMILIES)})", field=f"{field}.family"))
+                                       f"{', '.join(family_names())})", field=f"{field}.family"))
     if model.dtype and model.dtype not in ("float32", "bfloat16", "float16", "fp32", "bf16", "fp16"):
         problems.add(InputError(f"{field}.dtype must be float32, bfloat16 or float16, got {model.dtype!r}",
                                 field=f"{field}.dtype"))
     with problems.check():
         checks.check_model_source(model.name_or_path, revision=model.revision or None,
                                   field=f"{field}.name_or_path")
+
+
+def family_options(problems: Collector, family: str, options: Mapping[str, Any], *,
+                   field: str = "family_options") -> None:
+    """The family's options as its config keys, checked by the family itself (SimpleTuner's rules)."""
+    from stagetune.models.family import get_family
+
+    try:
+        owner = get_family(family or "sd3")
+    except NotSupportedError:
+        return  # model_ref reports the family
+    unknown = sorted(set(options) - owner.option_keys)
+    if unknown:
+        problems.add(InputError(f"{field}: {', '.join(unknown)} are not options of model family {owner.name}",
+                                field=f"{field}.{unknown[0]}"))
+    known = {k: v for k, v in options.items() if k in owner.option_keys}
+    owner.parse_options(known, context={}, problems=problems, warnings=[])
 
 
 def manifest(problems: Collector, store: Store, manifest_id: str, *, required: bool = True) -> None:

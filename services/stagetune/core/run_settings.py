@@ -32,6 +32,7 @@ import xxhash
 from stagetune.core import checkpoints
 from stagetune.core.errors import NotFoundError, RunMismatchError
 from stagetune.core.store.base import Store
+from stagetune.models.family import get_family
 
 log = logging.getLogger(__name__)
 
@@ -42,9 +43,8 @@ FINAL_WEIGHTS = ("pytorch_lora_weights.safetensors",)
 
 REFUSED = ("model", "adapter", "data")
 MODEL_KEYS = (
-    "model_family", "pretrained_model_name_or_path", "revision", "variant", "tokenizer_max_length", "t5_padding",
-    "sd3_clip_uncond_behaviour", "sd3_t5_uncond_behaviour", "base_model_precision", "text_encoder_1_precision",
-    "text_encoder_2_precision", "text_encoder_3_precision", "base_model_default_dtype",
+    "model_family", "pretrained_model_name_or_path", "revision", "variant", "base_model_precision",
+    "text_encoder_1_precision", "text_encoder_2_precision", "text_encoder_3_precision", "base_model_default_dtype",
 )
 ADAPTER_KEYS = ("model_type", "lora_type", "lora_rank", "lora_alpha")
 #: Config fields that do not change the weights (or that reach them only through the data digest).
@@ -57,7 +57,7 @@ NOT_COMPARED = frozenset({
     "resolution", "resolution_type", "crop", "crop_style", "crop_aspect", "minimum_image_size", "maximum_image_size",
     "target_downsample_size", "caption_strategy", "instance_prompt",
     # bookkeeping
-    "base_dir", "source_path", "explicit_keys", "warnings", "no_effect",
+    "base_dir", "source_path", "explicit_keys", "warnings", "no_effect", "family_options",
 })
 
 
@@ -81,10 +81,16 @@ def config_settings(cfg: Any) -> dict[str, dict[str, Any]]:
         if name not in NOT_COMPARED and name not in MODEL_KEYS and name not in ADAPTER_KEYS
         and not name.startswith("validation_")
     )
+    family = get_family(cfg.model_family)
+    options = dict(cfg.family_options)
+    reads = set(family.text_option_keys)  # how the model reads captions: part of the model
     return {
-        "model": {k: _plain(getattr(cfg, k)) for k in MODEL_KEYS if k in fields},
+        "model": {**{k: _plain(getattr(cfg, k)) for k in MODEL_KEYS if k in fields},
+                  **{k: _plain(v) for k, v in options.items() if k in reads}},
         "adapter": {k: _plain(getattr(cfg, k)) for k in ADAPTER_KEYS if k in fields},
-        "training": {k: _plain(getattr(cfg, k)) for k in training},
+        "training": {**{k: _plain(getattr(cfg, k)) for k in training},
+                     **{k: _plain(v) for k, v in options.items()
+                        if k not in reads and not k.startswith("validation_")}},
     }
 
 

@@ -22,9 +22,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-import xxhash
-
 from stagetune.core.config.dataset import DatasetConfig
+from stagetune.core.crops import crop_box, seeded_rng
 
 ALIGNMENT = 64
 
@@ -144,32 +143,6 @@ class Geometry:
     downsample_size: Size | None = None
 
 
-def _rng(purpose: str, content_hash: str, seed: int) -> random.Random:
-    return random.Random(xxhash.xxh3_64_intdigest(f"{purpose}{seed}:{content_hash}".encode()))
-
-
-def crop_box(
-    source_size: Size, target_size: Size, style: str, *, content_hash: str = "", seed: int = 0
-) -> tuple[int, int, int, int]:
-    """(left, top, right, bottom) in `source_size` coordinates, as SimpleTuner's cropping.py."""
-    src_w, src_h = source_size
-    tgt_w, tgt_h = target_size
-    if style == "corner":  # CornerCropping: the top-left corner
-        return 0, 0, min(tgt_w, src_w), min(tgt_h, src_h)
-    if style == "random":
-        max_left = max(0, src_w - tgt_w)
-        max_top = max(0, src_h - tgt_h)
-        rng = _rng("", content_hash, seed)
-        left = rng.randint(0, max_left) if max_left > 0 else 0
-        top = rng.randint(0, max_top) if max_top > 0 else 0
-    else:  # center / centre
-        left = max(0, int((src_w - tgt_w) / 2))
-        top = max(0, int((src_h - tgt_h) / 2))
-    right = left + min(tgt_w, src_w - left)
-    bottom = top + min(tgt_h, src_h - top)
-    return left, top, right, bottom
-
-
 class BucketPlanner:
     """Computes each image's geometry; one instance per ingest run so the size memory is shared."""
 
@@ -207,7 +180,7 @@ class BucketPlanner:
         if config.crop_aspect == "closest":
             ratio = aspect_ratio(original)
             return min((aspect for aspect, _ in buckets), key=lambda aspect: abs(aspect - ratio))
-        rng = _rng("crop_aspect:", content_hash, seed)
+        rng = seeded_rng("crop_aspect:", content_hash, seed)
         if buckets and buckets[0][1] is not None:
             return rng.choices([a for a, _ in buckets], weights=[w or 0.0 for _, w in buckets])[0]
         available = self._aspects_within_upscale(config, original)

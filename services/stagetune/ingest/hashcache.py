@@ -39,8 +39,8 @@ import xxhash
 
 from stagetune.core.errors import NotFoundError
 from stagetune.core.manifest import hash_bytes
+from stagetune.core.sources import Source, SourceFile, read_many
 from stagetune.core.store.base import Store
-from stagetune.ingest.sources import Source, SourceFile, read_many
 
 log = logging.getLogger(__name__)
 

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from stagetune.core.config.dataset import DataBackends, DatasetConfig
+from stagetune.core.discovery import limit_samples
 from stagetune.core.errors import Collector, ConfigError, InputError
 from stagetune.core.manifest import (
     MANIFEST_VERSION,
@@ -37,6 +38,7 @@ from stagetune.core.manifest import (
     sample_id_for,
     samples_key,
 )
+from stagetune.core.sources import SourceFile, source_for
 from stagetune.core.store.base import Store
 from stagetune.ingest.buckets import (
     ALIGNMENT,
@@ -47,10 +49,8 @@ from stagetune.ingest.buckets import (
 )
 from stagetune.ingest.caption_sources import CaptionTable, caption_filter, load_caption_table
 from stagetune.ingest.captions import resolve_captions
-from stagetune.ingest.discovery import limit_samples
 from stagetune.ingest.facts import ImageFacts, image_facts
 from stagetune.ingest.hashcache import HashCache, iter_hashed
-from stagetune.ingest.sources import SourceFile, source_for
 
 Progress = Callable[[str, int, int], None]
 

@@ -7,13 +7,14 @@ from collections.abc import Callable
 
 from stagetune.core import requests
 from stagetune.core.cache import ShardedCache
+from stagetune.core.embeddings import encode_captions, tokenize_captions
 from stagetune.core.encode import chunks, encode_missing
-from stagetune.core.errors import Collector, InputError
+from stagetune.core.errors import Collector
 from stagetune.core.grpc_server import ServiceBinding, job_service
 from stagetune.core.jobs import JobContext
+from stagetune.core.messages import from_struct
 from stagetune.core.ondemand import cached_only
 from stagetune.core.store.base import Store
-from stagetune.text.encode import encode_captions, tokenize_captions
 from stagetune.v1 import text_pb2, text_pb2_grpc
 
 SERVICE = "text"
@@ -26,7 +27,7 @@ def text_cache_prefix(fingerprint: str) -> str:
 def text_job(ctx: JobContext) -> dict[str, str]:
     from stagetune.core.manifest import load_manifest
     from stagetune.models.dtypes import parse_dtype
-    from stagetune.models.families import get_family
+    from stagetune.models.family import get_family
 
     req: text_pb2.StartEncodeTextRequest = ctx.request
     captions: set[str] = {""}  # the empty caption serves caption dropout and unconditional guidance
@@ -39,7 +40,7 @@ def text_job(ctx: JobContext) -> dict[str, str]:
     ctx.progress("fingerprinting text encoders", 0, 1)
     encoder = family.text_encoder(req.model.name_or_path, revision=req.model.revision or None,
                                   dtype=parse_dtype(req.model.dtype))
-    options = {"t5_max_length": req.max_sequence_length or 154, "t5_padding": req.t5_padding or "unmodified"}
+    options = family.text_options(from_struct(req.family_options))
     prefix = text_cache_prefix(encoder.fingerprint)
     cache = ShardedCache(ctx.store, prefix)
 
@@ -56,7 +57,7 @@ def text_job(ctx: JobContext) -> dict[str, str]:
             encode=lambda batch, tokens: encode_captions(encoder, batch, options, tokens),
             write_batch_size=req.write_batch_size or 128,
             progress=lambda done, total: ctx.progress("encoding captions", done, total, "captions"),
-            load=lambda: encoder.warm(options["t5_max_length"]),
+            load=lambda: encoder.warm(**options),
         )
     keys_key = f"jobs/{ctx.job_id}/text_keys.json"
     ctx.store.put_bytes(keys_key, json.dumps({c: key_of(c) for c in ordered}, sort_keys=True).encode())
@@ -64,18 +65,13 @@ def text_job(ctx: JobContext) -> dict[str, str]:
     return {"cache_prefix": prefix, "keys": keys_key, "fingerprint": encoder.fingerprint, **stats.as_outputs()}
 
 
-T5_PADDING = ("", "unmodified", "zero")
-
-
 def validator(store: Store) -> Callable[[text_pb2.StartEncodeTextRequest], None]:
     def validate(req: text_pb2.StartEncodeTextRequest) -> None:
         problems = Collector()
-        requests.non_negative(problems, req, "max_sequence_length", "batch_size", "write_batch_size")
+        requests.non_negative(problems, req, "batch_size", "write_batch_size")
         requests.manifest(problems, store, req.manifest_id, required=not req.extra_captions)
         requests.model_ref(problems, req.model)
-        if req.t5_padding not in T5_PADDING:
-            problems.add(InputError(f"t5_padding must be unmodified or zero, got {req.t5_padding!r}",
-                                    field="t5_padding"))
+        requests.family_options(problems, req.model.family, from_struct(req.family_options))
         problems.raise_if_any("StartEncodeTextRequest")
 
     return validate

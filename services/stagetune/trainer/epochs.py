@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from stagetune.core.crops import crop_box
 from stagetune.core.manifest import ManifestRow, canonical_json, hash_bytes, pixel_key_for
-from stagetune.ingest.buckets import crop_box
 
 
 def epoch_seed(seed: int, epoch: int) -> int:

@@ -92,7 +92,7 @@ class Trainer:
         if cfg.gradient_checkpointing:
             self.model.enable_gradient_checkpointing()
         self.params = add_lora(self.model, rank=cfg.lora_rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
-                               target_modules=list(self.family.LORA_TARGET_MODULES))
+                               target_modules=list(self.family.lora_targets))
         self.model.train()
         self.optimizer = torch.optim.AdamW(
             self.params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
@@ -162,8 +162,9 @@ class Trainer:
         self.report.log(f"resuming from checkpoint-{step} (step {self.global_step} of {self.total_steps}){changed}")
 
     # -- one step ----------------------------------------------------------------------------
-    def _batch_tensors(self, batch: list, epoch: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        latents, embeds, pooled = [], [], []
+    def _batch_tensors(self, batch: list, epoch: int = 0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The batch's latents and its text conditioning, collated by the model family."""
+        latents, texts, empty = [], [], []
         for ref in batch:
             row = self.data.rows[ref.row]
             latents.append(self.data.latents.get(self.data.latent_key(ref.row, epoch))["latents"])
@@ -172,24 +173,22 @@ class Trainer:
             caption = captions[pick]
             if float(torch.rand(1, generator=self.generator)) < self.cfg.caption_dropout_probability:
                 caption = ""
-            entry = self.data.texts.get(self.data.text_key(caption))
-            embeds.append(entry["prompt_embeds"])
-            pooled.append(entry["pooled_prompt_embeds"])
-        return (torch.stack(latents).to(self.device), torch.stack(embeds).to(self.device),
-                torch.stack(pooled).to(self.device))
+            texts.append(self.data.texts.get(self.data.text_key(caption)))
+            empty.append(caption == "")
+        text = self.family.collate_text(texts, self.cfg.family_options, empty)
+        return torch.stack(latents).to(self.device), {k: v.to(self.device) for k, v in text.items()}
 
     def _micro_step(self) -> float:
         batch, epoch = self.sampler.next_batch()
-        latents, embeds, pooled = self._batch_tensors(list(batch.samples), epoch)
+        latents, text = self._batch_tensors(list(batch.samples), epoch)
         noise = torch.randn(latents.shape, generator=self.generator).to(self.device, latents.dtype)
         if self.cfg.noise_offset and float(torch.rand(1, generator=self.generator)) < self.cfg.noise_offset_probability:
             offset = torch.randn((latents.shape[0], latents.shape[1], 1, 1), generator=self.generator)
             noise = noise + self.cfg.noise_offset * offset.to(self.device, latents.dtype)
-        seq_len = (latents.shape[-1] // 2) * (latents.shape[-2] // 2)
+        seq_len = self.family.latent_seq_len(latents)
         sigmas = sample_sigmas(self.schedule, latents.shape[0], seq_len, self.generator).to(self.device)
         noisy, target = noisy_input(latents, noise, sigmas)
-        inputs = {"hidden_states": noisy, "timestep": timesteps_for(sigmas), "encoder_hidden_states": embeds,
-                  "pooled_projections": pooled, "return_dict": False}
+        inputs = self.family.transformer_inputs(noisy, timesteps_for(sigmas), text)
         with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
             if batch.plan.regularisation:
                 target = self._parent_prediction(inputs)
@@ -286,7 +285,7 @@ class Trainer:
 
     def _train_steps(self) -> None:
         cfg = self.cfg
-        family = getattr(self.family, "NAME", "unknown")
+        family = self.family.name
         self.report.progress(self.global_step, self.total_steps)
         while self.global_step < self.total_steps:
             if self.report.cancelled():

@@ -24,7 +24,7 @@ def train_job(ctx: JobContext) -> dict[str, str]:
     from stagetune.core.cache import ShardedCache
     from stagetune.core.config.train import config_from_json, load_train_config
     from stagetune.core.manifest import load_manifest, load_report
-    from stagetune.models.families import get_family
+    from stagetune.models.family import get_family
     from stagetune.trainer.loop import TrainData
 
     req: trainer_pb2.StartTrainingRequest = ctx.request
@@ -59,8 +59,8 @@ def train_job(ctx: JobContext) -> dict[str, str]:
 
 def _train(ctx: JobContext, cfg: Any, data: Any, output: Any, family: Any, req: trainer_pb2.StartTrainingRequest
            ) -> dict[str, str]:
+    from stagetune.core.validation_requests import ValidationRequester
     from stagetune.trainer.loop import Reporter, Trainer
-    from stagetune.validation.client import ValidationRequester
 
     store = ctx.store
     validator = None
@@ -106,9 +106,9 @@ def latent_cache(cache: Any, cfg: Any, family: Any, rows: list, row_keys: list[s
     """
     if not (cfg.vae_cache_ondemand or cfg.vae_cache_disable or per_epoch):
         return cache, None
+    from stagetune.core.latents import DatasetImages, encode_rows
     from stagetune.core.ondemand import OnDemandCache
     from stagetune.trainer.epochs import epoch_row
-    from stagetune.vae.encode import DatasetImages, encode_rows
 
     encoder = family.latent_encoder(cfg.pretrained_model_name_or_path, revision=cfg.revision)
     row_for_key = {key: row for key, row in zip(row_keys, rows, strict=True)}
@@ -135,11 +135,11 @@ def text_cache(cache: Any, cfg: Any, family: Any, text_keys: dict[str, str]) -> 
     """The precomputed cache, or (text_cache_ondemand / text_cache_disable) one that encodes misses here."""
     if not (cfg.text_cache_ondemand or cfg.text_cache_disable):
         return cache
+    from stagetune.core.embeddings import encode_captions
     from stagetune.core.ondemand import OnDemandCache, inverse
-    from stagetune.text.encode import encode_captions
 
     encoder = family.text_encoder(cfg.pretrained_model_name_or_path, revision=cfg.revision)
-    options = {"t5_max_length": cfg.tokenizer_max_length, "t5_padding": cfg.t5_padding}
+    options = family.text_options(cfg.family_options)
     caption_for_key = inverse(text_keys)
     return OnDemandCache(cache, lambda key: encode_captions(encoder, [caption_for_key[key]], options)[0],
                          stage="text", write=not cfg.text_cache_disable, write_batch_size=cfg.write_batch_size)

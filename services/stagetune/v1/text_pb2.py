@@ -22,18 +22,19 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from stagetune.v1 import common_pb2 as stagetune_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17stagetune/v1/text.proto\x12\x0cstagetune.v1\x1a\x19stagetune/v1/common.proto\"\xf2\x01\n\x16StartEncodeTextRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x0bmanifest_id\x18\x02 \x01(\t\x12\x16\n\x0e\x65xtra_captions\x18\x03 \x03(\t\x12%\n\x05model\x18\x04 \x01(\x0b\x32\x16.stagetune.v1.ModelRef\x12\x1b\n\x13max_sequence_length\x18\x05 \x01(\x05\x12\x12\n\nt5_padding\x18\x06 \x01(\t\x12\x12\n\nbatch_size\x18\x07 \x01(\x05\x12\x18\n\x10write_batch_size\x18\x08 \x01(\x05\x12\x11\n\tkeys_only\x18\t \x01(\x08\x32\xc9\x02\n\x0bTextService\x12@\n\x05Start\x12$.stagetune.v1.StartEncodeTextRequest\x1a\x11.stagetune.v1.Job\x12=\n\x05Watch\x12\x1d.stagetune.v1.WatchJobRequest\x1a\x13.stagetune.v1.Event0\x01\x12\x35\n\x03Get\x12\x1b.stagetune.v1.GetJobRequest\x1a\x11.stagetune.v1.Job\x12;\n\x06\x43\x61ncel\x12\x1e.stagetune.v1.CancelJobRequest\x1a\x11.stagetune.v1.Job\x12\x45\n\x04List\x12\x1d.stagetune.v1.ListJobsRequest\x1a\x1e.stagetune.v1.ListJobsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17stagetune/v1/text.proto\x12\x0cstagetune.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x19stagetune/v1/common.proto\"\xfe\x01\n\x16StartEncodeTextRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x0bmanifest_id\x18\x02 \x01(\t\x12\x16\n\x0e\x65xtra_captions\x18\x03 \x03(\t\x12%\n\x05model\x18\x04 \x01(\x0b\x32\x16.stagetune.v1.ModelRef\x12/\n\x0e\x66\x61mily_options\x18\n \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x12\n\nbatch_size\x18\x07 \x01(\x05\x12\x18\n\x10write_batch_size\x18\x08 \x01(\x05\x12\x11\n\tkeys_only\x18\t \x01(\x08J\x04\x08\x05\x10\x06J\x04\x08\x06\x10\x07\x32\xc9\x02\n\x0bTextService\x12@\n\x05Start\x12$.stagetune.v1.StartEncodeTextRequest\x1a\x11.stagetune.v1.Job\x12=\n\x05Watch\x12\x1d.stagetune.v1.WatchJobRequest\x1a\x13.stagetune.v1.Event0\x01\x12\x35\n\x03Get\x12\x1b.stagetune.v1.GetJobRequest\x1a\x11.stagetune.v1.Job\x12;\n\x06\x43\x61ncel\x12\x1e.stagetune.v1.CancelJobRequest\x1a\x11.stagetune.v1.Job\x12\x45\n\x04List\x12\x1d.stagetune.v1.ListJobsRequest\x1a\x1e.stagetune.v1.ListJobsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'stagetune.v1.text_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_STARTENCODETEXTREQUEST']._serialized_start=69
-  _globals['_STARTENCODETEXTREQUEST']._serialized_end=311
-  _globals['_TEXTSERVICE']._serialized_start=314
-  _globals['_TEXTSERVICE']._serialized_end=643
+  _globals['_STARTENCODETEXTREQUEST']._serialized_start=99
+  _globals['_STARTENCODETEXTREQUEST']._serialized_end=353
+  _globals['_TEXTSERVICE']._serialized_start=356
+  _globals['_TEXTSERVICE']._serialized_end=685
 # @@protoc_insertion_point(module_scope)

@@ -1,3 +1,4 @@
+from google.protobuf import struct_pb2 as _struct_pb2
 from stagetune.v1 import common_pb2 as _common_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
@@ -8,13 +9,12 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class StartEncodeTextRequest(_message.Message):
-    __slots__ = ("request_id", "manifest_id", "extra_captions", "model", "max_sequence_length", "t5_padding", "batch_size", "write_batch_size", "keys_only")
+    __slots__ = ("request_id", "manifest_id", "extra_captions", "model", "family_options", "batch_size", "write_batch_size", "keys_only")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MANIFEST_ID_FIELD_NUMBER: _ClassVar[int]
     EXTRA_CAPTIONS_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
-    MAX_SEQUENCE_LENGTH_FIELD_NUMBER: _ClassVar[int]
-    T5_PADDING_FIELD_NUMBER: _ClassVar[int]
+    FAMILY_OPTIONS_FIELD_NUMBER: _ClassVar[int]
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     WRITE_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     KEYS_ONLY_FIELD_NUMBER: _ClassVar[int]
@@ -22,9 +22,8 @@ class StartEncodeTextRequest(_message.Message):
     manifest_id: str
     extra_captions: _containers.RepeatedScalarFieldContainer[str]
     model: _common_pb2.ModelRef
-    max_sequence_length: int
-    t5_padding: str
+    family_options: _struct_pb2.Struct
     batch_size: int
     write_batch_size: int
     keys_only: bool
-    def __init__(self, request_id: _Optional[str] = ..., manifest_id: _Optional[str] = ..., extra_captions: _Optional[_Iterable[str]] = ..., model: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., max_sequence_length: _Optional[int] = ..., t5_padding: _Optional[str] = ..., batch_size: _Optional[int] = ..., write_batch_size: _Optional[int] = ..., keys_only: _Optional[bool] = ...) -> None: ...
+    def __init__(self, request_id: _Optional[str] = ..., manifest_id: _Optional[str] = ..., extra_captions: _Optional[_Iterable[str]] = ..., model: _Optional[_Union[_common_pb2.ModelRef, _Mapping]] = ..., family_options: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., batch_size: _Optional[int] = ..., write_batch_size: _Optional[int] = ..., keys_only: _Optional[bool] = ...) -> None: ...

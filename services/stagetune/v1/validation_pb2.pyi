@@ -1,3 +1,4 @@
+from google.protobuf import struct_pb2 as _struct_pb2
 from stagetune.v1 import common_pb2 as _common_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
@@ -24,26 +25,20 @@ class Resolution(_message.Message):
     def __init__(self, width: _Optional[int] = ..., height: _Optional[int] = ...) -> None: ...
 
 class SamplingOptions(_message.Message):
-    __slots__ = ("guidance_scale", "num_inference_steps", "seed", "negative_prompt", "resolutions", "skip_guidance_layers", "skip_layer_guidance_scale", "skip_layer_guidance_start", "skip_layer_guidance_stop")
+    __slots__ = ("guidance_scale", "num_inference_steps", "seed", "negative_prompt", "resolutions", "family_options")
     GUIDANCE_SCALE_FIELD_NUMBER: _ClassVar[int]
     NUM_INFERENCE_STEPS_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     NEGATIVE_PROMPT_FIELD_NUMBER: _ClassVar[int]
     RESOLUTIONS_FIELD_NUMBER: _ClassVar[int]
-    SKIP_GUIDANCE_LAYERS_FIELD_NUMBER: _ClassVar[int]
-    SKIP_LAYER_GUIDANCE_SCALE_FIELD_NUMBER: _ClassVar[int]
-    SKIP_LAYER_GUIDANCE_START_FIELD_NUMBER: _ClassVar[int]
-    SKIP_LAYER_GUIDANCE_STOP_FIELD_NUMBER: _ClassVar[int]
+    FAMILY_OPTIONS_FIELD_NUMBER: _ClassVar[int]
     guidance_scale: float
     num_inference_steps: int
     seed: int
     negative_prompt: str
     resolutions: _containers.RepeatedCompositeFieldContainer[Resolution]
-    skip_guidance_layers: _containers.RepeatedScalarFieldContainer[int]
-    skip_layer_guidance_scale: float
-    skip_layer_guidance_start: float
-    skip_layer_guidance_stop: float
-    def __init__(self, guidance_scale: _Optional[float] = ..., num_inference_steps: _Optional[int] = ..., seed: _Optional[int] = ..., negative_prompt: _Optional[str] = ..., resolutions: _Optional[_Iterable[_Union[Resolution, _Mapping]]] = ..., skip_guidance_layers: _Optional[_Iterable[int]] = ..., skip_layer_guidance_scale: _Optional[float] = ..., skip_layer_guidance_start: _Optional[float] = ..., skip_layer_guidance_stop: _Optional[float] = ...) -> None: ...
+    family_options: _struct_pb2.Struct
+    def __init__(self, guidance_scale: _Optional[float] = ..., num_inference_steps: _Optional[int] = ..., seed: _Optional[int] = ..., negative_prompt: _Optional[str] = ..., resolutions: _Optional[_Iterable[_Union[Resolution, _Mapping]]] = ..., family_options: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...
 
 class StartValidationRequest(_message.Message):
     __slots__ = ("request_id", "model", "adapter_key", "step", "prompts", "sampling", "output_prefix")

@@ -14,11 +14,11 @@ from stagetune.core.encode import PROCESS_THREADS, encode_missing, helper_thread
 from stagetune.core.errors import Collector
 from stagetune.core.grpc_server import ServiceBinding, job_service
 from stagetune.core.jobs import JobContext
+from stagetune.core.latents import DatasetImages, batch_pixels, batches_by_size, encode_rows
 from stagetune.core.manifest import ManifestRow
 from stagetune.core.ondemand import cached_only
 from stagetune.core.store.base import Store
 from stagetune.v1 import vae_pb2, vae_pb2_grpc
-from stagetune.vae.encode import DatasetImages, batch_pixels, batches_by_size, encode_rows
 
 SERVICE = "vae"
 #: Threads reading and decoding the next batches' images while the VAE encodes this one. On a CPU the VAE
@@ -42,7 +42,7 @@ def latent_cache_prefix(fingerprint: str) -> str:
 def vae_job(ctx: JobContext) -> dict[str, str]:
     from stagetune.core.manifest import load_manifest
     from stagetune.models.dtypes import parse_dtype
-    from stagetune.models.families import get_family
+    from stagetune.models.family import get_family
 
     req: vae_pb2.StartEncodeLatentsRequest = ctx.request
     rows = load_manifest(ctx.store, req.manifest_id)

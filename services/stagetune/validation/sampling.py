@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from PIL import Image
 
+from stagetune.core.messages import from_struct
 from stagetune.core.store.base import Store
 from stagetune.models.loading import MODEL_LOAD_LOCK
 
@@ -33,13 +34,11 @@ class Sampling:
     seed: int = 0
     negative_prompt: str = ""
     resolutions: list[tuple[int, int]] = dataclasses.field(default_factory=lambda: [(1024, 1024)])
-    skip_guidance_layers: list[int] = dataclasses.field(default_factory=list)
-    skip_layer_guidance_scale: float = 2.8
-    skip_layer_guidance_start: float = 0.01
-    skip_layer_guidance_stop: float = 0.2
+    #: Pipeline arguments the model family adds (ModelFamily.sampling_kwargs, e.g. SD3's skip-layer guidance).
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     @classmethod
-    def from_proto(cls, options: Any) -> Sampling:
+    def from_proto(cls, options: Any, family: Any) -> Sampling:
         """From `SamplingOptions`; unset fields keep the defaults above."""
         return cls(
             guidance_scale=options.guidance_scale,
@@ -47,15 +46,12 @@ class Sampling:
             seed=options.seed,
             negative_prompt=options.negative_prompt,
             resolutions=[(r.width, r.height) for r in options.resolutions] or [(1024, 1024)],
-            skip_guidance_layers=list(options.skip_guidance_layers),
-            skip_layer_guidance_scale=options.skip_layer_guidance_scale or cls.skip_layer_guidance_scale,
-            skip_layer_guidance_start=options.skip_layer_guidance_start or cls.skip_layer_guidance_start,
-            skip_layer_guidance_stop=options.skip_layer_guidance_stop or cls.skip_layer_guidance_stop,
+            extra=family.sampling_kwargs(from_struct(options.family_options)),
         )
 
 
 def get_pipeline(family: Any, name_or_path: str, revision: str | None, dtype: torch.dtype) -> Any:
-    key = (family.NAME, name_or_path, revision, dtype)
+    key = (family.name, name_or_path, revision, dtype)
     with _lock:
         if key not in _pipelines:
             device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -87,14 +83,7 @@ def adapter(pipe: Any, store: Store, adapter_key: str) -> Iterator[None]:
 def sample(pipe: Any, prompt: str, width: int, height: int, options: Sampling) -> Image.Image:
     device = pipe.device if hasattr(pipe, "device") else torch.device("cpu")
     generator = torch.Generator(device=device).manual_seed(options.seed)
-    kwargs: dict[str, Any] = {}
-    if options.skip_guidance_layers:
-        kwargs.update(
-            skip_guidance_layers=list(options.skip_guidance_layers),
-            skip_layer_guidance_scale=options.skip_layer_guidance_scale,
-            skip_layer_guidance_start=options.skip_layer_guidance_start,
-            skip_layer_guidance_stop=options.skip_layer_guidance_stop,
-        )
+    kwargs = dict(options.extra)
     with torch.inference_mode():
         result = pipe(
             prompt=prompt,

@@ -10,6 +10,7 @@ from stagetune.core import requests
 from stagetune.core.errors import Collector, InputError
 from stagetune.core.grpc_server import ServiceBinding, job_service
 from stagetune.core.jobs import JobContext
+from stagetune.core.messages import from_struct
 from stagetune.core.store.base import Store
 from stagetune.v1 import validation_pb2, validation_pb2_grpc
 
@@ -26,12 +27,12 @@ def image_name(step: int, name: str, width: int, height: int) -> str:
 def validation_job(ctx: JobContext) -> dict[str, str]:
     from stagetune.core.outputs import open_output
     from stagetune.models.dtypes import parse_dtype
-    from stagetune.models.families import get_family
+    from stagetune.models.family import get_family
     from stagetune.validation.sampling import Sampling, adapter, get_pipeline, png_bytes, sample
 
     req: validation_pb2.StartValidationRequest = ctx.request
     family = get_family(req.model.family or "sd3")
-    options = Sampling.from_proto(req.sampling)
+    options = Sampling.from_proto(req.sampling, family)
     prompts = [(p.name, p.prompt) for p in req.prompts]
     total = len(prompts) * len(options.resolutions)
     ctx.progress("loading pipeline", 0, total, "images")
@@ -65,15 +66,13 @@ def validator(store: Store) -> Callable[[validation_pb2.StartValidationRequest],
             requests.store_objects(problems, store, [("adapter_key", req.adapter_key)])
         sampling = req.sampling
         requests.non_negative(problems, sampling, "num_inference_steps", prefix="sampling.")
-        requests.finite(problems, sampling, "guidance_scale", "skip_layer_guidance_scale",
-                        "skip_layer_guidance_start", "skip_layer_guidance_stop", prefix="sampling.")
+        requests.finite(problems, sampling, "guidance_scale", prefix="sampling.")
         for index, size in enumerate(sampling.resolutions):
             if not (0 < size.width <= MAX_EDGE and 0 < size.height <= MAX_EDGE):
                 problems.add(InputError(f"sampling.resolutions[{index}] must be 1-{MAX_EDGE} pixels each way, got "
                                         f"{size.width}x{size.height}", field=f"sampling.resolutions[{index}]"))
-        if any(layer < 0 for layer in sampling.skip_guidance_layers):
-            problems.add(InputError("sampling.skip_guidance_layers must be ≥ 0",
-                                    field="sampling.skip_guidance_layers"))
+        requests.family_options(problems, req.model.family, from_struct(sampling.family_options),
+                                field="sampling.family_options")
         problems.raise_if_any("StartValidationRequest")
 
     return validate

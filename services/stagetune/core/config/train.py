@@ -19,7 +19,6 @@ naming it, since an empty path or token is never what the user meant).
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 from collections.abc import Mapping
@@ -32,13 +31,11 @@ from stagetune.core.config import simpletuner_keys as st
 from stagetune.core.config.files import read_json_file
 from stagetune.core.config.keys import check_keys, normalise_key, suggest, unknown_key_error
 from stagetune.core.config.no_effect import NO_EFFECT
+from stagetune.core.config.values import BOOL_FALSE, check_choice, coerce, is_default, show
 from stagetune.core.errors import Collector, ConfigError, NotSupportedError
+from stagetune.models.family import all_option_keys, family_names, get_family
 
 WHERE = "config.json"
-
-#: SD3's T5 sequence length (SimpleTuner's `SD3.check_user_config` clamps to it unless
-#: i_know_what_i_am_doing).
-SD3_T5_MAX_LENGTH = 154
 
 #: Optimizer spellings that mean torch.optim.AdamW. SimpleTuner itself only knows "torch-adamw".
 ADAMW_ALIASES = frozenset({"adamw", "torch-adamw", "torch_adamw", "adamw_torch", "adamw-torch", "torch.optim.adamw"})
@@ -57,11 +54,9 @@ ALLOW_EMPTY = frozenset({"validation_prompt", "validation_negative_prompt"})
 #: Supported keys whose value must be one of a few; other values SimpleTuner accepts are "not supported yet".
 SUPPORTED_VALUES: dict[str, frozenset[Any]] = {
     "model_type": frozenset({"lora"}),
-    "model_family": frozenset({"sd3"}),
+    "model_family": frozenset(family_names()),
     "lr_scheduler": frozenset({"constant", "constant_with_warmup"}),
     "lora_type": frozenset({"standard"}),
-    "sd3_clip_uncond_behaviour": frozenset({"empty_string"}),
-    "sd3_t5_uncond_behaviour": frozenset({"empty_string"}),
     "mixed_precision": frozenset({"no", "bf16", "fp16"}),
     "attention_mechanism": frozenset({"diffusers"}),
     "base_model_precision": frozenset({"no_change"}),
@@ -91,7 +86,7 @@ class TrainConfig(BaseModel):
 
     # model
     model_type: Literal["lora"] = "lora"  # SimpleTuner's default is "full": the loader refuses a missing key
-    model_family: Literal["sd3"] = "sd3"
+    model_family: str = "sd3"  # one of models/family.FAMILIES, checked when the config is read
     pretrained_model_name_or_path: str
     revision: str | None = None
     variant: str | None = None
@@ -153,14 +148,6 @@ class TrainConfig(BaseModel):
     validation_num_inference_steps: int = Field(_default("validation_num_inference_steps"), ge=1)
     validation_seed: int | None = None
     validation_negative_prompt: str = _default("validation_negative_prompt")
-    validation_guidance_skip_layers: list[int] | None = None
-    validation_guidance_skip_layers_start: float = Field(
-        _default("validation_guidance_skip_layers_start"), ge=0.0, le=1.0
-    )
-    validation_guidance_skip_layers_stop: float = Field(
-        _default("validation_guidance_skip_layers_stop"), ge=0.0, le=1.0
-    )
-    validation_guidance_skip_scale: float = _default("validation_guidance_skip_scale")
     user_prompt_library: Path | None = None
     user_prompts: dict[str, str] = Field(default_factory=dict)  # the library's {nickname: prompt}, loaded
 
@@ -172,12 +159,6 @@ class TrainConfig(BaseModel):
     flow_beta_schedule_alpha: float = Field(_default("flow_beta_schedule_alpha"), gt=0.0)
     flow_beta_schedule_beta: float = Field(_default("flow_beta_schedule_beta"), gt=0.0)
     flow_sigmoid_scale: float = _default("flow_sigmoid_scale")
-
-    # text encoders
-    t5_padding: Literal["unmodified", "zero"] = _default("t5_padding")
-    tokenizer_max_length: int = Field(SD3_T5_MAX_LENGTH, ge=1, le=SD3_T5_MAX_LENGTH)
-    sd3_clip_uncond_behaviour: Literal["empty_string"] = "empty_string"
-    sd3_t5_uncond_behaviour: Literal["empty_string"] = "empty_string"  # unset: follows the CLIP setting
 
     # precision, batching, memory
     mixed_precision: Literal["no", "bf16", "fp16"] = _default("mixed_precision")
@@ -214,6 +195,8 @@ class TrainConfig(BaseModel):
     warnings: list[str] = Field(default_factory=list)
     #: Options accepted for a user's unchanged config that change nothing here (config/no_effect.py), as given.
     no_effect: dict[str, Any] = Field(default_factory=dict)
+    #: The model family's own options (models/<family>/options.py), typed and checked by the family.
+    family_options: dict[str, Any] = Field(default_factory=dict)
 
     def dataset_defaults(self) -> dict[str, Any]:
         """config.json's dataset-level values, for datasets in multidatabackend.json that do not set them."""
@@ -242,12 +225,11 @@ DATASET_DEFAULT_KEYS = (
 SUPPORTED_KEYS = frozenset(
     KEY_FOR_FIELD.get(name, name)
     for name in TrainConfig.model_fields
-    if name not in {"user_prompts", "base_dir", "source_path", "explicit_keys", "warnings", "no_effect"}
+    if name not in {"user_prompts", "base_dir", "source_path", "explicit_keys", "warnings", "no_effect",
+                    "family_options"}
 )
 
 _ENV_PATTERN = re.compile(r"\{env:([^{}]*)\}")
-_BOOL_TRUE = {"1", "true", "yes", "y", "on"}
-_BOOL_FALSE = {"0", "false", "no", "n", "off"}
 
 
 # --------------------------------------------------------------------------------------------------- helpers
@@ -272,88 +254,6 @@ def _expand_env(value: Any, key: str) -> Any:
     if isinstance(value, dict):
         return {k: _expand_env(v, key) for k, v in value.items()}
     return value
-
-
-def _coerce(key: str, value: Any, kind: str) -> Any:
-    """Parse a value as SimpleTuner's argparse type would, accepting JSON numbers and booleans directly."""
-    if kind in ("bool", "bool_or_str"):
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, int | float) and value in (0, 1):
-            return bool(value)
-        if isinstance(value, str):
-            text = value.strip().lower()
-            if text in _BOOL_TRUE:
-                return True
-            if text in _BOOL_FALSE:
-                return False
-            if kind == "bool_or_str":
-                return value
-        raise ConfigError(f"{key}: expected true or false, got {value!r}", field=key)
-    if kind == "int":
-        if isinstance(value, bool):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}", field=key)
-        if isinstance(value, int):
-            return value
-        try:
-            number = float(value.strip()) if isinstance(value, str) else float(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}", field=key) from None
-        if not number.is_integer():
-            raise ConfigError(f"{key}: expected an integer, got {value!r}", field=key)
-        return int(number)
-    if kind == "float":
-        if isinstance(value, bool):
-            raise ConfigError(f"{key}: expected a number, got {value!r}", field=key)
-        try:
-            number = float(value.strip()) if isinstance(value, str) else float(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{key}: expected a number, got {value!r}", field=key) from None
-        if not math.isfinite(number):
-            raise ConfigError(f"{key}: expected a finite number, got {value!r}", field=key)
-        return number
-    if isinstance(value, str):
-        return value
-    if isinstance(value, bool | int | float):
-        return str(value) if not isinstance(value, bool) else str(value).lower()
-    return value  # lists/objects: validated by the field that takes them
-
-
-def _is_default(key: str, value: Any) -> bool:
-    option = st.OPTIONS.get(key) or st.LEGACY_OPTIONS[key]
-    try:
-        coerced = _coerce(key, value, option.type)
-    except ConfigError:
-        return False
-    default = option.default
-    if isinstance(default, bool) or isinstance(coerced, bool):
-        return coerced is default
-    return coerced == default
-
-
-def _check_choice(key: str, value: Any, choices: tuple[Any, ...] | None) -> None:
-    """A value SimpleTuner rejects is a ConfigError; one it accepts but we do not, NotSupportedError."""
-    if choices is not None and value not in choices:
-        hint = suggest(str(value), [str(c) for c in choices])
-        message = f"{key}: invalid value {_show(value)}; SimpleTuner accepts {_list(choices)}"
-        if hint:
-            message += f" (did you mean {hint!r}?)"
-        raise ConfigError(message, field=key)
-    allowed = SUPPORTED_VALUES.get(key)
-    if allowed is not None and value not in allowed:
-        raise NotSupportedError(
-            f"not supported yet: {key}={_show(value)} (stagetune supports {_list(allowed)})", field=key
-        )
-
-
-def _show(value: Any) -> str:
-    if isinstance(value, bool):
-        return str(value).lower()
-    return str(value)
-
-
-def _list(values: Any) -> str:
-    return ", ".join(sorted(_show(v) for v in values))
 
 
 def parse_validation_resolution(value: Any, key: str = "validation_resolution") -> list[tuple[int, int]]:
@@ -399,23 +299,6 @@ def parse_validation_resolution(value: Any, key: str = "validation_resolution") 
     if not out:
         raise ConfigError(f"{key}: no resolution given", field=key)
     return out
-
-
-def _parse_skip_layers(value: Any, key: str) -> list[int]:
-    """[7, 8, 9], "[7, 8, 9]", "7,8,9" or 7; SimpleTuner json-loads the string form."""
-    raw = value
-    if isinstance(raw, str):
-        text = raw.strip()
-        try:
-            raw = json.loads(text) if text.startswith("[") else [p for p in text.split(",") if p.strip()]
-        except json.JSONDecodeError:
-            raise ConfigError(f"{key}: expected a list of layer indices, got {value!r}", field=key) from None
-    if not isinstance(raw, list):
-        raw = [raw]
-    layers = [_coerce(key, item, "int") for item in raw]
-    if any(layer < 0 for layer in layers):
-        raise ConfigError(f"{key}: layer indices must be >= 0, got {value!r}", field=key)
-    return layers
 
 
 def _resolve_path(value: str | Path, base_dir: Path, source_path: Path | None) -> Path:
@@ -508,7 +391,7 @@ def _canonical(raw: Mapping[str, Any], what: str) -> dict[str, tuple[str, Any]]:
         key = st.ALIASES.get(key, key)
         key = st.RENAMED_LEGACY_KEYS.get(key, key)
         if key == "vae_cache_preprocess":  # SimpleTuner's old spelling: false means encode during training
-            if str(value).strip().lower() not in _BOOL_FALSE | {"none", ""} or value is None:
+            if str(value).strip().lower() not in BOOL_FALSE | {"none", ""} or value is None:
                 continue
             key, value = "vae_cache_ondemand", True
         if key in out:
@@ -560,11 +443,13 @@ def load_train_config(
 
     no_effect = {key: values.pop(key) for key in list(values) if key in NO_EFFECT and key not in SUPPORTED_KEYS}
     accepted = _convert_no_effect(no_effect, warnings, problems)
-    unsupported = (set(st.OPTIONS) | set(st.LEGACY_OPTIONS)) - SUPPORTED_KEYS - NO_EFFECT.keys()
-    inert = {key: (values[key],) for key in unsupported & values.keys() if _is_default(key, values[key])}
+    family_keys = all_option_keys()
+    family_values = {key: values.pop(key) for key in list(values) if key in family_keys}
+    unsupported = (set(st.OPTIONS) | set(st.LEGACY_OPTIONS)) - SUPPORTED_KEYS - NO_EFFECT.keys() - family_keys
+    inert = {key: (values[key],) for key in unsupported & values.keys() if is_default(key, values[key])}
     given = check_keys(
         values,
-        supported=SUPPORTED_KEYS,
+        supported=SUPPORTED_KEYS | family_keys,  # (family keys were taken out above; here for suggestions)
         recognised_unsupported=unsupported,
         where=WHERE,
         inert_values=inert,
@@ -586,6 +471,7 @@ def load_train_config(
 
     with problems.check():
         _cross_check(fields, explicit, warnings)
+    fields["family_options"] = _family_options(fields, family_values, problems, warnings)
 
     config = None
     try:
@@ -601,8 +487,21 @@ def load_train_config(
                 problems.add(ConfigError(f"{field}: {error['msg']} (got {error.get('input')!r})", field=field))
     problems.raise_if_any(WHERE)
     assert config is not None
-    _warn_after(config)
     return config
+
+
+def _family_options(fields: Mapping[str, Any], given: Mapping[str, Any], problems: Collector,
+                    warnings: list[str]) -> dict[str, Any]:
+    """The configured family reads its own keys; another family's keys change nothing here (noted)."""
+    name = fields.get("model_family")
+    if name not in family_names():
+        return {}
+    family = get_family(name)
+    own = {key: value for key, value in given.items() if key in family.option_keys}
+    for key in sorted(set(given) - set(own)):
+        warnings.append(f"{key} changes nothing for model_family={name}: it belongs to another model family")
+    context = {key: fields.get(key, _default(key)) for key in ("validation_guidance", "validation_num_inference_steps")}
+    return family.parse_options(own, context=context, problems=problems, warnings=warnings)
 
 
 def _output_dir(value: Any, base: Path) -> Path | str:
@@ -622,7 +521,8 @@ def _check_required(fields: dict[str, Any], problems: Collector, warnings: list[
             field="model_type",
         ))
     if "model_family" not in fields and "model_family" not in problems.fields():
-        problems.add(ConfigError(f"model_family is required in {WHERE} (stagetune supports sd3)",
+        problems.add(ConfigError(f"model_family is required in {WHERE} (stagetune supports "
+                                 f"{', '.join(family_names())})",
                                  field="model_family"))
     if "pretrained_model_name_or_path" not in fields:
         problems.add(ConfigError(
@@ -641,13 +541,13 @@ def _convert_no_effect(given: Mapping[str, Any], warnings: list[str], problems: 
     for key, value in given.items():
         with problems.check():
             option = _opt(key)
-            converted = _coerce(key, value, option.type)
+            converted = coerce(key, value, option.type)
             if isinstance(converted, str):
                 converted = converted.strip()
-            _check_choice(key, converted, option.choices)
+            check_choice(key, converted, option.choices)
             accepted[key] = converted
-            if not _is_default(key, value):
-                warnings.append(f"{key}={_show(converted)} changes nothing here: {NO_EFFECT[key]}")
+            if not is_default(key, value):
+                warnings.append(f"{key}={show(converted)} changes nothing here: {NO_EFFECT[key]}")
     return accepted
 
 
@@ -667,7 +567,6 @@ def _convert_one(key: str, value: Any, fields: dict[str, Any]) -> None:
     special = {
         "optimizer": _convert_optimizer,
         "validation_resolution": parse_validation_resolution,
-        "validation_guidance_skip_layers": lambda v: _parse_skip_layers(v, key),
         "resume_from_checkpoint": _convert_resume,
     }
     if key in special:
@@ -675,10 +574,10 @@ def _convert_one(key: str, value: Any, fields: dict[str, Any]) -> None:
         return
     if key in ("resolution", "minimum_image_size", "maximum_image_size", "target_downsample_size"):
         # pixels (int) or, with resolution_type "area", megapixels (float), as in multidatabackend.json
-        number = _coerce(key, value, "float")
+        number = coerce(key, value, "float")
         fields[name] = int(number) if number.is_integer() and not _is_float_literal(value) else number
         return
-    converted = _coerce(key, value, option.type)
+    converted = coerce(key, value, option.type)
     if isinstance(converted, str):
         converted = converted.strip()
     if key == "lr_scheduler" and converted == "cosine_with_warmup":
@@ -688,7 +587,7 @@ def _convert_one(key: str, value: Any, fields: dict[str, Any]) -> None:
     choices = option.choices
     if key == "caption_strategy":
         choices = (*(choices or ()), "instanceprompt")
-    _check_choice(key, converted, choices)
+    check_choice(key, converted, choices, SUPPORTED_VALUES.get(key))
     if key == "validation_prompt" and converted == "":
         converted = None
     fields[name] = converted
@@ -757,16 +656,6 @@ def _cross_check(fields: dict[str, Any], explicit: frozenset[str], warnings: lis
             f"lr_warmup_steps={warmup} >= max_train_steps={max_steps}: the learning rate never reaches learning_rate"
         )
 
-    if fields.get("tokenizer_max_length", SD3_T5_MAX_LENGTH) > SD3_T5_MAX_LENGTH:
-        warnings.append(
-            f"tokenizer_max_length={fields['tokenizer_max_length']} is above SD3's T5 limit: using "
-            f"{SD3_T5_MAX_LENGTH}, as SimpleTuner does"
-        )
-        fields["tokenizer_max_length"] = SD3_T5_MAX_LENGTH
-
-    if "sd3_t5_uncond_behaviour" not in fields and "sd3_clip_uncond_behaviour" in fields:
-        fields["sd3_t5_uncond_behaviour"] = fields["sd3_clip_uncond_behaviour"]
-
     if fields.get("flow_use_uniform_schedule") and fields.get("flow_use_beta_schedule"):
         warnings.append(
             "flow_use_uniform_schedule and flow_use_beta_schedule are both set: the uniform schedule is "
@@ -788,24 +677,3 @@ def _cross_check(fields: dict[str, Any], explicit: frozenset[str], warnings: lis
         warnings.append(
             "caption_strategy=instanceprompt without instance_prompt: every dataset must set its own instance_prompt"
         )
-
-
-def _warn_after(config: TrainConfig) -> None:
-    """Checks on final values (defaults included), e.g. skip-layer guidance that can never fire."""
-    layers = config.validation_guidance_skip_layers
-    if layers:
-        if config.validation_guidance <= 1.0:
-            config.warnings.append(
-                f"validation_guidance_skip_layers={layers} has no effect: skip-layer guidance runs only with "
-                f"classifier-free guidance, and validation_guidance={config.validation_guidance} is <= 1"
-            )
-        else:
-            steps = config.validation_num_inference_steps
-            start = steps * config.validation_guidance_skip_layers_start
-            stop = steps * config.validation_guidance_skip_layers_stop
-            active = [i for i in range(steps) if start < i < stop]
-            if not active:
-                config.warnings.append(
-                    f"validation_guidance_skip_layers={layers} never fires: with {steps} inference steps no "
-                    f"step i satisfies {start:g} < i < {stop:g} (validation_guidance_skip_layers_start/stop)"
-                )

@@ -76,7 +76,7 @@ class SD3TextEncoder:
             )
         return self._models
 
-    def warm(self, t5_max_length: int = 154) -> SD3TextModels:
+    def warm(self, t5_max_length: int = 154, **_options: object) -> SD3TextModels:
         """Load the encoders and set up tokenisation at these lengths: set-up, not per-batch, work."""
         models = self.models
         self.tokenize([], t5_max_length)
@@ -117,7 +117,8 @@ class SD3TextEncoder:
         check_t5_options(t5_max_length, t5_padding)
         return digest("sd3-text-v1", caption, self.fingerprint, t5_max_length, t5_padding)
 
-    def tokenize(self, captions: list[str], t5_max_length: int = 154) -> tuple[torch.Tensor, ...]:
+    def tokenize(self, captions: list[str], t5_max_length: int = 154, **_options: object
+                 ) -> tuple[torch.Tensor, ...]:
         """Token ids for `encode(..., tokens=)`: separate so a caching stage can tokenise the next batch
         while this one runs through the encoders."""
         m = self.models

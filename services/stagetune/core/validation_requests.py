@@ -10,6 +10,7 @@ from typing import Any
 from stagetune.core.client import TERMINAL, call, follow
 from stagetune.core.errors import StagetuneError
 from stagetune.core.jobs import JobCancelled
+from stagetune.core.messages import to_struct
 from stagetune.core.outputs import join_output
 from stagetune.core.security import ChannelSecurity
 from stagetune.core.store.base import Store
@@ -27,10 +28,7 @@ def validation_request(cfg: Any, *, request_id: str, adapter_key: str, step: int
         seed=cfg.validation_seed if cfg.validation_seed is not None else (cfg.seed or 0),
         negative_prompt=cfg.validation_negative_prompt or "",
         resolutions=[validation_pb2.Resolution(width=w, height=h) for w, h in cfg.validation_resolution],
-        skip_guidance_layers=list(cfg.validation_guidance_skip_layers or []),
-        skip_layer_guidance_scale=cfg.validation_guidance_skip_scale,
-        skip_layer_guidance_start=cfg.validation_guidance_skip_layers_start,
-        skip_layer_guidance_stop=cfg.validation_guidance_skip_layers_stop,
+        family_options=to_struct(cfg.family_options),
     )
     model = common_pb2.ModelRef(name_or_path=cfg.pretrained_model_name_or_path, revision=cfg.revision or "",
                                 family=cfg.model_family, dtype="bfloat16" if cfg.mixed_precision == "bf16" else "")

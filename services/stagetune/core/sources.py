@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 from urllib.parse import urlsplit
 
+from stagetune.core.discovery import discover_images, is_image_name
 from stagetune.core.errors import (
     ConfigError,
     InputError,
@@ -33,7 +34,6 @@ from stagetune.core.errors import (
     StagetuneError,
 )
 from stagetune.core.store.base import InvalidKeyError, check_prefix
-from stagetune.ingest.discovery import discover_images, is_image_name
 
 DEFAULT_MAX_POOL_CONNECTIONS = 32
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)

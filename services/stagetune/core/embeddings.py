@@ -9,7 +9,7 @@ import torch
 
 
 def tokenize_captions(encoder: Any, captions: Sequence[str], options: Mapping[str, Any]) -> Any:
-    return encoder.tokenize(list(captions), options["t5_max_length"])
+    return encoder.tokenize(list(captions), **options)
 
 
 def encode_captions(encoder: Any, captions: Sequence[str], options: Mapping[str, Any],

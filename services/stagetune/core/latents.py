@@ -39,7 +39,7 @@ class DatasetImages:
         self._lock = threading.Lock()
 
     def _source(self, dataset_id: str) -> Any:
-        from stagetune.ingest.sources import source_for
+        from stagetune.core.sources import source_for
 
         with self._lock:
             if dataset_id not in self._sources:
