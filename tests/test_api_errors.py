@@ -139,7 +139,7 @@ def test_trainer_start_refuses_bad_configs_naming_every_key(api: dict) -> None:
         ('"sd3"', {"config_json"}),
         (json.dumps({**base, "learnin_rate": 1}), {"learnin_rate"}),
         (json.dumps({**base, "train_batch_size": -2}), {"train_batch_size"}),
-        (json.dumps({**base, "train_batch_size": 0, "lora_rank": "big", "optimizer": "adamw_bf16"}),
+        (json.dumps({**base, "train_batch_size": 0, "lora_rank": "big", "optimizer": "soap"}),
          {"train_batch_size", "lora_rank", "optimizer"}),
     ]:
         code, violations, message = _refused(start, trainer_pb2.StartTrainingRequest(config_json=config_json,

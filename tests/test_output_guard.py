@@ -404,7 +404,9 @@ def test_an_s3_output_dir_is_locked_and_checked_too(tmp_path: Path, model_folder
         prepare_run(_configs(tmp_path, model_folder, output_dir=output, lora_rank=8, lora_alpha=16),
                     store=LocalStore(tmp_path / "store"))
     config = _configs(tmp_path, model_folder, output_dir=output)  # (rewrites config.json) the same settings resume
-    assert prepare_run(config, store=LocalStore(tmp_path / "store")).decision.resume_step == 3
+    resumed = prepare_run(config, store=LocalStore(tmp_path / "store"))
+    resumed.close()
+    assert resumed.decision.resume_step == 3
 
 
 def test_training_into_an_s3_output_dir(tmp_path: Path, tiny_sd3_path: Path, s3_server) -> None:

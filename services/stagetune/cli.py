@@ -140,6 +140,9 @@ def _train(args: argparse.Namespace, plan: Any) -> int:
     from stagetune.models.warmup import warm_imports
 
     server_security, channel_security = ServerSecurity.from_env(), ChannelSecurity.from_env()
+    if args.log_level.upper() != "DEBUG":
+        # bitsandbytes (imported by diffusers and peft when installed) announces the CPU kernels it lacks.
+        logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     for warning in plan.cfg.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     warm_imports()  # overlaps the model libraries' import with ingest

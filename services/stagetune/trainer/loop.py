@@ -7,12 +7,13 @@ weights, bit for bit on CPU, as one that never stopped.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -26,7 +27,9 @@ from stagetune.core.run_settings import Change, config_settings, data_settings, 
 from stagetune.core.store.base import Store
 from stagetune.trainer.flow import FlowSchedule, noisy_input, sample_sigmas, timesteps_for
 from stagetune.trainer.lora import LORA_FILE, add_lora, load_lora_bytes, lora_file_bytes
+from stagetune.trainer.optimizers import OPTIMIZERS, build_optimizer
 from stagetune.trainer.sampler import DatasetPlan, SamplerState, TrainingSampler, expand_repeats, plans_for
+from stagetune.trainer.schedules import build_scheduler
 
 log = logging.getLogger(__name__)
 
@@ -94,14 +97,14 @@ class Trainer:
         self.params = add_lora(self.model, rank=cfg.lora_rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
                                target_modules=list(self.family.lora_targets))
         self.model.train()
-        self.optimizer = torch.optim.AdamW(
-            self.params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
-            weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon,
-        )
-        warmup = cfg.lr_warmup_steps if cfg.lr_scheduler == "constant_with_warmup" else 0
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0
-        )
+        spec = OPTIMIZERS[cfg.optimizer]
+        if spec.bf16_weights:  # adamw_bf16 keeps the trained weights in bfloat16, as SimpleTuner does
+            for param in self.params:
+                param.data = param.data.to(torch.bfloat16)
+        self.optimizer = build_optimizer(cfg.optimizer, self.params, cfg, warn=self.report.log)
+        self.schedule_free = spec.schedule_free
+        if self.schedule_free:
+            self.optimizer.train()
         samples = expand_repeats(self.data.rows)
         self.plans: dict[str, DatasetPlan] = plans_for(self.data.rows, self.data.report, cfg.train_batch_size)
         self.sampler = TrainingSampler(samples, self.plans, cfg.seed or 0, cfg.gradient_accumulation_steps)
@@ -116,6 +119,7 @@ class Trainer:
             sigmoid_scale=cfg.flow_sigmoid_scale, **self.family.flow_shift_params(cfg.pretrained_model_name_or_path),
         )
         self.total_steps = self._total_steps()
+        self.scheduler = build_scheduler(cfg, self.optimizer, self.total_steps)
         self.settings = {**config_settings(cfg), "data": data_settings(self.data.rows)}
         self._resume()
 
@@ -152,6 +156,8 @@ class Trainer:
             raise RunMismatchError(f"checkpoint-{step} in {store.url} does not fit this model and adapter: "
                                    f"{str(exc).splitlines()[0]}", field="resume_from_checkpoint") from None
         self.optimizer.load_state_dict(torch.load(io.BytesIO(files["optimizer.pt"]), weights_only=True))
+        if self.schedule_free:  # saved with its averaged (eval) weights: back to the training point
+            self.optimizer.train()
         self.scheduler.load_state_dict(torch.load(io.BytesIO(files["scheduler.pt"]), weights_only=True))
         rng = torch.load(io.BytesIO(files["random_states.pt"]), weights_only=True)
         torch.set_rng_state(rng["torch"])
@@ -223,7 +229,21 @@ class Trainer:
 
     # -- outputs -----------------------------------------------------------------------------
     def lora_bytes(self) -> bytes:
-        return lora_file_bytes(self.model, self.family.pipeline_class())
+        with self._weights_to_keep():
+            return lora_file_bytes(self.model, self.family.pipeline_class())
+
+    @contextlib.contextmanager
+    def _weights_to_keep(self) -> Iterator[None]:
+        """Schedule-free optimizers (prodigy) train at one point and average at another: what is saved,
+        validated and exported is the average (`eval()`), as SimpleTuner does; training goes on at `train()`."""
+        if not self.schedule_free or not self.optimizer.param_groups[0].get("train_mode", True):
+            yield
+            return
+        self.optimizer.eval()
+        try:
+            yield
+        finally:
+            self.optimizer.train()
 
     def save_checkpoint(self) -> None:
         def tensor_bytes(obj: Any) -> bytes:
@@ -231,12 +251,14 @@ class Trainer:
             torch.save(obj, buffer)
             return buffer.getvalue()
 
-        files = {
-            LORA_FILE: self.lora_bytes(),
-            "optimizer.pt": tensor_bytes(self.optimizer.state_dict()),
-            "scheduler.pt": tensor_bytes(self.scheduler.state_dict()),
-            "random_states.pt": tensor_bytes({"torch": torch.get_rng_state(), "generator": self.generator.get_state()}),
-        }
+        with self._weights_to_keep():  # weights and optimizer state from the same (eval) point
+            files = {
+                LORA_FILE: lora_file_bytes(self.model, self.family.pipeline_class()),
+                "optimizer.pt": tensor_bytes(self.optimizer.state_dict()),
+                "scheduler.pt": tensor_bytes(self.scheduler.state_dict()),
+                "random_states.pt": tensor_bytes({"torch": torch.get_rng_state(),
+                                                  "generator": self.generator.get_state()}),
+            }
         state = {"sampler": dataclasses.asdict(self.sampler.state), "settings": self.settings,
                  "total_steps": self.total_steps}
         self.data.flush()

@@ -31,6 +31,9 @@ from stagetune.core.config import simpletuner_keys as st
 from stagetune.core.config.files import read_json_file
 from stagetune.core.config.keys import check_keys, normalise_key, suggest, unknown_key_error
 from stagetune.core.config.no_effect import NO_EFFECT
+from stagetune.core.config.optimizer_names import ALIASES as OPTIMIZER_ALIASES
+from stagetune.core.config.optimizer_names import SUPPORTED as SUPPORTED_OPTIMIZERS
+from stagetune.core.config.optimizer_names import canonical_name, parse_optimizer_config
 from stagetune.core.config.values import BOOL_FALSE, check_choice, coerce, is_default, show
 from stagetune.core.errors import Collector, ConfigError, NotSupportedError
 from stagetune.models.family import all_option_keys, family_names, get_family
@@ -38,7 +41,6 @@ from stagetune.models.family import all_option_keys, family_names, get_family
 WHERE = "config.json"
 
 #: Optimizer spellings that mean torch.optim.AdamW. SimpleTuner itself only knows "torch-adamw".
-ADAMW_ALIASES = frozenset({"adamw", "torch-adamw", "torch_adamw", "adamw_torch", "adamw-torch", "torch.optim.adamw"})
 
 #: config.json keys (canonical SimpleTuner spelling) that map to a differently named TrainConfig field.
 FIELD_FOR_KEY = {
@@ -55,7 +57,6 @@ ALLOW_EMPTY = frozenset({"validation_prompt", "validation_negative_prompt"})
 SUPPORTED_VALUES: dict[str, frozenset[Any]] = {
     "model_type": frozenset({"lora"}),
     "model_family": frozenset(family_names()),
-    "lr_scheduler": frozenset({"constant", "constant_with_warmup"}),
     "lora_type": frozenset({"standard"}),
     "mixed_precision": frozenset({"no", "bf16", "fp16"}),
     "attention_mechanism": frozenset({"diffusers"}),
@@ -113,17 +114,25 @@ class TrainConfig(BaseModel):
     train_batch_size: int = Field(_default("train_batch_size"), ge=1)
     gradient_accumulation_steps: int = Field(_default("gradient_accumulation_steps"), ge=1)
     learning_rate: float = Field(_default("learning_rate"), gt=0.0)
-    lr_scheduler: Literal["constant", "constant_with_warmup"] = _default("lr_scheduler")
+    lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts",
+                          "polynomial", "sine"] = _default("lr_scheduler")
     lr_warmup_steps: int = Field(_default("lr_warmup_steps"), ge=0)
+    lr_end: float = Field(_default("lr_end"), ge=0.0)
+    lr_power: float = Field(_default("lr_power"), gt=0.0)
+    lr_num_cycles: int = Field(_default("lr_num_cycles"), ge=1)
     max_train_steps: int | None = None  # wins over num_train_epochs when > 0
     num_train_epochs: int = Field(_default("num_train_epochs"), ge=0)
     max_grad_norm: float = Field(_default("max_grad_norm"), ge=0.0)  # 0 disables clipping
-    # SimpleTuner's default "value" clips each gradient element; DESIGN.md §6: we clip by global norm
-    grad_clip_method: Literal["norm", "value"] = "norm"
-    # torch.optim.AdamW; SimpleTuner's default adamw_bf16 is not supported yet (the loader warns)
-    optimizer: Literal["torch-adamw"] = "torch-adamw"
-    # SimpleTuner 4.8 only passes these to DeepSpeed; its torch-adamw uses the same numbers as defaults.
-    # We honour them for AdamW, so a user who sets them gets what the option names promise.
+    # SimpleTuner's default "value" clips each gradient element at max_grad_norm; "norm" clips the global norm
+    grad_clip_method: Literal["norm", "value"] = _default("grad_clip_method")
+    # a name of core/config/optimizer_names.SUPPORTED (aliases resolved); SimpleTuner's default adamw_bf16
+    optimizer: str = _default("optimizer")
+    optimizer_config: str | None = None  # "key=value,..." settings passed to the optimizer (SimpleTuner's rules)
+    optimizer_beta1: float | None = Field(None, ge=0.0, lt=1.0)
+    optimizer_beta2: float | None = Field(None, ge=0.0, lt=1.0)
+    prodigy_steps: int | None = Field(None, ge=0)
+    # SimpleTuner 4.8 only passes these to DeepSpeed; its optimizers use the same numbers as defaults.
+    # We honour them when set, so a user who sets them gets what the option names promise.
     adam_beta1: float = Field(_default("adam_beta1"), ge=0.0, lt=1.0)
     adam_beta2: float = Field(_default("adam_beta2"), ge=0.0, lt=1.0)
     adam_weight_decay: float = Field(_default("adam_weight_decay"), ge=0.0)
@@ -458,6 +467,9 @@ def load_train_config(
 
     fields = _convert_supported(given, problems)
     explicit = frozenset(fields)
+    if str(given.get("optimizer", "")).strip().lower() == "adafactor":
+        warnings.append("optimizer=adafactor is SimpleTuner's old name: using torch-adafactor (torch.optim.Adafactor), "
+                        "the optimizer SimpleTuner moved it to")
     _check_required(fields, problems, warnings)
 
     fields["output_dir"] = _output_dir(fields.get("output_dir", _default("output_dir")), base)
@@ -528,11 +540,6 @@ def _check_required(fields: dict[str, Any], problems: Collector, warnings: list[
         problems.add(ConfigError(
             f"pretrained_model_name_or_path is required in {WHERE}", field="pretrained_model_name_or_path"
         ))
-    if "optimizer" not in fields and "optimizer" not in problems.fields():
-        warnings.append(
-            "optimizer not set: SimpleTuner's default adamw_bf16 is not supported yet, using torch-adamw "
-            "(torch.optim.AdamW)"
-        )
 
 
 def _convert_no_effect(given: Mapping[str, Any], warnings: list[str], problems: Collector) -> dict[str, Any]:
@@ -566,6 +573,7 @@ def _convert_one(key: str, value: Any, fields: dict[str, Any]) -> None:
     name = FIELD_FOR_KEY.get(key, key)
     special = {
         "optimizer": _convert_optimizer,
+        "optimizer_config": _convert_optimizer_config,
         "validation_resolution": parse_validation_resolution,
         "resume_from_checkpoint": _convert_resume,
     }
@@ -601,16 +609,26 @@ def _convert_optimizer(value: Any) -> str:
     key = "optimizer"
     if not isinstance(value, str):
         raise ConfigError(f"{key}: expected an optimizer name, got {value!r}", field=key)
-    name = value.strip()
-    if name.lower() in ADAMW_ALIASES:
-        return "torch-adamw"
+    name = canonical_name(value)
+    if name in SUPPORTED_OPTIMIZERS:
+        return name
     if name in st.OPTIMIZERS:
-        raise NotSupportedError(f"not supported yet: optimizer={name} (stagetune supports torch-adamw)", field=key)
-    hint = suggest(name, [*st.OPTIMIZERS, "adamw"])
+        raise NotSupportedError(f"not supported yet: optimizer={name} (stagetune runs {len(SUPPORTED_OPTIMIZERS)} of "
+                                "SimpleTuner's optimizers; see the README)", field=key)
+    hint = suggest(name, [*SUPPORTED_OPTIMIZERS, *OPTIMIZER_ALIASES])
     message = f"{key}: unknown optimizer {name!r}"
     if hint:
         message += f" (did you mean {hint!r}?)"
     raise ConfigError(message, field=key)
+
+
+def _convert_optimizer_config(value: Any) -> str:
+    text = value if isinstance(value, str) else ",".join(f"{k}={v}" for k, v in dict(value).items()) \
+        if isinstance(value, Mapping) else None
+    if text is None:
+        raise ConfigError(f"optimizer_config: expected \"key=value,...\", got {value!r}", field="optimizer_config")
+    parse_optimizer_config(text)  # the form is checked now; the optimizer checks the settings when built
+    return text
 
 
 def _convert_resume(value: Any) -> str | None:
@@ -665,12 +683,6 @@ def _cross_check(fields: dict[str, Any], explicit: frozenset[str], warnings: lis
         warnings.append(
             "flow_schedule_auto_shift is set: the resolution-dependent shift replaces "
             f"flow_schedule_shift={fields['flow_schedule_shift']}"
-        )
-
-    if "grad_clip_method" not in explicit and fields.get("max_grad_norm", _default("max_grad_norm")) > 0:
-        warnings.append(
-            "grad_clip_method not set: clipping by global gradient norm (SimpleTuner's default 'value' "
-            "clips each element at max_grad_norm; set grad_clip_method to value to match it)"
         )
 
     if fields.get("caption_strategy") == "instanceprompt" and not fields.get("instance_prompt"):
