@@ -269,7 +269,7 @@ CASES = [
     Case("config path is a folder", lambda ws: prepare_run(ws.data, store=ws.store), errors.ConfigError,
          "config", "is a folder"),
     Case("misspelt key", config(learnig_rate=1e-4), errors.ConfigError, "learnig_rate", "did you mean"),
-    Case("option not built yet", config(base_model_precision="int8-quanto"), errors.NotSupportedError,
+    Case("option not built yet", config(base_model_precision="int8-torchao"), errors.NotSupportedError,
          "base_model_precision", "not supported yet"),
     Case("wrong type", config(train_batch_size="two"), errors.ConfigError, "train_batch_size", "integer"),
     Case("negative batch size", config(train_batch_size=-1), errors.ConfigError, "train_batch_size"),

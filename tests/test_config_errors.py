@@ -65,7 +65,7 @@ def test_every_refused_key_and_bad_value_is_reported_at_once() -> None:
     config = {
         **BASE,
         "learnin_rate": 1e-4,  # typo
-        "base_model_precision": "int8-quanto",  # not built yet
+        "base_model_precision": "int8-torchao",  # not built yet
         "lora_rank": 0,  # out of range
         "validation_resolution": "huge",  # unparsable
         "--train_batch_size": "two",  # wrong type
@@ -85,7 +85,7 @@ def test_every_refused_key_and_bad_value_is_reported_at_once() -> None:
 
 def test_a_single_problem_keeps_its_own_class() -> None:
     with pytest.raises(NotSupportedError) as info:
-        load_train_config({**BASE, "base_model_precision": "int8-quanto"})
+        load_train_config({**BASE, "base_model_precision": "int8-torchao"})
     assert not isinstance(info.value, ConfigProblems) and info.value.field == "base_model_precision"
 
 

@@ -230,8 +230,8 @@ def test_invalid_values_are_config_errors_with_the_choices() -> None:
         ("optimizer", "sdnq-adamw"),
         ("optimizer", "ao-adamw8bit"),
         ("lora_type", "lycoris"),
-        ("base_model_precision", "int8-quanto"),
-        ("base_model_precision", "nf4-bnb"),
+        ("base_model_precision", "int8-torchao"),
+        ("base_model_precision", "fp8-torchao"),
         ("text_encoder_1_precision", "int4-quanto"),
         ("text_encoder_3_precision", "fp8-quanto"),
         ("mixed_precision", "fp8"),
@@ -576,7 +576,7 @@ def test_every_seed_key_with_its_seed_value_loads_or_is_clearly_not_supported(tm
             assert key in str(err) and err.field == key, (source, key, str(err))
             outcomes[key] = "not supported"
     assert outcomes["validation_guidance_skip_layers"] == "ok"
-    assert outcomes["base_model_precision"] == "not supported"  # int8-quanto
+    assert outcomes["base_model_precision"] == "ok"  # int8-quanto
     assert outcomes["optimizer"] == "ok"  # adamw_bf16
     assert outcomes["use_ema"] == "not supported"
 

@@ -51,3 +51,44 @@ def test_stopped_and_extended_equals_straight(tmp_path: Path, tiny_sd3_path: Pat
         assert torch.equal(a[key], b[key]), key
     if not extra:  # adamw_bf16 trains and saves the adapter in bfloat16, as SimpleTuner does
         assert {t.dtype for t in a.values()} == {torch.bfloat16}
+
+
+# ----------------------------------------------------------------------------------------- quantised bases
+
+
+@pytest.mark.parametrize("precision", ["int8-quanto", "fp8-quanto"])
+def test_lora_on_a_quantised_base_loads_into_the_plain_model(tmp_path: Path, tiny_sd3_path: Path,
+                                                             precision: str) -> None:
+    from diffusers import StableDiffusion3Pipeline
+    from peft import get_peft_model_state_dict
+
+    make_dataset(tmp_path / "data")
+    config = _configs(tmp_path, tiny_sd3_path, tmp_path / "data", 2, "out", optimizer="adamw",
+                      base_model_precision=precision)
+    run = train_embedded(config, str(tmp_path / "store"))
+    assert run.phase("trainer").outputs["steps_trained"] == "2"
+    saved = load_safetensors((tmp_path / "out" / LORA).read_bytes())
+    pipe = StableDiffusion3Pipeline.from_pretrained(tiny_sd3_path)  # float32, not quantised
+    pipe.load_lora_weights(str(tmp_path / "out"))
+    (adapter,) = pipe.transformer.peft_config
+    loaded = get_peft_model_state_dict(pipe.transformer, adapter_name=adapter)
+    expected = {k.removeprefix("transformer."): v for k, v in saved.items()}
+    assert set(loaded) == set(expected)
+    for key, tensor in expected.items():
+        assert torch.equal(loaded[key], tensor.to(loaded[key].dtype)), key
+
+
+def test_precisions_that_cannot_run_here_are_refused_naming_the_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    from stagetune.core.config.train import load_train_config
+    from stagetune.core.errors import NotSupportedError, PreconditionError
+    from stagetune.models import quantise
+
+    with pytest.raises(PreconditionError, match="needs a CUDA GPU") as info:
+        quantise.check_precision("nf4-bnb", "base_model_precision", cuda=False)
+    assert info.value.field == "base_model_precision"
+    monkeypatch.setattr(quantise.shutil, "which", lambda name: None)
+    base = {"model_type": "lora", "model_family": "sd3", "pretrained_model_name_or_path": "/m", "max_train_steps": 2}
+    with pytest.raises(PreconditionError, match="no C\\+\\+ compiler"):
+        load_train_config({**base, "base_model_precision": "int4-quanto"})
+    with pytest.raises(NotSupportedError, match="int8-torchao"):
+        load_train_config({**base, "base_model_precision": "int8-torchao"})

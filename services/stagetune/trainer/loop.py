@@ -25,6 +25,7 @@ from stagetune.core.errors import ConfigError, PreconditionError, RunMismatchErr
 from stagetune.core.jobs import JobCancelled
 from stagetune.core.run_settings import Change, config_settings, data_settings, decide, read_output_state
 from stagetune.core.store.base import Store
+from stagetune.models.quantise import quantise
 from stagetune.trainer.flow import FlowSchedule, noisy_input, sample_sigmas, timesteps_for
 from stagetune.trainer.lora import LORA_FILE, add_lora, load_lora_bytes, lora_file_bytes
 from stagetune.trainer.optimizers import OPTIMIZERS, build_optimizer
@@ -90,8 +91,14 @@ class Trainer:
         torch.manual_seed(cfg.seed or 0)
         self.generator = torch.Generator().manual_seed(cfg.seed or 0)
         weight_dtype = self.autocast_dtype or torch.float32
+        quantised = cfg.base_model_precision != "no_change"
+        if quantised:  # as SimpleTuner: cast to base_model_default_dtype, then quantise (models/quantise.py)
+            weight_dtype = torch.bfloat16 if cfg.base_model_default_dtype == "bf16" else torch.float32
+            self.autocast_dtype = self.autocast_dtype or (torch.bfloat16 if weight_dtype == torch.bfloat16 else None)
         self.model = self.family.load_transformer(cfg.pretrained_model_name_or_path, revision=cfg.revision,
                                                   dtype=weight_dtype).to(self.device)
+        if quantised:
+            quantise(self.model, cfg.base_model_precision, exclude=self.family.quantisation_exclude)
         if cfg.gradient_checkpointing:
             self.model.enable_gradient_checkpointing()
         self.params = add_lora(self.model, rank=cfg.lora_rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,

@@ -37,6 +37,8 @@ from stagetune.core.config.optimizer_names import canonical_name, parse_optimize
 from stagetune.core.config.values import BOOL_FALSE, check_choice, coerce, is_default, show
 from stagetune.core.errors import Collector, ConfigError, NotSupportedError
 from stagetune.models.family import all_option_keys, family_names, get_family
+from stagetune.models.quantise import NEEDS_COMPILER, check_precision
+from stagetune.models.quantise import SUPPORTED as QUANTISATIONS
 
 WHERE = "config.json"
 
@@ -60,7 +62,7 @@ SUPPORTED_VALUES: dict[str, frozenset[Any]] = {
     "lora_type": frozenset({"standard"}),
     "mixed_precision": frozenset({"no", "bf16", "fp16"}),
     "attention_mechanism": frozenset({"diffusers"}),
-    "base_model_precision": frozenset({"no_change"}),
+    "base_model_precision": frozenset(QUANTISATIONS),
     "text_encoder_1_precision": frozenset({"no_change"}),
     "text_encoder_2_precision": frozenset({"no_change"}),
     "text_encoder_3_precision": frozenset({"no_change"}),
@@ -183,7 +185,7 @@ class TrainConfig(BaseModel):
     noise_offset: float = Field(_default("noise_offset"), ge=0.0)
     noise_offset_probability: float = Field(_default("noise_offset_probability"), ge=0.0, le=1.0)
     attention_mechanism: Literal["diffusers"] = "diffusers"
-    base_model_precision: Literal["no_change"] = "no_change"
+    base_model_precision: str = "no_change"  # one of models/quantise.SUPPORTED (optimum-quanto, nf4-bnb)
     text_encoder_1_precision: Literal["no_change"] = "no_change"
     text_encoder_2_precision: Literal["no_change"] = "no_change"
     text_encoder_3_precision: Literal["no_change"] = "no_change"
@@ -673,6 +675,9 @@ def _cross_check(fields: dict[str, Any], explicit: frozenset[str], warnings: lis
         warnings.append(
             f"lr_warmup_steps={warmup} >= max_train_steps={max_steps}: the learning rate never reaches learning_rate"
         )
+
+    if fields.get("base_model_precision") in NEEDS_COMPILER:
+        check_precision(fields["base_model_precision"], "base_model_precision", cuda=False)
 
     if fields.get("flow_use_uniform_schedule") and fields.get("flow_use_beta_schedule"):
         warnings.append(
