@@ -92,3 +92,83 @@ def test_precisions_that_cannot_run_here_are_refused_naming_the_key(monkeypatch:
         load_train_config({**base, "base_model_precision": "int4-quanto"})
     with pytest.raises(NotSupportedError, match="int8-torchao"):
         load_train_config({**base, "base_model_precision": "int8-torchao"})
+
+
+# --------------------------------------------------------------------------------- EMA, checkpointing interval
+
+
+def test_ema_is_saved_validated_and_resumed(tmp_path: Path, tiny_sd3_path: Path) -> None:
+    make_dataset(tmp_path / "data")
+    store = str(tmp_path / "store")
+    ema = {"optimizer": "adamw", "use_ema": True, "ema_decay": 0.5, "ema_validation": "comparison",
+           "mixed_precision": "no"}
+    straight = train_embedded(_configs(tmp_path, tiny_sd3_path, tmp_path / "data", 4, "straight", **ema), store)
+    assert straight.phase("trainer").outputs["steps_trained"] == "4"
+    trained = load_safetensors((tmp_path / "straight" / LORA).read_bytes())
+    averaged = load_safetensors((tmp_path / "straight" / "ema" / LORA).read_bytes())
+    assert trained.keys() == averaged.keys()
+    assert any(not torch.equal(trained[k], averaged[k]) for k in trained)  # the average lags the weights
+    train_embedded(_configs(tmp_path, tiny_sd3_path, tmp_path / "data", 2, "stopped", **ema), store)
+    train_embedded(_configs(tmp_path, tiny_sd3_path, tmp_path / "data", 4, "stopped", **ema), store)
+    resumed = load_safetensors((tmp_path / "stopped" / "ema" / LORA).read_bytes())
+    for key in averaged:
+        assert torch.equal(resumed[key], averaged[key]), key
+
+
+def test_ema_validation_samples_both(tmp_path: Path, tiny_sd3_path: Path) -> None:
+    make_dataset(tmp_path / "data")
+    config = write_configs(tmp_path, tiny_sd3_path, steps=2, optimizer="adamw", use_ema=True,
+                           ema_validation="comparison")
+    run = train_embedded(config, str(tmp_path / "store"))
+    assert run.phase("trainer").outputs["validation_images"] == "2"
+    images = sorted(p.name for p in (tmp_path / "output" / "validation_images").iterdir())
+    assert images == ["step_2_validation_64x64.png", "step_2_validation_ema_64x64.png"]
+
+
+def test_gradient_checkpointing_interval_checkpoints_every_nth_block(tiny_sd3_path: Path) -> None:
+    from stagetune.models.checkpointing import checkpoint_every
+    from stagetune.models.sd3.components import load_transformer
+
+    def run(interval: int | None) -> tuple[list[int], dict[str, torch.Tensor]]:
+        torch.manual_seed(0)
+        model = load_transformer(str(tiny_sd3_path))
+        model.train()
+        checkpointed: list[int] = []
+        if interval is not None:
+            model.enable_gradient_checkpointing()
+            inner = model._gradient_checkpointing_func
+
+            def counting(block, *args):  # noqa: ANN001, ANN202 - counts what reaches torch's checkpoint
+                checkpointed.append(1)
+                return inner(block, *args)
+
+            model._gradient_checkpointing_func = counting
+            model.enable_gradient_checkpointing = lambda: None  # already on: keep the counter in place
+            checkpoint_every(model, interval)
+        config = model.config
+        x = torch.randn(2, config.in_channels, 8, 8)
+        text = torch.randn(2, 10, config.joint_attention_dim)
+        pooled = torch.randn(2, config.pooled_projection_dim)
+        for _ in range(2):  # two forwards: the count restarts each time
+            out = model(hidden_states=x, timestep=torch.tensor([100.0, 700.0]), encoder_hidden_states=text,
+                        pooled_projections=pooled, return_dict=False)[0]
+            out.pow(2).mean().backward()
+        return checkpointed, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    blocks = len(load_transformer(str(tiny_sd3_path)).transformer_blocks)
+    _, plain = run(None)
+    every, grads_every = run(1)
+    second, grads_second = run(2)
+    assert len(every) == 2 * blocks and len(second) == 2 * ((blocks + 1) // 2)
+    for name, grad in plain.items():  # recomputation changes no number
+        assert torch.equal(grads_every[name], grad) and torch.equal(grads_second[name], grad), name
+
+
+def test_sageattention_without_the_package_is_a_clear_error() -> None:
+    from stagetune.core.config.train import load_train_config
+    from stagetune.core.errors import PreconditionError
+
+    base = {"model_type": "lora", "model_family": "sd3", "pretrained_model_name_or_path": "/m", "max_train_steps": 2}
+    with pytest.raises(PreconditionError, match="needs the sageattention package") as info:
+        load_train_config({**base, "attention_mechanism": "sageattention"})
+    assert info.value.field == "attention_mechanism"

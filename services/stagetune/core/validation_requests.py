@@ -50,11 +50,16 @@ class ValidationRequester:
         self.output_prefix = join_output(output_dir, "validation_images")
         self.pending: list[common_pb2.Job] = []
 
-    def request(self, step: int, lora: bytes) -> None:
-        adapter_key = f"jobs/{self.job_id}/adapters/step-{step}/pytorch_lora_weights.safetensors"
+    def request(self, step: int, lora: bytes, variant: str = "") -> None:
+        """Sample `lora` at `step`; `variant` ("ema") names a second set of images of the same step."""
+        tag = f"step-{step}" + (f"-{variant}" if variant else "")
+        adapter_key = f"jobs/{self.job_id}/adapters/{tag}/pytorch_lora_weights.safetensors"
         self.store.put_bytes(adapter_key, lora)
-        request = validation_request(self.cfg, request_id=f"{self.job_id}-step-{step}", adapter_key=adapter_key,
+        request = validation_request(self.cfg, request_id=f"{self.job_id}-{tag}", adapter_key=adapter_key,
                                      step=step, output_prefix=self.output_prefix)
+        if variant:
+            for prompt in request.prompts:
+                prompt.name = f"{prompt.name}_{variant}"
         self.pending.append(call(self.stub.Start, request))
 
     def wait(self, cancelled: Callable[[], bool] = lambda: False, poll_s: float = 0.1) -> int:

@@ -25,7 +25,9 @@ from stagetune.core.errors import ConfigError, PreconditionError, RunMismatchErr
 from stagetune.core.jobs import JobCancelled
 from stagetune.core.run_settings import Change, config_settings, data_settings, decide, read_output_state
 from stagetune.core.store.base import Store
+from stagetune.models.checkpointing import checkpoint_every
 from stagetune.models.quantise import quantise
+from stagetune.trainer.ema import EMA_FILE, EMA_FOLDER, Ema
 from stagetune.trainer.flow import FlowSchedule, noisy_input, sample_sigmas, timesteps_for
 from stagetune.trainer.lora import LORA_FILE, add_lora, load_lora_bytes, lora_file_bytes
 from stagetune.trainer.optimizers import OPTIMIZERS, build_optimizer
@@ -67,7 +69,7 @@ class Reporter:
     progress: Callable[[int, int], None] = lambda step, total: None
     log: Callable[[str], None] = lambda message: None
     metric: Callable[[str, float, int], None] = lambda name, value, step: None
-    validate: Callable[[int, bytes], None] | None = None  # (step, LoRA file bytes), must not block
+    validate: Callable[[int, bytes, str], None] | None = None  # (step, LoRA bytes, variant ""/"ema"), no blocking
     cancelled: Callable[[], bool] = lambda: False
 
 
@@ -100,7 +102,9 @@ class Trainer:
         if quantised:
             quantise(self.model, cfg.base_model_precision, exclude=self.family.quantisation_exclude)
         if cfg.gradient_checkpointing:
-            self.model.enable_gradient_checkpointing()
+            checkpoint_every(self.model, cfg.gradient_checkpointing_interval or 1)
+        if cfg.attention_mechanism != "diffusers" and "training" in cfg.sageattention_usage:
+            self.model.set_attention_backend("sage")  # SageAttention through diffusers' dispatcher (CUDA)
         self.params = add_lora(self.model, rank=cfg.lora_rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
                                target_modules=list(self.family.lora_targets))
         self.model.train()
@@ -112,6 +116,7 @@ class Trainer:
         self.schedule_free = spec.schedule_free
         if self.schedule_free:
             self.optimizer.train()
+        self.ema = Ema(self.params, cfg, self.device) if cfg.use_ema else None
         samples = expand_repeats(self.data.rows)
         self.plans: dict[str, DatasetPlan] = plans_for(self.data.rows, self.data.report, cfg.train_batch_size)
         self.sampler = TrainingSampler(samples, self.plans, cfg.seed or 0, cfg.gradient_accumulation_steps)
@@ -166,6 +171,8 @@ class Trainer:
         if self.schedule_free:  # saved with its averaged (eval) weights: back to the training point
             self.optimizer.train()
         self.scheduler.load_state_dict(torch.load(io.BytesIO(files["scheduler.pt"]), weights_only=True))
+        if self.ema is not None and EMA_FILE in files:
+            self.ema.load_bytes(files[EMA_FILE])
         rng = torch.load(io.BytesIO(files["random_states.pt"]), weights_only=True)
         torch.set_rng_state(rng["torch"])
         self.generator.set_state(rng["generator"])
@@ -232,6 +239,8 @@ class Trainer:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.global_step += 1
+        if self.ema is not None:
+            self.ema.step(self.global_step)
         return sum(losses) / len(losses)
 
     # -- outputs -----------------------------------------------------------------------------
@@ -266,6 +275,8 @@ class Trainer:
                 "random_states.pt": tensor_bytes({"torch": torch.get_rng_state(),
                                                   "generator": self.generator.get_state()}),
             }
+            if self.ema is not None:
+                files[EMA_FILE] = self.ema.state_bytes()
         state = {"sampler": dataclasses.asdict(self.sampler.state), "settings": self.settings,
                  "total_steps": self.total_steps}
         self.data.flush()
@@ -273,9 +284,20 @@ class Trainer:
                                           self.cfg.checkpoints_total_limit)
         self.report.log(f"saved {name}")
 
-    def _validate(self) -> None:
-        if self.report.validate is not None and self.cfg.validation_prompt:
-            self.report.validate(self.global_step, self.lora_bytes())
+    def _validate(self, trained: bytes | None = None) -> None:
+        """Validate the trained weights, the averaged ones, or both (SimpleTuner's `ema_validation`)."""
+        if self.report.validate is None or not self.cfg.validation_prompt:
+            return
+        which = self.cfg.ema_validation if self.ema is not None else "none"
+        if which in ("none", "comparison"):
+            self.report.validate(self.global_step, trained or self.lora_bytes(), "")
+        if which in ("ema_only", "comparison"):
+            self.report.validate(self.global_step, self.ema_lora_bytes(), "ema")
+
+    def ema_lora_bytes(self) -> bytes:
+        assert self.ema is not None
+        with self.ema.applied():
+            return self.lora_bytes()
 
     # -- the run -----------------------------------------------------------------------------
     def train(self) -> dict[str, str]:
@@ -285,7 +307,6 @@ class Trainer:
             return self._train()
 
     def _train(self) -> dict[str, str]:
-        cfg = self.cfg
         if self.already_finished is not None:
             return {"lora": LORA_FILE, "steps": str(self.already_finished), "steps_trained": "0",
                     "already_finished": str(self.already_finished)}
@@ -301,11 +322,12 @@ class Trainer:
         self.data.flush()
         final = self.lora_bytes()
         self.output.put_bytes(LORA_FILE, final)
+        if self.ema is not None:
+            self.output.put_bytes(f"{EMA_FOLDER}/{LORA_FILE}", self.ema_lora_bytes())
         run_settings.write_record(self.output, state="finished", step=self.global_step, total_steps=self.total_steps,
                                   settings=self.settings, changes=self.changes)
         self.report.log(f"wrote {LORA_FILE} ({len(final)} bytes) after {self.global_step} steps")
-        if self.report.validate is not None and cfg.validation_prompt:
-            self.report.validate(self.global_step, final)
+        self._validate(final)
         outputs = {"lora": LORA_FILE, "steps": str(self.global_step),
                    "steps_trained": str(self.global_step - self.resumed_from)}
         if self.changes:

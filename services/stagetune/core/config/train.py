@@ -18,6 +18,7 @@ naming it, since an empty path or token is never what the user meant).
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -35,7 +36,7 @@ from stagetune.core.config.optimizer_names import ALIASES as OPTIMIZER_ALIASES
 from stagetune.core.config.optimizer_names import SUPPORTED as SUPPORTED_OPTIMIZERS
 from stagetune.core.config.optimizer_names import canonical_name, parse_optimizer_config
 from stagetune.core.config.values import BOOL_FALSE, check_choice, coerce, is_default, show
-from stagetune.core.errors import Collector, ConfigError, NotSupportedError
+from stagetune.core.errors import Collector, ConfigError, NotSupportedError, PreconditionError
 from stagetune.models.family import all_option_keys, family_names, get_family
 from stagetune.models.quantise import NEEDS_COMPILER, check_precision
 from stagetune.models.quantise import SUPPORTED as QUANTISATIONS
@@ -43,6 +44,10 @@ from stagetune.models.quantise import SUPPORTED as QUANTISATIONS
 WHERE = "config.json"
 
 #: Optimizer spellings that mean torch.optim.AdamW. SimpleTuner itself only knows "torch-adamw".
+
+#: attention_mechanism values stagetune runs: diffusers' own, and SageAttention through diffusers' "sage" backend.
+ATTENTION_BACKENDS = ("diffusers", "sageattention", "sageattention-int8-fp16-triton", "sageattention-int8-fp16-cuda",
+                      "sageattention-int8-fp8-cuda")
 
 #: config.json keys (canonical SimpleTuner spelling) that map to a differently named TrainConfig field.
 FIELD_FOR_KEY = {
@@ -61,7 +66,7 @@ SUPPORTED_VALUES: dict[str, frozenset[Any]] = {
     "model_family": frozenset(family_names()),
     "lora_type": frozenset({"standard"}),
     "mixed_precision": frozenset({"no", "bf16", "fp16"}),
-    "attention_mechanism": frozenset({"diffusers"}),
+    "attention_mechanism": frozenset(ATTENTION_BACKENDS),
     "base_model_precision": frozenset(QUANTISATIONS),
     "text_encoder_1_precision": frozenset({"no_change"}),
     "text_encoder_2_precision": frozenset({"no_change"}),
@@ -177,6 +182,8 @@ class TrainConfig(BaseModel):
     text_encoder_batch_size: int = Field(_default("text_encoder_batch_size"), ge=1)
     write_batch_size: int = Field(_default("write_batch_size"), ge=1)
     gradient_checkpointing: bool = _default("gradient_checkpointing")
+    # checkpoint every N-th transformer block only (SimpleTuner's speed/memory trade-off); None: every block
+    gradient_checkpointing_interval: int | None = Field(None, ge=1)
     # caches: encode before training (default), during training and keep (ondemand), or never keep (disable)
     vae_cache_ondemand: bool = _default("vae_cache_ondemand")
     vae_cache_disable: bool = _default("vae_cache_disable")
@@ -184,7 +191,18 @@ class TrainConfig(BaseModel):
     text_cache_disable: bool = _default("text_cache_disable")
     noise_offset: float = Field(_default("noise_offset"), ge=0.0)
     noise_offset_probability: float = Field(_default("noise_offset_probability"), ge=0.0, le=1.0)
-    attention_mechanism: Literal["diffusers"] = "diffusers"
+    attention_mechanism: str = "diffusers"  # diffusers, or SageAttention (CUDA; needs the sageattention package)
+    sageattention_usage: Literal["training", "inference", "training+inference"] = _default("sageattention_usage")
+
+    # exponential moving average of the trained weights (trainer/ema.py)
+    use_ema: bool = _default("use_ema")
+    ema_decay: float = Field(_default("ema_decay"), gt=0.0, lt=1.0)
+    ema_update_interval: int = Field(_default("ema_update_interval"), ge=1)
+    ema_device: Literal["accelerator", "cpu"] = _default("ema_device")
+    ema_cpu_only: bool = _default("ema_cpu_only")
+    ema_validation: Literal["none", "ema_only", "comparison"] = _default("ema_validation")
+    ema_warmup_steps: int = Field(_default("ema_warmup_steps"), ge=0)
+    ema_foreach_disable: bool = _default("ema_foreach_disable")
     base_model_precision: str = "no_change"  # one of models/quantise.SUPPORTED (optimum-quanto, nf4-bnb)
     text_encoder_1_precision: Literal["no_change"] = "no_change"
     text_encoder_2_precision: Literal["no_change"] = "no_change"
@@ -675,6 +693,11 @@ def _cross_check(fields: dict[str, Any], explicit: frozenset[str], warnings: lis
         warnings.append(
             f"lr_warmup_steps={warmup} >= max_train_steps={max_steps}: the learning rate never reaches learning_rate"
         )
+
+    attention = fields.get("attention_mechanism", "diffusers")
+    if attention != "diffusers" and importlib.util.find_spec("sageattention") is None:
+        raise PreconditionError(f"attention_mechanism={attention} needs the sageattention package (CUDA GPUs only): "
+                                "pip install sageattention, or use diffusers", field="attention_mechanism")
 
     if fields.get("base_model_precision") in NEEDS_COMPILER:
         check_precision(fields["base_model_precision"], "base_model_precision", cuda=False)
