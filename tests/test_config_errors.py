@@ -285,3 +285,26 @@ def test_an_s3_output_dir_stays_a_url() -> None:
     url = "s3://bucket/runs/one?endpoint=http://127.0.0.1:9000"
     assert load_train_config({**BASE, "output_dir": url}).output_dir == url
     assert load_train_config({**BASE, "output_dir": "out"}, base_dir=Path("/base")).output_dir == Path("/base/out")
+
+
+def test_check_reports_without_training_or_writing(tmp_path: Path) -> None:
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "model_index.json").write_text("{}")
+    _image(tmp_path / "data" / "a.png")
+    (tmp_path / "multidatabackend.json").write_text(json.dumps([
+        {"id": "photos", "instance_data_dir": str(tmp_path / "data")},
+        {"id": "text", "dataset_type": "text_embeds", "default": True}]))
+    config = {**BASE, "pretrained_model_name_or_path": str(model), "output_dir": str(tmp_path / "out"),
+              "data_backend_config": str(tmp_path / "multidatabackend.json"), "report_to": "wandb"}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    env = dict(os.environ, STAGETUNE_STORE=str(tmp_path / "store"))
+    command = [sys.executable, "-m", "stagetune.cli", "train", "--check", "--config", str(tmp_path / "config.json")]
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "config OK: sd3 lora" in done.stdout and "starts a new run" in done.stdout
+    assert "report_to=wandb changes nothing here" in done.stderr
+    assert not (tmp_path / "out").exists() and not (tmp_path / "store").exists()
+    (tmp_path / "config.json").write_text(json.dumps({**config, "lora_rank": 0, "learnin_rate": 1}))
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 2 and "error: 2 problems" in done.stderr and "Traceback" not in done.stderr

@@ -127,11 +127,32 @@ def cmd_train(args: argparse.Namespace) -> int:
     # Everything that can be wrong with the config pair, paths, model, store or output_dir is found here,
     # before torch is imported or a service starts: a typo is answered in about a second.
     store = _store(args.store)
-    plan = prepare_run(Path(args.config), store=store, data_backend_config=args.data_backend_config)
+    plan = prepare_run(Path(args.config), store=store, data_backend_config=args.data_backend_config,
+                       lock=not args.check)
     try:
-        return _train(args, plan)
+        return _report_check(plan) if args.check else _train(args, plan)
     finally:
         plan.close()
+
+
+def _report_check(plan: Any) -> int:
+    """--check: every problem was raised by prepare_run; say what a run would do, and train nothing."""
+    cfg = plan.cfg
+    for warning in cfg.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    datasets = ", ".join(d.id for d in plan.backends.enabled)
+    decision = plan.decision
+    if decision.finished_step is not None:
+        outcome = f"already finished at step {decision.finished_step} (raise max_train_steps to train on)"
+    elif decision.resume_step is not None:
+        outcome = f"resumes checkpoint-{decision.resume_step}"
+        if decision.changes:
+            outcome += " with changed settings: " + "; ".join(str(c) for c in decision.changes)
+    else:
+        outcome = "starts a new run"
+    print(f"config OK: {cfg.model_family} {cfg.model_type} on {cfg.pretrained_model_name_or_path}, optimizer "
+          f"{cfg.optimizer}, datasets {datasets}; {plan.output.url} {outcome}")
+    return 0
 
 
 def _train(args: argparse.Namespace, plan: Any) -> int:
@@ -263,6 +284,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="multidatabackend.json (default: the config's data_backend_config)")
     train.add_argument("--store", default=None, help="object store: a folder or s3://bucket?endpoint=…")
     train.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port")
+    train.add_argument("--check", action="store_true",
+                       help="check the config pair, paths, model, store and output_dir; report every problem and "
+                            "what a run would do, without training")
     train.set_defaults(func=cmd_train)
 
     serve = sub.add_parser("serve", help="run one service", epilog=SERVE_EPILOG,
