@@ -102,12 +102,14 @@ def test_seed_slg_example_with_dash_dash_keys() -> None:
     assert not any("skip_layers" in w for w in config.warnings)  # 30 steps: fires at steps 1..5
 
 
-def test_same_option_under_two_spellings_is_an_error() -> None:
-    with pytest.raises(ConfigError, match="same option"):
-        load({"--seed": 1, "seed": 2})
-    with pytest.raises(ConfigError, match="same option") as err:
-        load({"checkpointing_steps": 10, "--checkpoint_step_interval": 20})
-    assert err.value.field == "checkpoint_step_interval"
+def test_same_option_under_two_spellings_takes_the_later_as_simpletuner() -> None:
+    config = load({"--seed": 1, "seed": 2})
+    assert config.seed == 2 and any("'--seed' and 'seed' both set seed: using the later, 2" in w
+                                    for w in config.warnings)
+    config = load({"checkpointing_steps": 10, "--checkpoint_step_interval": 20})
+    assert config.checkpointing_steps == 20
+    quiet = load({"seed": 3, "--seed": 3})  # the same value twice: nothing to say
+    assert quiet.seed == 3 and not any("both set" in w for w in quiet.warnings)
 
 
 def test_simpletuner_aliases_and_legacy_names() -> None:

@@ -410,8 +410,10 @@ def _json_kind(value: Any) -> str:
     return kinds.get(type(value), type(value).__name__)
 
 
-def _canonical(raw: Mapping[str, Any], what: str) -> dict[str, tuple[str, Any]]:
-    """Canonical key → (key as written, value); one option given under two spellings is an error."""
+def _canonical(raw: Mapping[str, Any], what: str, warnings: list[str] | None = None) -> dict[str, tuple[str, Any]]:
+    """Canonical key → (key as written, value). One option given under two spellings (a config pasted
+    together from a guide's snippets: `validation_guidance` and `--validation_guidance`) takes the later
+    value, as SimpleTuner's argument parser does, with a warning when the two differ."""
     out: dict[str, tuple[str, Any]] = {}
     for raw_key, value in raw.items():
         if not isinstance(raw_key, str):
@@ -423,8 +425,9 @@ def _canonical(raw: Mapping[str, Any], what: str) -> dict[str, tuple[str, Any]]:
             if str(value).strip().lower() not in BOOL_FALSE | {"none", ""} or value is None:
                 continue
             key, value = "vae_cache_ondemand", True
-        if key in out:
-            raise ConfigError(f"{what}: {out[key][0]!r} and {raw_key!r} set the same option {key!r}", field=key)
+        if key in out and out[key][1] != value and warnings is not None:
+            warnings.append(f"{what}: {out[key][0]!r} and {raw_key!r} both set {key}: using the later, {value!r}, "
+                            "as SimpleTuner does")
         out[key] = (raw_key, value)
     return out
 
@@ -448,11 +451,11 @@ def load_train_config(
     data, source_path = _read_source(source)
     base = Path(base_dir) if base_dir is not None else Path.cwd()
     problems = Collector()  # every refused key and bad value, reported together
-    merged = _canonical(data, WHERE)
+    warnings: list[str] = []
+    merged = _canonical(data, WHERE, warnings)
     for key, item in _canonical(overrides or {}, "overrides").items():
         merged[key] = item
 
-    warnings: list[str] = []
     values: dict[str, Any] = {}
     known = SUPPORTED_KEYS | set(st.OPTIONS) | set(st.LEGACY_OPTIONS) | st.IGNORED_KEYS
     for key, (raw_key, value) in merged.items():
