@@ -93,7 +93,7 @@ def test_missing_required_keys_are_reported_together_with_typos() -> None:
     with pytest.raises(ConfigProblems) as info:
         load_train_config({"model_typ": "lora", "max_train_steps": 1})
     assert {p.field for p in info.value.problems} == {
-        "model_typ", "model_type", "model_family", "pretrained_model_name_or_path"}
+        "model_typ", "model_family", "pretrained_model_name_or_path"}  # model_type: SimpleTuner's full
 
 
 # ------------------------------------------------------------------------------ options with no effect

@@ -225,13 +225,12 @@ def test_invalid_values_are_config_errors_with_the_choices() -> None:
 @pytest.mark.parametrize(
     ("key", "value"),
     [
-        ("model_type", "full"),
         ("model_family", "sana"),
         ("model_family", "flux"),
         ("optimizer", "soap"),
         ("optimizer", "sdnq-adamw"),
         ("optimizer", "ao-adamw8bit"),
-        ("lora_type", "lycoris"),
+        ("lora_init_type", "loftq"),
         ("base_model_precision", "int8-torchao"),
         ("base_model_precision", "fp8-torchao"),
         ("text_encoder_1_precision", "int4-quanto"),
@@ -249,9 +248,8 @@ def test_not_supported_values_name_key_and_value(key: str, value: Any) -> None:
 
 
 def test_missing_model_type_is_simpletuners_full() -> None:
-    with pytest.raises(NotSupportedError, match="model_type=full") as err:
-        load_train_config({"model_family": "sd3", "pretrained_model_name_or_path": "x"})
-    assert err.value.field == "model_type"
+    config = load_train_config({"model_family": "sd3", "pretrained_model_name_or_path": "x", "max_train_steps": 1})
+    assert config.model_type == "full"
 
 
 def test_required_keys() -> None:
@@ -265,7 +263,6 @@ def test_required_keys() -> None:
     ("key", "value"),
     [
         ("vae_enable_tiling", True),
-        ("lora_init_type", "pissa"),
         ("ignore_final_epochs", False),
         ("masked_loss_probability", 0.5),
     ],
@@ -482,8 +479,8 @@ def test_catalogue_matches_simpletuner_defaults() -> None:
 
 def test_train_config_defaults_are_simpletuners_except_where_documented() -> None:
     departures = {
-        "model_type",  # SimpleTuner: full (the loader refuses a config without model_type)
         "model_family",  # SimpleTuner: none (required)
+        "lycoris_config", "init_lora",  # Paths
         "tokenizer_max_length",  # SimpleTuner: None, then SD3 sets 154
         "sd3_t5_uncond_behaviour",  # SimpleTuner: None = follow CLIP's setting
         "validation_resolution",  # parsed form of "256"
@@ -600,7 +597,7 @@ def test_every_seed_config_block_loads_or_names_what_is_not_supported(tmp_path: 
 def test_sana_guide_settings_are_named_as_not_supported_yet() -> None:
     """The Sana guide (seed 003) sets these in its option list; each must say what is missing, not crash."""
     text = seed_texts()["003_ecfc6d00628a8bf1.txt"]
-    settings = {"model_type": "full", "model_family": "sana"}
+    settings = {"model_family": "sana"}
     assert re.search(r"^- `optimizer` - .*`optimi-adamw`", text, re.M)
     assert load({"optimizer": "optimi-adamw"}).optimizer == "optimi-adamw"  # this one works now
     for key, value in settings.items():

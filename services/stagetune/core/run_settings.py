@@ -46,14 +46,14 @@ MODEL_KEYS = (
     "model_family", "pretrained_model_name_or_path", "revision", "variant", "base_model_precision",
     "text_encoder_1_precision", "text_encoder_2_precision", "text_encoder_3_precision", "base_model_default_dtype",
 )
-ADAPTER_KEYS = ("model_type", "lora_type", "lora_rank", "lora_alpha")
+ADAPTER_KEYS = ("model_type", "lora_type", "lora_rank", "lora_alpha", "lycoris")
 #: Config fields that do not change the weights (or that reach them only through the data digest).
 NOT_COMPARED = frozenset({
     "output_dir", "data_backend_config", "resume_from_checkpoint", "checkpointing_steps", "checkpoints_total_limit",
     "user_prompt_library", "user_prompts", "vae_batch_size", "text_encoder_batch_size", "write_batch_size",
     "gradient_checkpointing", "vae_cache_ondemand", "vae_cache_disable", "text_cache_ondemand", "text_cache_disable",
     "quantize_via", "allow_dataset_oversubscription", "gradient_checkpointing_interval", "ema_validation",
-    "ema_device", "ema_cpu_only", "ema_foreach_disable",
+    "ema_device", "ema_cpu_only", "ema_foreach_disable", "lora_init_type", "init_lora", "lycoris_config",
     # the dataset defaults shape the manifest rows, which the data digest covers
     "resolution", "resolution_type", "crop", "crop_style", "crop_aspect", "minimum_image_size", "maximum_image_size",
     "target_downsample_size", "caption_strategy", "instance_prompt",

@@ -27,9 +27,9 @@ from stagetune.core.run_settings import Change, config_settings, data_settings, 
 from stagetune.core.store.base import Store
 from stagetune.models.checkpointing import checkpoint_every
 from stagetune.models.quantise import quantise
+from stagetune.trainer.adapters import make_adapter
 from stagetune.trainer.ema import EMA_FILE, EMA_FOLDER, Ema
 from stagetune.trainer.flow import FlowSchedule, noisy_input, sample_sigmas, timesteps_for
-from stagetune.trainer.lora import LORA_FILE, add_lora, load_lora_bytes, lora_file_bytes
 from stagetune.trainer.optimizers import OPTIMIZERS, build_optimizer
 from stagetune.trainer.sampler import DatasetPlan, SamplerState, TrainingSampler, expand_repeats, plans_for
 from stagetune.trainer.schedules import build_scheduler
@@ -105,13 +105,15 @@ class Trainer:
             checkpoint_every(self.model, cfg.gradient_checkpointing_interval or 1)
         if cfg.attention_mechanism != "diffusers" and "training" in cfg.sageattention_usage:
             self.model.set_attention_backend("sage")  # SageAttention through diffusers' dispatcher (CUDA)
-        self.params = add_lora(self.model, rank=cfg.lora_rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
-                               target_modules=list(self.family.lora_targets))
+        self.adapter = make_adapter(cfg, self.family, self.family.pipeline_class())
+        self.params = self.adapter.attach(self.model)
         self.model.train()
         spec = OPTIMIZERS[cfg.optimizer]
         if spec.bf16_weights:  # adamw_bf16 keeps the trained weights in bfloat16, as SimpleTuner does
             for param in self.params:
                 param.data = param.data.to(torch.bfloat16)
+        if spec.bf16_weights and cfg.model_type == "full" and self.autocast_dtype is None:
+            self.autocast_dtype = torch.bfloat16  # a bf16 transformer takes bf16 activations
         self.optimizer = build_optimizer(cfg.optimizer, self.params, cfg, warn=self.report.log)
         self.schedule_free = spec.schedule_free
         if self.schedule_free:
@@ -163,7 +165,7 @@ class Trainer:
             self.report.log(f"checkpoint-{step} was written before stagetune recorded run settings: resuming it "
                             "without comparing them")
         try:
-            load_lora_bytes(self.model, files[LORA_FILE])
+            self.adapter.load_bytes(files[self.adapter.file])
         except (RuntimeError, KeyError, ValueError) as exc:
             raise RunMismatchError(f"checkpoint-{step} in {store.url} does not fit this model and adapter: "
                                    f"{str(exc).splitlines()[0]}", field="resume_from_checkpoint") from None
@@ -219,13 +221,9 @@ class Trainer:
 
     def _parent_prediction(self, inputs: dict) -> torch.Tensor:
         """Regularisation data (SimpleTuner's `is_regularisation_data`): the base model's own prediction,
-        adapter off, is the target, so the LoRA learns to leave such images alone."""
-        self.model.disable_adapters()
-        try:
-            with torch.no_grad():
-                return self.model(**inputs)[0].detach()
-        finally:
-            self.model.enable_adapters()
+        adapter off, is the target, so the adapter learns to leave such images alone."""
+        with self.adapter.disabled(), torch.no_grad():
+            return self.model(**inputs)[0].detach()
 
     def step(self) -> float:
         """One optimizer step over `gradient_accumulation_steps` micro-batches; returns the mean loss."""
@@ -244,9 +242,10 @@ class Trainer:
         return sum(losses) / len(losses)
 
     # -- outputs -----------------------------------------------------------------------------
-    def lora_bytes(self) -> bytes:
+    def validation_bytes(self) -> bytes:
+        """The adapter as validation loads it, at the weights that are kept (see _weights_to_keep)."""
         with self._weights_to_keep():
-            return lora_file_bytes(self.model, self.family.pipeline_class())
+            return self.adapter.validation_bytes()
 
     @contextlib.contextmanager
     def _weights_to_keep(self) -> Iterator[None]:
@@ -269,7 +268,7 @@ class Trainer:
 
         with self._weights_to_keep():  # weights and optimizer state from the same (eval) point
             files = {
-                LORA_FILE: lora_file_bytes(self.model, self.family.pipeline_class()),
+                self.adapter.file: self.adapter.state_bytes(),
                 "optimizer.pt": tensor_bytes(self.optimizer.state_dict()),
                 "scheduler.pt": tensor_bytes(self.scheduler.state_dict()),
                 "random_states.pt": tensor_bytes({"torch": torch.get_rng_state(),
@@ -290,14 +289,11 @@ class Trainer:
             return
         which = self.cfg.ema_validation if self.ema is not None else "none"
         if which in ("none", "comparison"):
-            self.report.validate(self.global_step, trained or self.lora_bytes(), "")
+            self.report.validate(self.global_step, trained or self.validation_bytes(), "")
         if which in ("ema_only", "comparison"):
-            self.report.validate(self.global_step, self.ema_lora_bytes(), "ema")
-
-    def ema_lora_bytes(self) -> bytes:
-        assert self.ema is not None
-        with self.ema.applied():
-            return self.lora_bytes()
+            assert self.ema is not None
+            with self.ema.applied():
+                self.report.validate(self.global_step, self.validation_bytes(), "ema")
 
     # -- the run -----------------------------------------------------------------------------
     def train(self) -> dict[str, str]:
@@ -308,7 +304,7 @@ class Trainer:
 
     def _train(self) -> dict[str, str]:
         if self.already_finished is not None:
-            return {"lora": LORA_FILE, "steps": str(self.already_finished), "steps_trained": "0",
+            return {"lora": self.adapter.file, "steps": str(self.already_finished), "steps_trained": "0",
                     "already_finished": str(self.already_finished)}
         if self.global_step < self.total_steps:  # no longer finished, whatever an earlier run wrote
             run_settings.write_record(self.output, state="running", step=self.global_step,
@@ -320,15 +316,16 @@ class Trainer:
                 self.save_checkpoint()  # Ctrl-C, SIGTERM or Cancel: the next run resumes here
             raise
         self.data.flush()
-        final = self.lora_bytes()
-        self.output.put_bytes(LORA_FILE, final)
-        if self.ema is not None:
-            self.output.put_bytes(f"{EMA_FOLDER}/{LORA_FILE}", self.ema_lora_bytes())
+        with self._weights_to_keep():
+            written = self.adapter.export(self.output)
+            if self.ema is not None:
+                with self.ema.applied():
+                    written += self.adapter.export(self.output, folder=EMA_FOLDER)
         run_settings.write_record(self.output, state="finished", step=self.global_step, total_steps=self.total_steps,
                                   settings=self.settings, changes=self.changes)
-        self.report.log(f"wrote {LORA_FILE} ({len(final)} bytes) after {self.global_step} steps")
-        self._validate(final)
-        outputs = {"lora": LORA_FILE, "steps": str(self.global_step),
+        self.report.log(f"wrote {', '.join(written)} after {self.global_step} steps")
+        self._validate()
+        outputs = {"lora": self.adapter.file, "steps": str(self.global_step),
                    "steps_trained": str(self.global_step - self.resumed_from)}
         if self.changes:
             outputs["changed_settings"] = "; ".join(str(c) for c in self.changes)

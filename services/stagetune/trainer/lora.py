@@ -17,15 +17,19 @@ LORA_FILE = "pytorch_lora_weights.safetensors"
 _PREFIX = "transformer."
 
 
+#: SimpleTuner's lora_init_type → peft's init_lora_weights ("default" is peft's: Kaiming A, zero B).
+INIT_TYPES = {"default": True, "gaussian": "gaussian", "olora": "olora", "pissa": "pissa"}
+
+
 def add_lora(transformer: torch.nn.Module, *, rank: int, alpha: float | None, dropout: float,
-             target_modules: list[str]) -> list[torch.nn.Parameter]:
-    """Freeze the base, add the adapter (Gaussian init, as SimpleTuner), return the trainable parameters."""
+             target_modules: list[str], init: str = "default") -> list[torch.nn.Parameter]:
+    """Freeze the base, add the adapter (initialised as lora_init_type says), return the trainable parameters."""
     transformer.requires_grad_(False)
     config = LoraConfig(
         r=rank,
         lora_alpha=alpha if alpha is not None else rank,
         lora_dropout=dropout,
-        init_lora_weights="gaussian",
+        init_lora_weights=INIT_TYPES[init],
         target_modules=target_modules,
     )
     transformer.add_adapter(config)

@@ -64,20 +64,58 @@ def get_pipeline(family: Any, name_or_path: str, revision: str | None, dtype: to
 
 @contextmanager
 def adapter(pipe: Any, store: Store, adapter_key: str) -> Iterator[None]:
-    """Load the adapter file with its metadata (rank/alpha) for the duration of the block."""
+    """What the trainer sent, on the pipeline for the duration of the block: a LoRA (with its rank/alpha
+    metadata, through load_lora_weights), a LyCORIS export (diffusers' load_lora_adapter reads its module
+    names), or a whole transformer (model_type full: its weights swapped in, the base's put back after)."""
     if not adapter_key:
         yield
         return
-    local = store.local_path(adapter_key)
+    from safetensors import safe_open
+    from safetensors.torch import load as load_safetensors
+
+    data = store.get_bytes(adapter_key)
     with tempfile.TemporaryDirectory() as tmp:
-        if local is None:
-            local = Path(tmp) / "pytorch_lora_weights.safetensors"
-            local.write_bytes(store.get_bytes(adapter_key))
-        pipe.load_lora_weights(str(local.parent), weight_name=local.name, adapter_name="validation")
+        local = Path(tmp) / "pytorch_lora_weights.safetensors"
+        local.write_bytes(data)
+        with safe_open(str(local), framework="pt") as handle:
+            metadata, keys = handle.metadata() or {}, list(handle.keys())
+        if metadata.get("stagetune_adapter") == "lycoris":
+            pipe.transformer.load_lora_adapter(load_safetensors(data), prefix=None, adapter_name="validation")
+            undo = lambda: pipe.transformer.delete_adapters("validation")  # noqa: E731
+        elif keys and all("lora" in key for key in keys):
+            pipe.load_lora_weights(str(local.parent), weight_name=local.name, adapter_name="validation")
+            undo = lambda: pipe.delete_adapters("validation")  # noqa: E731
+        else:
+            undo = _swap_weights(pipe.transformer, load_safetensors(data))
     try:
         yield
     finally:
-        pipe.delete_adapters("validation")
+        undo()
+
+
+def _swap_weights(transformer: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    """Copy trained weights into the shared pipeline's transformer; the returned function puts the base back.
+
+    Found by module path, through any adapter wrapper an earlier request left (peft keeps `base_layer`)."""
+    def parameter(key: str) -> torch.Tensor:
+        path, _, leaf = key.rpartition(".")
+        module = transformer.get_submodule(path) if path else transformer
+        module = getattr(module, "base_layer", module)
+        return getattr(module, leaf)
+
+    saved: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        for key, tensor in tensors.items():
+            target = parameter(key)
+            saved[key] = target.detach().clone()
+            target.copy_(tensor.to(target.dtype))
+
+    def undo() -> None:
+        with torch.no_grad():
+            for key, tensor in saved.items():
+                parameter(key).copy_(tensor)
+
+    return undo
 
 
 def sample(pipe: Any, prompt: str, width: int, height: int, options: Sampling) -> Image.Image:

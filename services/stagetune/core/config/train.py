@@ -45,6 +45,9 @@ WHERE = "config.json"
 
 #: Optimizer spellings that mean torch.optim.AdamW. SimpleTuner itself only knows "torch-adamw".
 
+#: LyCORIS algorithms whose weights train, save, resume and export (diffusers loads each through peft).
+LYCORIS_ALGOS = ("lokr", "loha", "locon", "lora")
+
 #: attention_mechanism values stagetune runs: diffusers' own, and SageAttention through diffusers' "sage" backend.
 ATTENTION_BACKENDS = ("diffusers", "sageattention", "sageattention-int8-fp16-triton", "sageattention-int8-fp16-cuda",
                       "sageattention-int8-fp8-cuda")
@@ -62,9 +65,10 @@ ALLOW_EMPTY = frozenset({"validation_prompt", "validation_negative_prompt"})
 
 #: Supported keys whose value must be one of a few; other values SimpleTuner accepts are "not supported yet".
 SUPPORTED_VALUES: dict[str, frozenset[Any]] = {
-    "model_type": frozenset({"lora"}),
+    "model_type": frozenset({"lora", "full"}),
     "model_family": frozenset(family_names()),
-    "lora_type": frozenset({"standard"}),
+    "lora_type": frozenset({"standard", "lycoris"}),
+    "lora_init_type": frozenset({"default", "gaussian", "olora", "pissa"}),
     "mixed_precision": frozenset({"no", "bf16", "fp16"}),
     "attention_mechanism": frozenset(ATTENTION_BACKENDS),
     "base_model_precision": frozenset(QUANTISATIONS),
@@ -93,7 +97,7 @@ class TrainConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     # model
-    model_type: Literal["lora"] = "lora"  # SimpleTuner's default is "full": the loader refuses a missing key
+    model_type: Literal["lora", "full"] = _default("model_type")  # SimpleTuner's default: full
     model_family: str = "sd3"  # one of models/family.FAMILIES, checked when the config is read
     pretrained_model_name_or_path: str
     revision: str | None = None
@@ -149,7 +153,11 @@ class TrainConfig(BaseModel):
     lora_rank: int = Field(_default("lora_rank"), ge=1)
     lora_alpha: float | None = None  # None means alpha = rank, as SimpleTuner
     lora_dropout: float = Field(_default("lora_dropout"), ge=0.0, lt=1.0)
-    lora_type: Literal["standard"] = "standard"
+    lora_type: Literal["standard", "lycoris"] = "standard"
+    lora_init_type: Literal["default", "gaussian", "olora", "pissa"] = _default("lora_init_type")
+    init_lora: Path | None = None  # a LoRA file to start from
+    lycoris_config: Path = Path(_default("lycoris_config"))  # read only with lora_type lycoris
+    lycoris: dict[str, Any] = Field(default_factory=dict)  # the lycoris_config file's settings, loaded
 
     # checkpoints
     checkpointing_steps: int = Field(_default("checkpointing_steps"), ge=0)
@@ -255,7 +263,7 @@ SUPPORTED_KEYS = frozenset(
     KEY_FOR_FIELD.get(name, name)
     for name in TrainConfig.model_fields
     if name not in {"user_prompts", "base_dir", "source_path", "explicit_keys", "warnings", "no_effect",
-                    "family_options"}
+                    "family_options", "lycoris"}
 )
 
 _ENV_PATTERN = re.compile(r"\{env:([^{}]*)\}")
@@ -370,6 +378,18 @@ def load_user_prompt_library(path: Path) -> dict[str, str]:
             raise ConfigError(f"{key}: entry {name!r} in {path} must be a non-empty prompt string", field=key)
         prompts[name] = entry
     return prompts
+
+
+def _load_lycoris_config(path: Path) -> dict[str, Any]:
+    """SimpleTuner's lycoris_config: a JSON object (algo, multiplier, linear_dim, linear_alpha, factor, preset)."""
+    data = read_json_file(path, what="lycoris_config file", field="lycoris_config")
+    if not isinstance(data, dict):
+        raise ConfigError(f"lycoris_config {path} must be a JSON object of LyCORIS settings", field="lycoris_config")
+    algo = data.get("algo", "lokr")
+    if algo not in LYCORIS_ALGOS:
+        raise NotSupportedError(f"not supported yet: lycoris_config algo={algo!r} in {path} (stagetune runs "
+                                f"{', '.join(LYCORIS_ALGOS)})", field="lycoris_config")
+    return data
 
 
 def _read_source(source: Path | str | Mapping[str, Any]) -> tuple[dict[str, Any], Path | None]:
@@ -498,6 +518,13 @@ def load_train_config(
     fields["output_dir"] = _output_dir(fields.get("output_dir", _default("output_dir")), base)
     if "data_backend_config" in fields:
         fields["data_backend_config"] = _resolve_path(fields["data_backend_config"], base, source_path)
+    if "init_lora" in fields:
+        fields["init_lora"] = _resolve_path(fields["init_lora"], base, source_path)
+    if fields.get("lora_type") == "lycoris" and fields.get("model_type", _default("model_type")) == "lora":
+        lycoris = _resolve_path(fields.get("lycoris_config", _default("lycoris_config")), base, source_path)
+        fields["lycoris_config"] = lycoris
+        with problems.check():
+            fields["lycoris"] = _load_lycoris_config(lycoris)
     if "user_prompt_library" in fields:
         library = _resolve_path(fields["user_prompt_library"], base, source_path)
         fields["user_prompt_library"] = library
@@ -549,12 +576,6 @@ def _output_dir(value: Any, base: Path) -> Path | str:
 
 def _check_required(fields: dict[str, Any], problems: Collector, warnings: list[str]) -> None:
     """Keys SimpleTuner cannot do without (or whose default stagetune does not offer)."""
-    if "model_type" not in fields and "model_type" not in problems.fields():
-        problems.add(NotSupportedError(
-            f"not supported yet: model_type=full (SimpleTuner's default when {WHERE} does not set "
-            "model_type); set model_type to lora",
-            field="model_type",
-        ))
     if "model_family" not in fields and "model_family" not in problems.fields():
         problems.add(ConfigError(f"model_family is required in {WHERE} (stagetune supports "
                                  f"{', '.join(family_names())})",
