@@ -172,3 +172,43 @@ def test_sageattention_without_the_package_is_a_clear_error() -> None:
     with pytest.raises(PreconditionError, match="needs the sageattention package") as info:
         load_train_config({**base, "attention_mechanism": "sageattention"})
     assert info.value.field == "attention_mechanism"
+
+
+# --------------------------------------------------------------------------------------- validation previews
+
+
+def test_validation_previews_are_streamed_and_saved(tmp_path: Path, tiny_sd3_path: Path) -> None:
+    from test_end_to_end import write_configs
+
+    from stagetune.core.client import follow
+    from stagetune.core.store.local import LocalStore
+    from stagetune.pipeline import start_embedded
+    from stagetune.v1 import common_pb2, validation_pb2, validation_pb2_grpc
+
+    make_dataset(tmp_path / "data")
+    config = write_configs(tmp_path, tiny_sd3_path, steps=2, optimizer="adamw", validation_preview=True,
+                           validation_preview_steps=1)
+    train_embedded(config, str(tmp_path / "store"))
+    previews = sorted(p.name for p in (tmp_path / "output" / "validation_images" / "previews").iterdir())
+    assert previews == ["step_2_validation_64x64_sample_1.png", "step_2_validation_64x64_sample_2.png"]
+
+    # the same through the API: Preview events while sampling, one per preview step
+    servers = start_embedded(LocalStore(tmp_path / "store2"))
+    try:
+        import grpc
+
+        with grpc.insecure_channel(servers["validation"].address) as channel:
+            stub = validation_pb2_grpc.ValidationServiceStub(channel)
+            job = stub.Start(validation_pb2.StartValidationRequest(
+                model=common_pb2.ModelRef(name_or_path=str(tiny_sd3_path), family="sd3"), step=5,
+                prompts=[validation_pb2.ValidationPrompt(name="cat", prompt="a cat")],
+                sampling=validation_pb2.SamplingOptions(num_inference_steps=4, guidance_scale=1.0, preview_steps=2,
+                                                        resolutions=[validation_pb2.Resolution(width=64, height=64)])),
+                timeout=30)
+            events: list = []
+            follow(stub, job, events.append)
+    finally:
+        for server in servers.values():
+            server.stop(0)
+    names = [e.preview.name for e in events if e.WhichOneof("body") == "preview"]
+    assert names == ["cat (sampling step 2)", "cat (sampling step 4)", "cat"]

@@ -29,6 +29,7 @@ def validation_request(cfg: Any, *, request_id: str, adapter_key: str, step: int
         negative_prompt=cfg.validation_negative_prompt or "",
         resolutions=[validation_pb2.Resolution(width=w, height=h) for w, h in cfg.validation_resolution],
         family_options=to_struct(cfg.family_options),
+        preview_steps=cfg.validation_preview_steps if cfg.validation_preview else 0,
     )
     model = common_pb2.ModelRef(name_or_path=cfg.pretrained_model_name_or_path, revision=cfg.revision or "",
                                 family=cfg.model_family, dtype="bfloat16" if cfg.mixed_precision == "bf16" else "")

@@ -102,6 +102,14 @@ class ModelFamily(Protocol):
 
     def flow_shift_params(self, name_or_path: str, revision: str | None = None) -> dict[str, Any]: ...
 
+    def preview_decoder(self, name_or_path: str, *, revision: str | None = None) -> Any:
+        """The tiny decoder validation previews use (SD3: taesd3), loaded on the first preview."""
+        ...
+
+    def preview_image(self, decoder: Any, latents: Any, max_edge: int = 256) -> Any:
+        """Sampling-time latents (as the pipeline holds them) → a small PIL image through the preview decoder."""
+        ...
+
     def sampling_kwargs(self, options: Mapping[str, Any]) -> dict[str, Any]:
         """Extra pipeline arguments for validation from the family's options (e.g. SD3's skip-layer guidance)."""
         ...

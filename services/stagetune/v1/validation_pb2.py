@@ -26,7 +26,7 @@ from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from stagetune.v1 import common_pb2 as stagetune_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dstagetune/v1/validation.proto\x12\x0cstagetune.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x19stagetune/v1/common.proto\"0\n\x10ValidationPrompt\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\"+\n\nResolution\x12\r\n\x05width\x18\x01 \x01(\x05\x12\x0e\n\x06height\x18\x02 \x01(\x05\"\xd3\x01\n\x0fSamplingOptions\x12\x16\n\x0eguidance_scale\x18\x01 \x01(\x02\x12\x1b\n\x13num_inference_steps\x18\x02 \x01(\x05\x12\x0c\n\x04seed\x18\x03 \x01(\x03\x12\x17\n\x0fnegative_prompt\x18\x04 \x01(\t\x12-\n\x0bresolutions\x18\x05 \x03(\x0b\x32\x18.stagetune.v1.Resolution\x12/\n\x0e\x66\x61mily_options\x18\n \x01(\x0b\x32\x17.google.protobuf.StructJ\x04\x08\x06\x10\n\"\xf5\x01\n\x16StartValidationRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12%\n\x05model\x18\x03 \x01(\x0b\x32\x16.stagetune.v1.ModelRef\x12\x13\n\x0b\x61\x64\x61pter_key\x18\x04 \x01(\t\x12\x0c\n\x04step\x18\x05 \x01(\x03\x12/\n\x07prompts\x18\x06 \x03(\x0b\x32\x1e.stagetune.v1.ValidationPrompt\x12/\n\x08sampling\x18\x07 \x01(\x0b\x32\x1d.stagetune.v1.SamplingOptions\x12\x15\n\routput_prefix\x18\x08 \x01(\tJ\x04\x08\x02\x10\x03\x32\xcf\x02\n\x11ValidationService\x12@\n\x05Start\x12$.stagetune.v1.StartValidationRequest\x1a\x11.stagetune.v1.Job\x12=\n\x05Watch\x12\x1d.stagetune.v1.WatchJobRequest\x1a\x13.stagetune.v1.Event0\x01\x12\x35\n\x03Get\x12\x1b.stagetune.v1.GetJobRequest\x1a\x11.stagetune.v1.Job\x12;\n\x06\x43\x61ncel\x12\x1e.stagetune.v1.CancelJobRequest\x1a\x11.stagetune.v1.Job\x12\x45\n\x04List\x12\x1d.stagetune.v1.ListJobsRequest\x1a\x1e.stagetune.v1.ListJobsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dstagetune/v1/validation.proto\x12\x0cstagetune.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x19stagetune/v1/common.proto\"0\n\x10ValidationPrompt\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\"+\n\nResolution\x12\r\n\x05width\x18\x01 \x01(\x05\x12\x0e\n\x06height\x18\x02 \x01(\x05\"\xea\x01\n\x0fSamplingOptions\x12\x16\n\x0eguidance_scale\x18\x01 \x01(\x02\x12\x1b\n\x13num_inference_steps\x18\x02 \x01(\x05\x12\x0c\n\x04seed\x18\x03 \x01(\x03\x12\x17\n\x0fnegative_prompt\x18\x04 \x01(\t\x12-\n\x0bresolutions\x18\x05 \x03(\x0b\x32\x18.stagetune.v1.Resolution\x12/\n\x0e\x66\x61mily_options\x18\n \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x15\n\rpreview_steps\x18\x0b \x01(\x05J\x04\x08\x06\x10\n\"\xf5\x01\n\x16StartValidationRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12%\n\x05model\x18\x03 \x01(\x0b\x32\x16.stagetune.v1.ModelRef\x12\x13\n\x0b\x61\x64\x61pter_key\x18\x04 \x01(\t\x12\x0c\n\x04step\x18\x05 \x01(\x03\x12/\n\x07prompts\x18\x06 \x03(\x0b\x32\x1e.stagetune.v1.ValidationPrompt\x12/\n\x08sampling\x18\x07 \x01(\x0b\x32\x1d.stagetune.v1.SamplingOptions\x12\x15\n\routput_prefix\x18\x08 \x01(\tJ\x04\x08\x02\x10\x03\x32\xcf\x02\n\x11ValidationService\x12@\n\x05Start\x12$.stagetune.v1.StartValidationRequest\x1a\x11.stagetune.v1.Job\x12=\n\x05Watch\x12\x1d.stagetune.v1.WatchJobRequest\x1a\x13.stagetune.v1.Event0\x01\x12\x35\n\x03Get\x12\x1b.stagetune.v1.GetJobRequest\x1a\x11.stagetune.v1.Job\x12;\n\x06\x43\x61ncel\x12\x1e.stagetune.v1.CancelJobRequest\x1a\x11.stagetune.v1.Job\x12\x45\n\x04List\x12\x1d.stagetune.v1.ListJobsRequest\x1a\x1e.stagetune.v1.ListJobsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,9 +38,9 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RESOLUTION']._serialized_start=154
   _globals['_RESOLUTION']._serialized_end=197
   _globals['_SAMPLINGOPTIONS']._serialized_start=200
-  _globals['_SAMPLINGOPTIONS']._serialized_end=411
-  _globals['_STARTVALIDATIONREQUEST']._serialized_start=414
-  _globals['_STARTVALIDATIONREQUEST']._serialized_end=659
-  _globals['_VALIDATIONSERVICE']._serialized_start=662
-  _globals['_VALIDATIONSERVICE']._serialized_end=997
+  _globals['_SAMPLINGOPTIONS']._serialized_end=434
+  _globals['_STARTVALIDATIONREQUEST']._serialized_start=437
+  _globals['_STARTVALIDATIONREQUEST']._serialized_end=682
+  _globals['_VALIDATIONSERVICE']._serialized_start=685
+  _globals['_VALIDATIONSERVICE']._serialized_end=1020
 # @@protoc_insertion_point(module_scope)

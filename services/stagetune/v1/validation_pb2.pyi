@@ -25,20 +25,22 @@ class Resolution(_message.Message):
     def __init__(self, width: _Optional[int] = ..., height: _Optional[int] = ...) -> None: ...
 
 class SamplingOptions(_message.Message):
-    __slots__ = ("guidance_scale", "num_inference_steps", "seed", "negative_prompt", "resolutions", "family_options")
+    __slots__ = ("guidance_scale", "num_inference_steps", "seed", "negative_prompt", "resolutions", "family_options", "preview_steps")
     GUIDANCE_SCALE_FIELD_NUMBER: _ClassVar[int]
     NUM_INFERENCE_STEPS_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     NEGATIVE_PROMPT_FIELD_NUMBER: _ClassVar[int]
     RESOLUTIONS_FIELD_NUMBER: _ClassVar[int]
     FAMILY_OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    PREVIEW_STEPS_FIELD_NUMBER: _ClassVar[int]
     guidance_scale: float
     num_inference_steps: int
     seed: int
     negative_prompt: str
     resolutions: _containers.RepeatedCompositeFieldContainer[Resolution]
     family_options: _struct_pb2.Struct
-    def __init__(self, guidance_scale: _Optional[float] = ..., num_inference_steps: _Optional[int] = ..., seed: _Optional[int] = ..., negative_prompt: _Optional[str] = ..., resolutions: _Optional[_Iterable[_Union[Resolution, _Mapping]]] = ..., family_options: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...
+    preview_steps: int
+    def __init__(self, guidance_scale: _Optional[float] = ..., num_inference_steps: _Optional[int] = ..., seed: _Optional[int] = ..., negative_prompt: _Optional[str] = ..., resolutions: _Optional[_Iterable[_Union[Resolution, _Mapping]]] = ..., family_options: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., preview_steps: _Optional[int] = ...) -> None: ...
 
 class StartValidationRequest(_message.Message):
     __slots__ = ("request_id", "model", "adapter_key", "step", "prompts", "sampling", "output_prefix")

@@ -11,7 +11,7 @@ import dataclasses
 import io
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -118,10 +118,19 @@ def _swap_weights(transformer: Any, tensors: dict[str, torch.Tensor]) -> Any:
     return undo
 
 
-def sample(pipe: Any, prompt: str, width: int, height: int, options: Sampling) -> Image.Image:
+def sample(pipe: Any, prompt: str, width: int, height: int, options: Sampling,
+           on_latents: Callable[[int, torch.Tensor], None] | None = None, every: int = 1) -> Image.Image:
+    """One image; `on_latents(step, latents)` sees the latents after every `every`-th step (previews)."""
     device = pipe.device if hasattr(pipe, "device") else torch.device("cpu")
     generator = torch.Generator(device=device).manual_seed(options.seed)
     kwargs = dict(options.extra)
+    if on_latents is not None:
+        def step_end(_pipe: Any, step: int, _timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
+            if (step + 1) % max(1, every) == 0:
+                on_latents(step + 1, tensors["latents"])
+            return tensors
+
+        kwargs.update(callback_on_step_end=step_end, callback_on_step_end_tensor_inputs=["latents"])
     with torch.inference_mode():
         result = pipe(
             prompt=prompt,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
+from typing import Any
 
 from stagetune.core import requests
 from stagetune.core.errors import Collector, InputError
@@ -13,6 +14,7 @@ from stagetune.core.jobs import JobContext
 from stagetune.core.messages import from_struct
 from stagetune.core.store.base import Store
 from stagetune.v1 import validation_pb2, validation_pb2_grpc
+from stagetune.validation.sampling import png_bytes
 
 SERVICE = "validation"
 PREVIEW_EDGE = 256
@@ -28,7 +30,7 @@ def validation_job(ctx: JobContext) -> dict[str, str]:
     from stagetune.core.outputs import open_output
     from stagetune.models.dtypes import parse_dtype
     from stagetune.models.family import get_family
-    from stagetune.validation.sampling import Sampling, adapter, get_pipeline, png_bytes, sample
+    from stagetune.validation.sampling import Sampling, adapter, get_pipeline, sample
 
     req: validation_pb2.StartValidationRequest = ctx.request
     family = get_family(req.model.family or "sd3")
@@ -39,11 +41,14 @@ def validation_job(ctx: JobContext) -> dict[str, str]:
     pipe = get_pipeline(family, req.model.name_or_path, req.model.revision or None, parse_dtype(req.model.dtype))
     output = open_output(req.output_prefix) if req.output_prefix else None
     written = 0
+    previews = Previews(ctx, family, req, output) if req.sampling.preview_steps > 0 else None
     with adapter(pipe, ctx.store, req.adapter_key):
         for name, prompt in prompts:
             for width, height in options.resolutions:
                 ctx.check_cancelled()
-                image = sample(pipe, prompt, width, height, options)
+                hook = previews.hook(name, width, height) if previews is not None else None
+                image = sample(pipe, prompt, width, height, options, on_latents=hook,
+                               every=req.sampling.preview_steps)
                 file = image_name(req.step, name, width, height)
                 if output is not None:
                     output.put_bytes(file, png_bytes(image))
@@ -51,6 +56,30 @@ def validation_job(ctx: JobContext) -> dict[str, str]:
                 written += 1
                 ctx.progress("sampling", written, total, "images")
     return {"images": str(written), "output": output.url if output is not None else ""}
+
+
+class Previews:
+    """SimpleTuner's validation_preview: the latents every `preview_steps` sampling steps, decoded by the
+    family's tiny preview decoder, streamed as Preview events and saved under validation_images/previews/."""
+
+    def __init__(self, ctx: JobContext, family: Any, req: validation_pb2.StartValidationRequest,
+                 output: Any) -> None:
+        self.ctx, self.family, self.req, self.output = ctx, family, req, output
+        self._decoder: Any = None
+
+    def hook(self, name: str, width: int, height: int) -> Callable[[int, Any], None]:
+        def on_latents(step: int, latents: Any) -> None:
+            if self._decoder is None:
+                self._decoder = self.family.preview_decoder(self.req.model.name_or_path,
+                                                            revision=self.req.model.revision or None)
+            image = self.family.preview_image(self._decoder, latents, max_edge=PREVIEW_EDGE)
+            base = image_name(self.req.step, name, width, height).removesuffix(".png")
+            file = f"previews/{base}_sample_{step}.png"
+            if self.output is not None:
+                self.output.put_bytes(file, png_bytes(image))
+            self.ctx.preview(f"{name} (sampling step {step})", png_bytes(image, PREVIEW_EDGE), self.req.step, file)
+
+        return on_latents
 
 
 def validator(store: Store) -> Callable[[validation_pb2.StartValidationRequest], None]:

@@ -46,7 +46,6 @@ NO_EFFECT: dict[str, str] = {
     "post_checkpoint_script": "checkpoints are complete when training_state.json appears; the script is not run",
     # SimpleTuner's benchmark, previews and UI
     "disable_benchmark": "stagetune never samples the base model before training, so there is no benchmark to skip",
-    "validation_preview": "validation images are streamed as preview events when each one is done",
     # memory, threads and I/O: how SimpleTuner runs, not what it computes
     "dataloader_prefetch": "batches come from the cache stages' shards",
     "dataloader_prefetch_qlen": "batches come from the cache stages' shards",

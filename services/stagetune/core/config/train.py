@@ -220,7 +220,8 @@ class TrainConfig(BaseModel):
     # ingest raises a too-small dataset's repeats (unless it sets repeats itself) instead of dropping buckets
     allow_dataset_oversubscription: bool = _default("allow_dataset_oversubscription")
 
-    # accepted, with no effect until the feature they belong to exists
+    # stream previews of validation sampling every validation_preview_steps steps (validation service)
+    validation_preview: bool = _default("validation_preview")
     validation_preview_steps: int = Field(_default("validation_preview_steps"), ge=1)
     base_model_default_dtype: Literal["bf16", "fp32"] = _default("base_model_default_dtype")  # only when quantising
     quantize_via: Literal["cpu", "accelerator", "pipeline"] = _default("quantize_via")

@@ -12,6 +12,9 @@ from typing import Any
 from stagetune.core.errors import Collector
 from stagetune.models.sd3.options import OPTION_KEYS, parse_sd3_options
 
+#: SimpleTuner's preview decoder for SD3 (a tiny autoencoder in the VAE's latent space).
+PREVIEW_HUB_ID = "madebyollin/taesd3"
+
 # SimpleTuner's SD3 quantisation exclusions (helpers/models/sd3/model.py): these stay in full precision.
 QUANTISATION_EXCLUDE = ("context_embedder", "norm_out.linear", "proj_out", "time_text_embed.*", "*.norm1*.linear",
                         "pos_embed*")
@@ -80,6 +83,38 @@ class SD3Family:
             "base_shift": float(config.get("base_shift", 0.5)),
             "max_shift": float(config.get("max_shift", 1.15)),
         }
+
+    def preview_decoder(self, name_or_path: str, *, revision: str | None = None) -> Any:
+        """taesd3, as SimpleTuner's previews use: the model folder's own (the tiny test model ships one),
+        else madebyollin/taesd3 from the hub."""
+        from pathlib import Path
+
+        from diffusers import AutoencoderTiny
+
+        from stagetune.models.loading import MODEL_LOAD_LOCK
+        from stagetune.models.sd3.tiny import PREVIEW_FOLDER
+
+        local = Path(name_or_path).expanduser() / PREVIEW_FOLDER
+        source = str(local) if local.is_dir() else PREVIEW_HUB_ID
+        with MODEL_LOAD_LOCK:
+            return AutoencoderTiny.from_pretrained(source).eval().requires_grad_(False)
+
+    def preview_image(self, decoder: Any, latents: Any, max_edge: int = 256) -> Any:
+        """A preview at most `max_edge` pixels wide: larger latents are averaged down first (a preview shows
+        where sampling is going; decoding 1024 px every step would cost more than the sampling)."""
+        import torch
+        from PIL import Image
+
+        from stagetune.models.sd3.tiny import SD3_VAE_SCALING_FACTOR, SD3_VAE_SHIFT_FACTOR
+
+        with torch.no_grad():
+            z = latents.float() / SD3_VAE_SCALING_FACTOR + SD3_VAE_SHIFT_FACTOR
+            factor = -(-max(z.shape[-2:]) * 8 // max_edge)  # ceil: the VAE upsamples ×8
+            if factor > 1:
+                z = torch.nn.functional.avg_pool2d(z, factor, ceil_mode=True)
+            pixels = decoder.decode(z.to(decoder.dtype)).sample[0].float().clamp(-1, 1)
+        array = ((pixels.permute(1, 2, 0) + 1) * 127.5).round().to(torch.uint8).cpu().numpy()
+        return Image.fromarray(array)
 
     # -- training ---------------------------------------------------------------------------------------
     def collate_text(self, entries: Sequence[Mapping[str, Any]], options: Mapping[str, Any],

@@ -54,6 +54,10 @@ class TinySD3Dims:
 TINY_SD3 = TinySD3Dims()
 
 
+#: Where a model folder may hold its own preview decoder (the tiny model does; real ones use the hub's).
+PREVIEW_FOLDER = "taesd3"
+
+
 def build_tiny_sd3(output_dir: Path, *, seed: int = 0) -> Path:
     """Write a tiny random-weight SD3 pipeline in diffusers format to ``output_dir`` and return it.
 
@@ -80,6 +84,7 @@ def _build_into(folder: Path, *, seed: int, dims: TinySD3Dims) -> None:
     import torch
     from diffusers import (
         AutoencoderKL,
+        AutoencoderTiny,
         FlowMatchEulerDiscreteScheduler,
         SD3Transformer2DModel,
         StableDiffusion3Pipeline,
@@ -168,6 +173,12 @@ def _build_into(folder: Path, *, seed: int, dims: TinySD3Dims) -> None:
             use_quant_conv=False,
             use_post_quant_conv=False,
         )
+        seeded(6)  # a tiny preview decoder in taesd3's shape (validation_preview): ×8 upsampling of 16 channels
+        preview = AutoencoderTiny(
+            in_channels=3, out_channels=3, encoder_block_out_channels=(16, 16, 16, 16),
+            decoder_block_out_channels=(16, 16, 16, 16), latent_channels=dims.latent_channels,
+            num_encoder_blocks=(1, 1, 1, 1), num_decoder_blocks=(1, 1, 1, 1), upsampling_scaling_factor=2,
+        )
     scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=SD3_SCHEDULER_SHIFT)
 
     pipeline = StableDiffusion3Pipeline(
@@ -182,6 +193,7 @@ def _build_into(folder: Path, *, seed: int, dims: TinySD3Dims) -> None:
         tokenizer_3=tokenizer_3,
     )
     pipeline.save_pretrained(folder, safe_serialization=True)
+    preview.save_pretrained(folder / PREVIEW_FOLDER, safe_serialization=True)
     (folder / "stagetune_tiny.json").write_text(
         json.dumps({"family": "sd3", "seed": seed, "dims": asdict(dims)}, indent=2, sort_keys=True) + "\n",
         encoding="utf-8",
