@@ -23,10 +23,20 @@ from stagetune.trainer.sampler import (
 )
 
 
+def _generators(n: int, offset: int = 0) -> list[torch.Generator]:
+    """One generator per sample, as the trainer gives each (seed, epoch, row, repeat)."""
+    return [torch.Generator().manual_seed(offset * 1_000_003 + i) for i in range(n)]
+
+
+def test_one_sample_draws_the_same_sigma_in_any_batch() -> None:
+    alone = sample_sigmas(FlowSchedule(shift=3.0), [torch.Generator().manual_seed(42)], 64)
+    batch = sample_sigmas(FlowSchedule(shift=3.0), [*_generators(5), torch.Generator().manual_seed(42)], 64)
+    assert torch.equal(alone[0], batch[-1])
+
+
 def test_static_shift_matches_the_formula() -> None:
-    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
-    raw = sample_sigmas(FlowSchedule(shift=1.0), 1000, 64, g1)
-    shifted = sample_sigmas(FlowSchedule(shift=3.0), 1000, 64, g2)
+    raw = sample_sigmas(FlowSchedule(shift=1.0), _generators(1000), 64)
+    shifted = sample_sigmas(FlowSchedule(shift=3.0), _generators(1000), 64)
     assert torch.allclose(shifted, 3 * raw / (1 + 2 * raw), atol=1e-6)
     assert 0 < float(raw.min()) and float(raw.max()) < 1
     # logit-normal with scale 1: the median of sigmoid(N(0,1)) is 0.5
@@ -41,10 +51,10 @@ def test_auto_shift_grows_with_sequence_length() -> None:
 
 
 def test_uniform_and_beta_schedules_have_their_moments() -> None:
-    g = torch.Generator().manual_seed(0)
-    uniform = sample_sigmas(FlowSchedule(shift=1.0, use_uniform=True), 20000, 16, g)
+    uniform = sample_sigmas(FlowSchedule(shift=1.0, use_uniform=True), _generators(20000), 16)
     assert abs(float(uniform.mean()) - 0.5) < 0.01 and abs(float(uniform.var()) - 1 / 12) < 0.005
-    beta = sample_sigmas(FlowSchedule(shift=1.0, use_beta=True, beta_alpha=2.0, beta_beta=5.0), 20000, 16, g)
+    beta_schedule = FlowSchedule(shift=1.0, use_beta=True, beta_alpha=2.0, beta_beta=5.0)
+    beta = sample_sigmas(beta_schedule, _generators(20000, 7), 16)
     assert abs(float(beta.mean()) - 2 / 7) < 0.01
 
 

@@ -44,6 +44,12 @@ TRAIN_STEP_SECONDS = Histogram(
     ["model_family"],
     buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30),
 )
+TRAIN_DATA_WAIT_SECONDS = Histogram(
+    "stagetune_train_data_wait_seconds",
+    "Time an optimizer step waited for its batches (zero when reading ahead keeps up).",
+    ["model_family"],
+    buckets=(0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5),
+)
 TRAIN_LOSS = Histogram(
     "stagetune_train_loss", "Training loss per step.", ["model_family"],
     buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5),

@@ -37,18 +37,18 @@ class FlowSchedule:
         return math.exp(self.mu(seq_len)) if self.auto_shift else self.shift
 
 
-def sample_sigmas(schedule: FlowSchedule, batch: int, seq_len: int, generator: torch.Generator) -> torch.Tensor:
-    """Per-sample σ in (0, 1), drawn with the trainer's own generator (so resume is exact)."""
+def sample_sigmas(schedule: FlowSchedule, generators: list[torch.Generator], seq_len: int) -> torch.Tensor:
+    """σ in (0, 1), one per sample, each drawn from that sample's own generator: a sample's σ does not depend
+    on which batch or process it lands in, and a resumed run draws what the uninterrupted one drew."""
     if schedule.use_beta:
-        u = torch.rand(batch, generator=generator, dtype=torch.float64)
+        u = torch.cat([torch.rand(1, generator=g, dtype=torch.float64) for g in generators])
         alpha, beta_ = (torch.tensor(v, dtype=torch.float64) for v in (schedule.beta_alpha, schedule.beta_beta))
-        beta = torch.distributions.Beta(alpha, beta_)
-        # Inverse-CDF sampling keeps every draw on our generator (Beta.sample would use the global RNG).
-        sigmas = _beta_icdf(u, beta).float()
+        # Inverse-CDF sampling keeps every draw on our generators (Beta.sample would use the global RNG).
+        sigmas = _beta_icdf(u, torch.distributions.Beta(alpha, beta_)).float()
     elif schedule.use_uniform:
-        sigmas = torch.rand(batch, generator=generator)
+        sigmas = torch.cat([torch.rand(1, generator=g) for g in generators])
     else:
-        sigmas = torch.sigmoid(torch.randn(batch, generator=generator) * schedule.sigmoid_scale)
+        sigmas = torch.sigmoid(torch.cat([torch.randn(1, generator=g) for g in generators]) * schedule.sigmoid_scale)
     s = schedule.shift_for(seq_len)
     if s != 1.0:
         sigmas = s * sigmas / (1 + (s - 1) * sigmas)

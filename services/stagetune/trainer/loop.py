@@ -1,8 +1,9 @@
 """The training loop: one optimizer step reads top to bottom in `Trainer.step`.
 
-Everything random draws from state the checkpoint saves (the trainer's generator, torch's global
-RNG for LoRA dropout, the sampler's position), so a killed and resumed run ends with the same
-weights, bit for bit on CPU, as one that never stopped.
+Everything random draws either from a sample's own seed (its caption, dropout, noise and σ:
+trainer/batches.py) or from state the checkpoint saves (torch's global RNG for LoRA dropout, the
+sampler's position), so a killed and resumed run ends with the same weights, bit for bit on CPU, as
+one that never stopped.
 """
 
 from __future__ import annotations
@@ -23,11 +24,13 @@ from stagetune.core import metrics, run_settings
 from stagetune.core.cache import ShardedCache
 from stagetune.core.errors import ConfigError, PreconditionError, RunMismatchError
 from stagetune.core.jobs import JobCancelled
+from stagetune.core.ondemand import OnDemandCache
 from stagetune.core.run_settings import Change, config_settings, data_settings, decide, read_output_state
 from stagetune.core.store.base import Store
 from stagetune.models.checkpointing import checkpoint_every
 from stagetune.models.quantise import quantise
 from stagetune.trainer.adapters import make_adapter
+from stagetune.trainer.batches import BatchSource, Fetched, fetch
 from stagetune.trainer.ema import EMA_FILE, EMA_FOLDER, Ema
 from stagetune.trainer.flow import FlowSchedule, noisy_input, sample_sigmas, timesteps_for
 from stagetune.trainer.optimizers import OPTIMIZERS, build_optimizer
@@ -91,7 +94,6 @@ class Trainer:
     def setup(self) -> None:
         cfg = self.cfg
         torch.manual_seed(cfg.seed or 0)
-        self.generator = torch.Generator().manual_seed(cfg.seed or 0)
         weight_dtype = self.autocast_dtype or torch.float32
         quantised = cfg.base_model_precision != "no_change"
         if quantised:  # as SimpleTuner: cast to base_model_default_dtype, then quantise (models/quantise.py)
@@ -177,42 +179,42 @@ class Trainer:
             self.ema.load_bytes(files[EMA_FILE])
         rng = torch.load(io.BytesIO(files["random_states.pt"]), weights_only=True)
         torch.set_rng_state(rng["torch"])
-        self.generator.set_state(rng["generator"])
         self.sampler.state = SamplerState(**state["sampler"])
         self.global_step = self.resumed_from = int(state["step"])
         changed = f" with changed settings: {'; '.join(str(c) for c in self.changes)}" if self.changes else ""
         self.report.log(f"resuming from checkpoint-{step} (step {self.global_step} of {self.total_steps}){changed}")
 
     # -- one step ----------------------------------------------------------------------------
-    def _batch_tensors(self, batch: list, epoch: int = 0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """The batch's latents and its text conditioning, collated by the model family."""
-        latents, texts, empty = [], [], []
-        for ref in batch:
-            row = self.data.rows[ref.row]
-            latents.append(self.data.latents.get(self.data.latent_key(ref.row, epoch))["latents"])
-            captions = row.captions or [""]
-            pick = int(torch.randint(len(captions), (1,), generator=self.generator)) if len(captions) > 1 else 0
-            caption = captions[pick]
-            if float(torch.rand(1, generator=self.generator)) < self.cfg.caption_dropout_probability:
-                caption = ""
-            texts.append(self.data.texts.get(self.data.text_key(caption)))
-            empty.append(caption == "")
-        text = self.family.collate_text(texts, self.cfg.family_options, empty)
-        return torch.stack(latents).to(self.device), {k: v.to(self.device) for k, v in text.items()}
+    def _read_batch(self) -> Fetched:
+        return fetch(self.sampler, self.data.rows, lambda row, epoch: self.data.latents.get(
+            self.data.latent_key(row, epoch)), lambda caption: self.data.texts.get(self.data.text_key(caption)),
+            int(self.cfg.seed or 0), self.cfg.caption_dropout_probability)
+
+    def _noise(self, fetched: Fetched, shape: torch.Size) -> tuple[torch.Tensor, list[torch.Generator]]:
+        """Each sample's noise (and noise offset) from its own generator, which then draws its σ."""
+        generators = [torch.Generator().manual_seed(seed) for seed in fetched.seeds]
+        noise = []
+        for generator in generators:
+            sample = torch.randn(shape[1:], generator=generator)
+            if self.cfg.noise_offset and float(torch.rand(1, generator=generator)) < self.cfg.noise_offset_probability:
+                offset = torch.randn((shape[1], 1, 1), generator=generator)
+                sample = sample + self.cfg.noise_offset * offset
+            noise.append(sample)
+        return torch.stack(noise), generators
 
     def _micro_step(self) -> float:
-        batch, epoch = self.sampler.next_batch()
-        latents, text = self._batch_tensors(list(batch.samples), epoch)
-        noise = torch.randn(latents.shape, generator=self.generator).to(self.device, latents.dtype)
-        if self.cfg.noise_offset and float(torch.rand(1, generator=self.generator)) < self.cfg.noise_offset_probability:
-            offset = torch.randn((latents.shape[0], latents.shape[1], 1, 1), generator=self.generator)
-            noise = noise + self.cfg.noise_offset * offset.to(self.device, latents.dtype)
-        seq_len = self.family.latent_seq_len(latents)
-        sigmas = sample_sigmas(self.schedule, latents.shape[0], seq_len, self.generator).to(self.device)
+        fetched = self.batches.next()
+        self.consumed_state = fetched.state_after
+        latents = torch.stack([entry["latents"] for entry in fetched.latents]).to(self.device)
+        text = {k: v.to(self.device) for k, v in
+                self.family.collate_text(fetched.texts, self.cfg.family_options, fetched.empty).items()}
+        noise, generators = self._noise(fetched, latents.shape)
+        noise = noise.to(self.device, latents.dtype)
+        sigmas = sample_sigmas(self.schedule, generators, self.family.latent_seq_len(latents)).to(self.device)
         noisy, target = noisy_input(latents, noise, sigmas)
         inputs = self.family.transformer_inputs(noisy, timesteps_for(sigmas), text)
         with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
-            if batch.plan.regularisation:
+            if fetched.batch.plan.regularisation:
                 target = self._parent_prediction(inputs)
             pred = self.model(**inputs)[0]
         loss = torch.nn.functional.mse_loss(pred.float(), target.float())
@@ -271,12 +273,11 @@ class Trainer:
                 self.adapter.file: self.adapter.state_bytes(),
                 "optimizer.pt": tensor_bytes(self.optimizer.state_dict()),
                 "scheduler.pt": tensor_bytes(self.scheduler.state_dict()),
-                "random_states.pt": tensor_bytes({"torch": torch.get_rng_state(),
-                                                  "generator": self.generator.get_state()}),
+                "random_states.pt": tensor_bytes({"torch": torch.get_rng_state()}),
             }
             if self.ema is not None:
                 files[EMA_FILE] = self.ema.state_bytes()
-        state = {"sampler": dataclasses.asdict(self.sampler.state), "settings": self.settings,
+        state = {"sampler": dataclasses.asdict(self.consumed_state), "settings": self.settings,
                  "total_steps": self.total_steps}
         self.data.flush()
         name = checkpoint.save_checkpoint(self.output, self.global_step, files, state,
@@ -309,12 +310,18 @@ class Trainer:
         if self.global_step < self.total_steps:  # no longer finished, whatever an earlier run wrote
             run_settings.write_record(self.output, state="running", step=self.global_step,
                                       total_steps=self.total_steps, settings=self.settings, changes=self.changes)
+        self.consumed_state = dataclasses.replace(self.sampler.state)
+        # On-demand caches encode a miss (torch compute): read those batches in this thread (core/encode.py).
+        on_demand = isinstance(self.data.latents, OnDemandCache) or isinstance(self.data.texts, OnDemandCache)
+        self.batches = BatchSource(self._read_batch, threaded=not on_demand)
         try:
             self._train_steps()
         except JobCancelled:
             if self.global_step > self.resumed_from:
                 self.save_checkpoint()  # Ctrl-C, SIGTERM or Cancel: the next run resumes here
             raise
+        finally:
+            self.batches.close()
         self.data.flush()
         with self._weights_to_keep():
             written = self.adapter.export(self.output)
@@ -344,6 +351,9 @@ class Trainer:
             metrics.TRAIN_STEPS.labels(family).inc()
             metrics.TRAIN_STEP_SECONDS.labels(family).observe(elapsed)
             metrics.TRAIN_LOSS.labels(family).observe(loss)
+            waited = self.batches.take_wait()
+            metrics.TRAIN_DATA_WAIT_SECONDS.labels(family).observe(waited)
+            self.report.metric("data_wait_seconds", waited, self.global_step)
             self.report.metric("loss", loss, self.global_step)
             self.report.metric("lr", self.scheduler.get_last_lr()[0], self.global_step)
             self.report.progress(self.global_step, self.total_steps)
