@@ -105,3 +105,26 @@ def test_bad_options_name_the_key(encoder: SD3TextEncoder) -> None:
     with pytest.raises(ConfigError) as info:
         encoder.cache_key("a cat", t5_max_length=0)
     assert info.value.field == "tokenizer_max_length"
+
+
+def test_quantised_t5_gives_close_but_other_embeddings_under_another_key(tiny_sd3_path: Path,
+                                                                          encoder: SD3TextEncoder) -> None:
+    from optimum.quanto.nn import QLinear
+
+    quantised = SD3TextEncoder.from_pretrained(str(tiny_sd3_path), quantisation={"text_encoder_3": "int8-quanto",
+                                                                                  "text_encoder_1": "no_change"})
+    assert quantised.quantisation == {"text_encoder_3": "int8-quanto"}
+    t5 = quantised.models.text_encoder_3
+    assert any(isinstance(m, QLinear) for m in t5.modules())
+    assert not any(isinstance(m, QLinear) for m in quantised.models.text_encoder.modules())
+    assert not any(isinstance(m, QLinear) for m in encoder.models.text_encoder_3.modules())  # the shared one
+    full, quant = encoder.encode(CAPTIONS), quantised.encode(CAPTIONS)
+    assert torch.equal(full["pooled_prompt_embeds"], quant["pooled_prompt_embeds"])  # CLIP untouched
+    t5_full, t5_quant = full["prompt_embeds"][:, 77:], quant["prompt_embeds"][:, 77:]
+    assert not torch.equal(t5_full, t5_quant)
+    assert (t5_full - t5_quant).abs().max().item() < 0.1 * t5_full.abs().max().item()
+    assert quantised.fingerprint != encoder.fingerprint
+    assert quantised.cache_key("a cat") != encoder.cache_key("a cat")
+    unquantised = SD3TextEncoder.from_pretrained(str(tiny_sd3_path), load=False,
+                                                 quantisation={"text_encoder_3": "no_change"})
+    assert unquantised.fingerprint == encoder.fingerprint  # full-precision caches keep their keys

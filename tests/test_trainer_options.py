@@ -94,6 +94,51 @@ def test_precisions_that_cannot_run_here_are_refused_naming_the_key(monkeypatch:
         load_train_config({**base, "base_model_precision": "int8-torchao"})
 
 
+def test_quantised_text_encoder_caches_apart_and_validation_uses_it(tmp_path: Path, tiny_sd3_path: Path) -> None:
+    from optimum.quanto.nn import QLinear
+
+    from stagetune.models.family import get_family
+    from stagetune.validation.sampling import get_pipeline
+
+    make_dataset(tmp_path / "data")
+    store = str(tmp_path / "store")
+    full = train_embedded(_configs(tmp_path, tiny_sd3_path, tmp_path / "data", 1, "full", optimizer="adamw"), store)
+    quantised = train_embedded(_configs(tmp_path, tiny_sd3_path, tmp_path / "data", 1, "quantised",
+                                        optimizer="adamw", text_encoder_3_precision="int8-quanto"), store)
+    assert quantised.phase("trainer").outputs["steps_trained"] == "1"
+    prefix = [run.phase("text").outputs["cache_prefix"] for run in (full, quantised)]
+    assert prefix[0] != prefix[1]  # other embeddings, other cache: never mixed with full-precision ones
+    assert int(quantised.phase("text").outputs["encoded"]) > 0
+    pipe = get_pipeline(get_family("sd3"), str(tiny_sd3_path), None, torch.float32, {"text_encoder_3": "int8-quanto"})
+    assert any(isinstance(m, QLinear) for m in pipe.text_encoder_3.modules())
+    assert not any(isinstance(m, QLinear) for m in pipe.transformer.modules())
+
+
+def test_text_encoder_precisions_are_checked_per_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    from stagetune.core.config.train import load_train_config
+    from stagetune.core.errors import Collector, ConfigError, PreconditionError
+    from stagetune.core.requests import model_ref
+    from stagetune.models import quantise
+    from stagetune.v1 import common_pb2
+
+    base = {"model_type": "lora", "model_family": "sd3", "pretrained_model_name_or_path": "/m", "max_train_steps": 2}
+    cfg = load_train_config({**base, "text_encoder_4_precision": "int8-quanto",
+                             "text_encoder_1_precision": "fp8-quanto"})
+    assert cfg.text_encoder_quantisation() == {"text_encoder_1": "fp8-quanto"}
+    assert any("text_encoder_4_precision=int8-quanto changes nothing: sd3 has 3" in w for w in cfg.warnings)
+    with pytest.raises(ConfigError, match="did you mean 'int8-quanto'"):
+        load_train_config({**base, "text_encoder_2_precision": "int9-quanto"})
+    monkeypatch.setattr(quantise.shutil, "which", lambda name: None)
+    with pytest.raises(PreconditionError, match="no C\\+\\+ compiler") as info:
+        load_train_config({**base, "text_encoder_3_precision": "int4-quanto"})
+    assert info.value.field == "text_encoder_3_precision"
+    problems = Collector()
+    model_ref(problems, common_pb2.ModelRef(name_or_path="", family="sd3",
+                                            quantisation={"text_encoder_9": "int8-quanto", "text_encoder_1": "int7"}))
+    fields = {p.field for p in problems.problems}
+    assert {"model.quantisation.text_encoder_9", "model.quantisation.text_encoder_1"} <= fields
+
+
 # --------------------------------------------------------------------------------- EMA, checkpointing interval
 
 

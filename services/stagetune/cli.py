@@ -248,13 +248,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_tiny_model(args: argparse.Namespace) -> int:
+    from stagetune.core.errors import InputError, NotSupportedError
     from stagetune.models.sd3.tiny import build_tiny_sd3
 
     if args.family != "sd3":
-        from stagetune.core.errors import NotSupportedError
-
         raise NotSupportedError(f"not supported yet: tiny-model {args.family}", field="family")
-    path = build_tiny_sd3(Path(args.output), seed=args.seed)
+    if args.output and args.output_flag and args.output != args.output_flag:
+        raise InputError(f"two output folders given: {args.output} and --output {args.output_flag}", field="output")
+    output = args.output or args.output_flag
+    if not output:
+        raise InputError("tiny-model needs an output folder: stagetune tiny-model sd3 [--size SIZE] OUT",
+                         field="output")
+    path = build_tiny_sd3(Path(output), seed=args.seed, size=args.size)
     print(path)
     return 0
 
@@ -306,7 +311,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     tiny = sub.add_parser("tiny-model", help="write a tiny random-weight model in diffusers format")
     tiny.add_argument("family", choices=["sd3"])
-    tiny.add_argument("--output", required=True)
+    tiny.add_argument("output", nargs="?", default=None, help="the folder to write (must not exist or be empty)")
+    tiny.add_argument("--output", dest="output_flag", default=None, help="the same, as an option")
+    tiny.add_argument("--size", choices=["tiny", "compute"], default="tiny",
+                      help="tiny: toy widths, for tests (default); compute: a 6 × 768 MMDiT whose training step is "
+                           "compute-bound on a CPU (256 px), for benchmarks")
     tiny.add_argument("--seed", type=int, default=0)
     tiny.set_defaults(func=cmd_tiny_model)
 

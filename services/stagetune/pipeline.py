@@ -209,7 +209,7 @@ def _drive(plan: RunPlan, stages: _Stages, endpoints: dict[str, str]) -> Trainin
         return run
     manifest_id = ingested.outputs["manifest_id"]
     model = common_pb2.ModelRef(name_or_path=cfg.pretrained_model_name_or_path, revision=cfg.revision or "",
-                                family=cfg.model_family)
+                                family=cfg.model_family, quantisation=cfg.text_encoder_quantisation())
     prompts = [cfg.validation_prompt, cfg.validation_negative_prompt]
     extra = [] if cfg.validation_disable else [p for p in prompts if p]
     latent_result, text_result = _encode_both(stages, vae_pb2.StartEncodeLatentsRequest(

@@ -48,6 +48,23 @@ def model_ref(problems: Collector, model: Any, *, field: str = "model") -> None:
     with problems.check():
         checks.check_model_source(model.name_or_path, revision=model.revision or None,
                                   field=f"{field}.name_or_path")
+    if family in family_names():
+        _quantisation(problems, family, model.quantisation, f"{field}.quantisation")
+
+
+def _quantisation(problems: Collector, family: str, quantisation: Mapping[str, str], field: str) -> None:
+    """Each entry names one of the family's text encoders and a precision this machine can run."""
+    from stagetune.models.family import get_family
+    from stagetune.models.quantise import check_precision
+
+    components = get_family(family).text_encoder_components
+    for name, precision in sorted(quantisation.items()):
+        if name not in components:
+            problems.add(InputError(f"{field}: {family} has no {name!r} (it has {', '.join(components)})",
+                                    field=f"{field}.{name}"))
+            continue
+        with problems.check():
+            check_precision(precision, f"{field}.{name}")
 
 
 def family_options(problems: Collector, family: str, options: Mapping[str, Any], *,

@@ -32,7 +32,8 @@ def validation_request(cfg: Any, *, request_id: str, adapter_key: str, step: int
         preview_steps=cfg.validation_preview_steps if cfg.validation_preview else 0,
     )
     model = common_pb2.ModelRef(name_or_path=cfg.pretrained_model_name_or_path, revision=cfg.revision or "",
-                                family=cfg.model_family, dtype="bfloat16" if cfg.mixed_precision == "bf16" else "")
+                                family=cfg.model_family, dtype="bfloat16" if cfg.mixed_precision == "bf16" else "",
+                                quantisation=cfg.text_encoder_quantisation())
     return validation_pb2.StartValidationRequest(
         request_id=request_id, model=model, adapter_key=adapter_key, step=step, prompts=prompts,
         sampling=sampling, output_prefix=output_prefix,

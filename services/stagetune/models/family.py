@@ -64,6 +64,8 @@ class ModelFamily(Protocol):
     quantisation_exclude: tuple[str, ...]
     #: The option keys that change a caption's embeddings: what the model reads, compared as part of the model.
     text_option_keys: tuple[str, ...]
+    #: SimpleTuner's `text_encoder_N` (of `text_encoder_N_precision`) → the pipeline component / subfolder.
+    text_encoder_components: Mapping[str, str]
 
     def parse_options(self, values: Mapping[str, Any], *, context: Mapping[str, Any], problems: Collector,
                       warnings: list[str]) -> dict[str, Any]:
@@ -77,7 +79,11 @@ class ModelFamily(Protocol):
         """The options that change a caption's embeddings: part of its cache key and of the text request."""
         ...
 
-    def text_encoder(self, name_or_path: str, *, revision: str | None = None, dtype: Any = None) -> TextEncoder: ...
+    def text_encoder(self, name_or_path: str, *, revision: str | None = None, dtype: Any = None,
+                     quantisation: Mapping[str, str] | None = None) -> TextEncoder:
+        """Built without loading (the weights load on the first encode); `quantisation` maps SimpleTuner's
+        `text_encoder_N` to a precision."""
+        ...
 
     def latent_encoder(self, name_or_path: str, *, revision: str | None = None, dtype: Any = None
                        ) -> LatentEncoder: ...

@@ -39,7 +39,7 @@ def text_job(ctx: JobContext) -> dict[str, str]:
     family = get_family(req.model.family or "sd3")
     ctx.progress("fingerprinting text encoders", 0, 1)
     encoder = family.text_encoder(req.model.name_or_path, revision=req.model.revision or None,
-                                  dtype=parse_dtype(req.model.dtype))
+                                  dtype=parse_dtype(req.model.dtype), quantisation=dict(req.model.quantisation))
     options = family.text_options(from_struct(req.family_options))
     prefix = text_cache_prefix(encoder.fingerprint)
     cache = ShardedCache(ctx.store, prefix)

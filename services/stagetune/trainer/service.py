@@ -138,7 +138,8 @@ def text_cache(cache: Any, cfg: Any, family: Any, text_keys: dict[str, str]) -> 
     from stagetune.core.embeddings import encode_captions
     from stagetune.core.ondemand import OnDemandCache, inverse
 
-    encoder = family.text_encoder(cfg.pretrained_model_name_or_path, revision=cfg.revision)
+    encoder = family.text_encoder(cfg.pretrained_model_name_or_path, revision=cfg.revision,
+                                  quantisation=cfg.text_encoder_quantisation())
     options = family.text_options(cfg.family_options)
     caption_for_key = inverse(text_keys)
     return OnDemandCache(cache, lambda key: encode_captions(encoder, [caption_for_key[key]], options)[0],

@@ -25,41 +25,45 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19stagetune/v1/common.proto\x12\x0cstagetune.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"b\n\x08ModelRef\x12\x14\n\x0cname_or_path\x18\x01 \x01(\t\x12\x10\n\x08revision\x18\x02 \x01(\t\x12\x0f\n\x07variant\x18\x03 \x01(\t\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12\x0e\n\x06\x66\x61mily\x18\x05 \x01(\t\"D\n\x08Progress\x12\r\n\x05phase\x18\x01 \x01(\t\x12\x0c\n\x04\x64one\x18\x02 \x01(\x03\x12\r\n\x05total\x18\x03 \x01(\x03\x12\x0c\n\x04unit\x18\x04 \x01(\t\")\n\x07LogLine\x12\r\n\x05level\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\"3\n\x06Metric\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01\x12\x0c\n\x04step\x18\x03 \x01(\x03\"?\n\x07Preview\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0b\n\x03png\x18\x02 \x01(\x0c\x12\x0c\n\x04step\x18\x03 \x01(\x03\x12\x0b\n\x03key\x18\x04 \x01(\t\"\xf0\x02\n\x03Job\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x0f\n\x07service\x18\x03 \x01(\t\x12%\n\x05state\x18\x04 \x01(\x0e\x32\x16.stagetune.v1.JobState\x12\r\n\x05\x65rror\x18\x05 \x01(\t\x12\x13\n\x0b\x65rror_field\x18\x06 \x01(\t\x12.\n\ncreated_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12(\n\x08progress\x18\t \x01(\x0b\x32\x16.stagetune.v1.Progress\x12/\n\x07outputs\x18\n \x03(\x0b\x32\x1e.stagetune.v1.Job.OutputsEntry\x1a.\n\x0cOutputsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x8c\x02\n\x05\x45vent\x12\x0b\n\x03seq\x18\x01 \x01(\x03\x12(\n\x04time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12*\n\x08progress\x18\x03 \x01(\x0b\x32\x16.stagetune.v1.ProgressH\x00\x12$\n\x03log\x18\x04 \x01(\x0b\x32\x15.stagetune.v1.LogLineH\x00\x12&\n\x06metric\x18\x05 \x01(\x0b\x32\x14.stagetune.v1.MetricH\x00\x12(\n\x07preview\x18\x06 \x01(\x0b\x32\x15.stagetune.v1.PreviewH\x00\x12 \n\x03job\x18\x07 \x01(\x0b\x32\x11.stagetune.v1.JobH\x00\x42\x06\n\x04\x62ody\"\x1f\n\rGetJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"4\n\x0fWatchJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x11\n\tafter_seq\x18\x02 \x01(\x03\"\"\n\x10\x43\x61ncelJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"_\n\x0fListJobsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12%\n\x05state\x18\x03 \x01(\x0e\x32\x16.stagetune.v1.JobState\"L\n\x10ListJobsResponse\x12\x1f\n\x04jobs\x18\x01 \x03(\x0b\x32\x11.stagetune.v1.Job\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t*\x9a\x01\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10JOB_STATE_QUEUED\x10\x01\x12\x15\n\x11JOB_STATE_RUNNING\x10\x02\x12\x17\n\x13JOB_STATE_SUCCEEDED\x10\x03\x12\x14\n\x10JOB_STATE_FAILED\x10\x04\x12\x17\n\x13JOB_STATE_CANCELLED\x10\x05\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19stagetune/v1/common.proto\x12\x0cstagetune.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xd7\x01\n\x08ModelRef\x12\x14\n\x0cname_or_path\x18\x01 \x01(\t\x12\x10\n\x08revision\x18\x02 \x01(\t\x12\x0f\n\x07variant\x18\x03 \x01(\t\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12\x0e\n\x06\x66\x61mily\x18\x05 \x01(\t\x12>\n\x0cquantisation\x18\x06 \x03(\x0b\x32(.stagetune.v1.ModelRef.QuantisationEntry\x1a\x33\n\x11QuantisationEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"D\n\x08Progress\x12\r\n\x05phase\x18\x01 \x01(\t\x12\x0c\n\x04\x64one\x18\x02 \x01(\x03\x12\r\n\x05total\x18\x03 \x01(\x03\x12\x0c\n\x04unit\x18\x04 \x01(\t\")\n\x07LogLine\x12\r\n\x05level\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\"3\n\x06Metric\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01\x12\x0c\n\x04step\x18\x03 \x01(\x03\"?\n\x07Preview\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0b\n\x03png\x18\x02 \x01(\x0c\x12\x0c\n\x04step\x18\x03 \x01(\x03\x12\x0b\n\x03key\x18\x04 \x01(\t\"\xf0\x02\n\x03Job\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x0f\n\x07service\x18\x03 \x01(\t\x12%\n\x05state\x18\x04 \x01(\x0e\x32\x16.stagetune.v1.JobState\x12\r\n\x05\x65rror\x18\x05 \x01(\t\x12\x13\n\x0b\x65rror_field\x18\x06 \x01(\t\x12.\n\ncreated_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12(\n\x08progress\x18\t \x01(\x0b\x32\x16.stagetune.v1.Progress\x12/\n\x07outputs\x18\n \x03(\x0b\x32\x1e.stagetune.v1.Job.OutputsEntry\x1a.\n\x0cOutputsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x8c\x02\n\x05\x45vent\x12\x0b\n\x03seq\x18\x01 \x01(\x03\x12(\n\x04time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12*\n\x08progress\x18\x03 \x01(\x0b\x32\x16.stagetune.v1.ProgressH\x00\x12$\n\x03log\x18\x04 \x01(\x0b\x32\x15.stagetune.v1.LogLineH\x00\x12&\n\x06metric\x18\x05 \x01(\x0b\x32\x14.stagetune.v1.MetricH\x00\x12(\n\x07preview\x18\x06 \x01(\x0b\x32\x15.stagetune.v1.PreviewH\x00\x12 \n\x03job\x18\x07 \x01(\x0b\x32\x11.stagetune.v1.JobH\x00\x42\x06\n\x04\x62ody\"\x1f\n\rGetJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"4\n\x0fWatchJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x11\n\tafter_seq\x18\x02 \x01(\x03\"\"\n\x10\x43\x61ncelJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"_\n\x0fListJobsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12%\n\x05state\x18\x03 \x01(\x0e\x32\x16.stagetune.v1.JobState\"L\n\x10ListJobsResponse\x12\x1f\n\x04jobs\x18\x01 \x03(\x0b\x32\x11.stagetune.v1.Job\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t*\x9a\x01\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10JOB_STATE_QUEUED\x10\x01\x12\x15\n\x11JOB_STATE_RUNNING\x10\x02\x12\x17\n\x13JOB_STATE_SUCCEEDED\x10\x03\x12\x14\n\x10JOB_STATE_FAILED\x10\x04\x12\x17\n\x13JOB_STATE_CANCELLED\x10\x05\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'stagetune.v1.common_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_MODELREF_QUANTISATIONENTRY']._loaded_options = None
+  _globals['_MODELREF_QUANTISATIONENTRY']._serialized_options = b'8\001'
   _globals['_JOB_OUTPUTSENTRY']._loaded_options = None
   _globals['_JOB_OUTPUTSENTRY']._serialized_options = b'8\001'
-  _globals['_JOBSTATE']._serialized_start=1348
-  _globals['_JOBSTATE']._serialized_end=1502
-  _globals['_MODELREF']._serialized_start=76
-  _globals['_MODELREF']._serialized_end=174
-  _globals['_PROGRESS']._serialized_start=176
-  _globals['_PROGRESS']._serialized_end=244
-  _globals['_LOGLINE']._serialized_start=246
-  _globals['_LOGLINE']._serialized_end=287
-  _globals['_METRIC']._serialized_start=289
-  _globals['_METRIC']._serialized_end=340
-  _globals['_PREVIEW']._serialized_start=342
-  _globals['_PREVIEW']._serialized_end=405
-  _globals['_JOB']._serialized_start=408
-  _globals['_JOB']._serialized_end=776
-  _globals['_JOB_OUTPUTSENTRY']._serialized_start=730
-  _globals['_JOB_OUTPUTSENTRY']._serialized_end=776
-  _globals['_EVENT']._serialized_start=779
-  _globals['_EVENT']._serialized_end=1047
-  _globals['_GETJOBREQUEST']._serialized_start=1049
-  _globals['_GETJOBREQUEST']._serialized_end=1080
-  _globals['_WATCHJOBREQUEST']._serialized_start=1082
-  _globals['_WATCHJOBREQUEST']._serialized_end=1134
-  _globals['_CANCELJOBREQUEST']._serialized_start=1136
-  _globals['_CANCELJOBREQUEST']._serialized_end=1170
-  _globals['_LISTJOBSREQUEST']._serialized_start=1172
-  _globals['_LISTJOBSREQUEST']._serialized_end=1267
-  _globals['_LISTJOBSRESPONSE']._serialized_start=1269
-  _globals['_LISTJOBSRESPONSE']._serialized_end=1345
+  _globals['_JOBSTATE']._serialized_start=1466
+  _globals['_JOBSTATE']._serialized_end=1620
+  _globals['_MODELREF']._serialized_start=77
+  _globals['_MODELREF']._serialized_end=292
+  _globals['_MODELREF_QUANTISATIONENTRY']._serialized_start=241
+  _globals['_MODELREF_QUANTISATIONENTRY']._serialized_end=292
+  _globals['_PROGRESS']._serialized_start=294
+  _globals['_PROGRESS']._serialized_end=362
+  _globals['_LOGLINE']._serialized_start=364
+  _globals['_LOGLINE']._serialized_end=405
+  _globals['_METRIC']._serialized_start=407
+  _globals['_METRIC']._serialized_end=458
+  _globals['_PREVIEW']._serialized_start=460
+  _globals['_PREVIEW']._serialized_end=523
+  _globals['_JOB']._serialized_start=526
+  _globals['_JOB']._serialized_end=894
+  _globals['_JOB_OUTPUTSENTRY']._serialized_start=848
+  _globals['_JOB_OUTPUTSENTRY']._serialized_end=894
+  _globals['_EVENT']._serialized_start=897
+  _globals['_EVENT']._serialized_end=1165
+  _globals['_GETJOBREQUEST']._serialized_start=1167
+  _globals['_GETJOBREQUEST']._serialized_end=1198
+  _globals['_WATCHJOBREQUEST']._serialized_start=1200
+  _globals['_WATCHJOBREQUEST']._serialized_end=1252
+  _globals['_CANCELJOBREQUEST']._serialized_start=1254
+  _globals['_CANCELJOBREQUEST']._serialized_end=1288
+  _globals['_LISTJOBSREQUEST']._serialized_start=1290
+  _globals['_LISTJOBSREQUEST']._serialized_end=1385
+  _globals['_LISTJOBSRESPONSE']._serialized_start=1387
+  _globals['_LISTJOBSRESPONSE']._serialized_end=1463
 # @@protoc_insertion_point(module_scope)

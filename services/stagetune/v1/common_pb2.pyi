@@ -26,18 +26,27 @@ JOB_STATE_FAILED: JobState
 JOB_STATE_CANCELLED: JobState
 
 class ModelRef(_message.Message):
-    __slots__ = ("name_or_path", "revision", "variant", "dtype", "family")
+    __slots__ = ("name_or_path", "revision", "variant", "dtype", "family", "quantisation")
+    class QuantisationEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     NAME_OR_PATH_FIELD_NUMBER: _ClassVar[int]
     REVISION_FIELD_NUMBER: _ClassVar[int]
     VARIANT_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     FAMILY_FIELD_NUMBER: _ClassVar[int]
+    QUANTISATION_FIELD_NUMBER: _ClassVar[int]
     name_or_path: str
     revision: str
     variant: str
     dtype: str
     family: str
-    def __init__(self, name_or_path: _Optional[str] = ..., revision: _Optional[str] = ..., variant: _Optional[str] = ..., dtype: _Optional[str] = ..., family: _Optional[str] = ...) -> None: ...
+    quantisation: _containers.ScalarMap[str, str]
+    def __init__(self, name_or_path: _Optional[str] = ..., revision: _Optional[str] = ..., variant: _Optional[str] = ..., dtype: _Optional[str] = ..., family: _Optional[str] = ..., quantisation: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class Progress(_message.Message):
     __slots__ = ("phase", "done", "total", "unit")

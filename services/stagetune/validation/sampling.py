@@ -11,7 +11,7 @@ import dataclasses
 import io
 import tempfile
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -22,6 +22,7 @@ from PIL import Image
 from stagetune.core.messages import from_struct
 from stagetune.core.store.base import Store
 from stagetune.models.loading import MODEL_LOAD_LOCK
+from stagetune.models.quantise import quantise
 
 _pipelines: dict[tuple, Any] = {}
 _lock = threading.Lock()
@@ -50,13 +51,20 @@ class Sampling:
         )
 
 
-def get_pipeline(family: Any, name_or_path: str, revision: str | None, dtype: torch.dtype) -> Any:
-    key = (family.name, name_or_path, revision, dtype)
+def get_pipeline(family: Any, name_or_path: str, revision: str | None, dtype: torch.dtype,
+                 quantisation: Mapping[str, str] | None = None) -> Any:
+    """The family's pipeline, loaded once per model; text encoders quantised as training encoded captions
+    (`text_encoder_N_precision`), so validation prompts get the embeddings training saw."""
+    quantisation = dict(sorted((quantisation or {}).items()))
+    key = (family.name, name_or_path, revision, dtype, tuple(quantisation.items()))
     with _lock:
         if key not in _pipelines:
             device = "cuda" if torch.cuda.is_available() else "cpu"
             with MODEL_LOAD_LOCK:
                 pipe = family.pipeline_class().from_pretrained(name_or_path, revision=revision, dtype=dtype)
+                for name, precision in quantisation.items():
+                    quantise(getattr(pipe, family.text_encoder_components[name]), precision, exclude=(),
+                             key=f"{name}_precision")
             pipe.set_progress_bar_config(disable=True)
             _pipelines[key] = pipe.to(device)
         return _pipelines[key]

@@ -38,7 +38,8 @@ def validation_job(ctx: JobContext) -> dict[str, str]:
     prompts = [(p.name, p.prompt) for p in req.prompts]
     total = len(prompts) * len(options.resolutions)
     ctx.progress("loading pipeline", 0, total, "images")
-    pipe = get_pipeline(family, req.model.name_or_path, req.model.revision or None, parse_dtype(req.model.dtype))
+    pipe = get_pipeline(family, req.model.name_or_path, req.model.revision or None, parse_dtype(req.model.dtype),
+                        dict(req.model.quantisation))
     output = open_output(req.output_prefix) if req.output_prefix else None
     written = 0
     previews = Previews(ctx, family, req, output) if req.sampling.preview_steps > 0 else None

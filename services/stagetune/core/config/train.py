@@ -72,9 +72,7 @@ SUPPORTED_VALUES: dict[str, frozenset[Any]] = {
     "mixed_precision": frozenset({"no", "bf16", "fp16"}),
     "attention_mechanism": frozenset(ATTENTION_BACKENDS),
     "base_model_precision": frozenset(QUANTISATIONS),
-    "text_encoder_1_precision": frozenset({"no_change"}),
-    "text_encoder_2_precision": frozenset({"no_change"}),
-    "text_encoder_3_precision": frozenset({"no_change"}),
+    **{f"text_encoder_{n}_precision": frozenset(QUANTISATIONS) for n in range(1, 5)},
 }
 
 
@@ -212,9 +210,11 @@ class TrainConfig(BaseModel):
     ema_warmup_steps: int = Field(_default("ema_warmup_steps"), ge=0)
     ema_foreach_disable: bool = _default("ema_foreach_disable")
     base_model_precision: str = "no_change"  # one of models/quantise.SUPPORTED (optimum-quanto, nf4-bnb)
-    text_encoder_1_precision: Literal["no_change"] = "no_change"
-    text_encoder_2_precision: Literal["no_change"] = "no_change"
-    text_encoder_3_precision: Literal["no_change"] = "no_change"
+    # frozen text encoders quantised in the text stage (and wherever captions are encoded): models/quantise.py
+    text_encoder_1_precision: str = "no_change"
+    text_encoder_2_precision: str = "no_change"
+    text_encoder_3_precision: str = "no_change"
+    text_encoder_4_precision: str = "no_change"
 
     validation_disable: bool = _default("validation_disable")  # no validation images at all
     # ingest raises a too-small dataset's repeats (unless it sets repeats itself) instead of dropping buckets
@@ -235,6 +235,11 @@ class TrainConfig(BaseModel):
     no_effect: dict[str, Any] = Field(default_factory=dict)
     #: The model family's own options (models/<family>/options.py), typed and checked by the family.
     family_options: dict[str, Any] = Field(default_factory=dict)
+
+    def text_encoder_quantisation(self) -> dict[str, str]:
+        """`text_encoder_N` → precision for the quantised ones: the ModelRef's `quantisation` map."""
+        return {f"text_encoder_{n}": value for n in range(1, 5)
+                if (value := getattr(self, f"text_encoder_{n}_precision")) != "no_change"}
 
     def dataset_defaults(self) -> dict[str, Any]:
         """config.json's dataset-level values, for datasets in multidatabackend.json that do not set them."""
@@ -689,6 +694,24 @@ def _convert_resume(value: Any) -> str | None:
     return text
 
 
+def _check_precisions(fields: dict[str, Any], warnings: list[str]) -> None:
+    """A precision this machine cannot build is refused now; one for an encoder the family lacks is a warning."""
+    if fields.get("base_model_precision") in NEEDS_COMPILER:
+        check_precision(fields["base_model_precision"], "base_model_precision", cuda=False)
+    name = fields.get("model_family")
+    count = len(get_family(name).text_encoder_components) if name in family_names() else 4
+    for n in range(1, 5):
+        key = f"text_encoder_{n}_precision"
+        precision = fields.get(key, "no_change")
+        if precision == "no_change":
+            continue
+        if n > count:
+            warnings.append(f"{key}={precision} changes nothing: {name} has {count} text encoders")
+            fields[key] = "no_change"
+        elif precision in NEEDS_COMPILER:
+            check_precision(precision, key, cuda=False)
+
+
 def _cross_check(fields: dict[str, Any], explicit: frozenset[str], warnings: list[str]) -> None:
     """Rules between options that SimpleTuner applies at startup, or that would silently do nothing."""
     max_steps = fields.get("max_train_steps")
@@ -724,8 +747,7 @@ def _cross_check(fields: dict[str, Any], explicit: frozenset[str], warnings: lis
         raise PreconditionError(f"attention_mechanism={attention} needs the sageattention package (CUDA GPUs only): "
                                 "pip install sageattention, or use diffusers", field="attention_mechanism")
 
-    if fields.get("base_model_precision") in NEEDS_COMPILER:
-        check_precision(fields["base_model_precision"], "base_model_precision", cuda=False)
+    _check_precisions(fields, warnings)
 
     if fields.get("flow_use_uniform_schedule") and fields.get("flow_use_beta_schedule"):
         warnings.append(

@@ -16,7 +16,7 @@ torch and diffusers are imported inside the functions: config validation imports
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -230,27 +230,42 @@ def load_tokenizers(
     )
 
 
+#: SimpleTuner's text_encoder_N_precision numbering → SD3's component subfolders.
+TEXT_ENCODER_KEYS = {"text_encoder_1": "text_encoder", "text_encoder_2": "text_encoder_2",
+                     "text_encoder_3": "text_encoder_3"}
+
+
 def load_text_encoders(
     name_or_path: str,
     *,
     revision: str | None = None,
     dtype: torch.dtype | None = None,
     device: str | torch.device = "cpu",
+    quantisation: Mapping[str, str] | None = None,
 ) -> SD3TextModels:
-    """The three tokenizers (fresh) and the three shared, frozen text encoders."""
+    """The three tokenizers (fresh) and the three shared, frozen text encoders.
+
+    ``quantisation`` maps SimpleTuner's ``text_encoder_N`` to a precision (``int8-quanto``, …); a quantised
+    encoder is a different shared object from the full-precision one.
+    """
     import torch
     from transformers import CLIPTextModelWithProjection, T5EncoderModel
 
+    from stagetune.models.quantise import quantise
+
     dtype = _dtype(dtype)
     source = _source_key(name_or_path)
+    precision_of = {TEXT_ENCODER_KEYS[key]: (key, value) for key, value in (quantisation or {}).items()}
 
     def encoder(cls: Any, subfolder: str) -> Any:
-        key = ("text", source, revision or "", subfolder, str(dtype), str(torch.device(device)))
+        key_name, precision = precision_of.get(subfolder, ("", "no_change"))
+        key = ("text", source, revision or "", subfolder, str(dtype), str(torch.device(device)), precision)
 
         def load() -> Any:
             model = _from_pretrained(
                 cls.from_pretrained, name_or_path, subfolder, revision=revision, dtype=dtype
             )
+            quantise(model, precision, exclude=(), key=f"{key_name}_precision")
             return _freeze(model.to(device))
 
         return _memoised(key, load)

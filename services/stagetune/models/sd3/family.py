@@ -10,6 +10,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from stagetune.core.errors import Collector
+from stagetune.models.sd3.components import TEXT_ENCODER_KEYS
 from stagetune.models.sd3.options import OPTION_KEYS, parse_sd3_options
 
 #: SimpleTuner's preview decoder for SD3 (a tiny autoencoder in the VAE's latent space).
@@ -27,6 +28,7 @@ class SD3Family:
     lycoris_targets: tuple[str, ...] = ("Attention",)  # SimpleTuner's DEFAULT_LYCORIS_TARGET (class names)
     quantisation_exclude = QUANTISATION_EXCLUDE
     text_option_keys = ("tokenizer_max_length", "t5_padding")
+    text_encoder_components = TEXT_ENCODER_KEYS  # CLIP-L, CLIP-G, T5-XXL
     #: The transformer patchifies 2×2 latent pixels into one token.
     patch_size = 2
 
@@ -56,11 +58,13 @@ class SD3Family:
 
         return load_transformer(name_or_path, revision=revision, dtype=dtype)
 
-    def text_encoder(self, name_or_path: str, *, revision: str | None = None, dtype: Any = None) -> Any:
+    def text_encoder(self, name_or_path: str, *, revision: str | None = None, dtype: Any = None,
+                     quantisation: Mapping[str, str] | None = None) -> Any:
         """The weights load on the first `encode`: fingerprints and cache keys need only the files."""
         from stagetune.models.sd3.text import SD3TextEncoder
 
-        return SD3TextEncoder.from_pretrained(name_or_path, revision=revision, dtype=dtype, load=False)
+        return SD3TextEncoder.from_pretrained(name_or_path, revision=revision, dtype=dtype, load=False,
+                                              quantisation=quantisation)
 
     def latent_encoder(self, name_or_path: str, *, revision: str | None = None, dtype: Any = None) -> Any:
         from stagetune.models.sd3.vae import SD3LatentEncoder

@@ -13,13 +13,14 @@ stale embeddings; ``cache_key`` includes both (DESIGN.md §2, §6).
 from __future__ import annotations
 
 import threading
-from functools import cached_property
+from typing import Any
 
 import torch
 
 from stagetune.core.errors import ConfigError
-from stagetune.models.fingerprint import digest, model_fingerprint
+from stagetune.models.fingerprint import digest
 from stagetune.models.fixed_length import fixed_length_ids
+from stagetune.models.pretrained import PretrainedEncoder
 from stagetune.models.sd3.components import SD3TextModels, load_text_encoders
 
 CLIP_MAX_LENGTH = 77
@@ -47,70 +48,37 @@ def check_t5_options(t5_max_length: int, t5_padding: str) -> None:
         )
 
 
-class SD3TextEncoder:
-    """CLIP-L + CLIP-G + T5 prompt encoder producing SD3's ``prompt_embeds`` and ``pooled_prompt_embeds``."""
+class SD3TextEncoder(PretrainedEncoder):
+    """CLIP-L + CLIP-G + T5 prompt encoder producing SD3's ``prompt_embeds`` and ``pooled_prompt_embeds``.
 
-    def __init__(
-        self,
-        models: SD3TextModels | None,
-        *,
-        name_or_path: str,
-        revision: str | None,
-        dtype: torch.dtype,
-        device: torch.device,
-    ) -> None:
-        self._models = models
-        self.name_or_path = name_or_path
-        self.revision = revision
-        self.dtype = dtype
-        self.device = device
+    ``quantisation`` takes SimpleTuner's keys: ``text_encoder_1`` (CLIP-L), ``_2`` (CLIP-G), ``_3`` (T5).
+    """
+
+    family = "sd3"
+    component = "text"
+
+    def __init__(self, loaded: SD3TextModels | None = None, **kwargs: Any) -> None:
+        super().__init__(loaded, **kwargs)
         # Tokenisers are shared by callers of this encoder: one batch at a time.
         self._tokenize_lock = threading.Lock()
 
     @property
     def models(self) -> SD3TextModels:
-        """Loaded on first use: a run whose captions are all cached never loads the encoders."""
-        if self._models is None:
-            self._models = load_text_encoders(
-                self.name_or_path, revision=self.revision, dtype=self.dtype, device=self.device
-            )
-        return self._models
+        return self.model
+
+    def load(self) -> SD3TextModels:
+        """Through the shared component memo, so the embedded services hold one copy of the encoders."""
+        return load_text_encoders(self.name_or_path, revision=self.revision, dtype=self.dtype,
+                                  device=self.device, quantisation=self.quantisation)
+
+    def subfolders(self) -> list[str]:
+        return TEXT_SUBFOLDERS
 
     def warm(self, t5_max_length: int = 154, **_options: object) -> SD3TextModels:
         """Load the encoders and set up tokenisation at these lengths: set-up, not per-batch, work."""
         models = self.models
         self.tokenize([], t5_max_length)
         return models
-
-    @classmethod
-    def from_pretrained(
-        cls,
-        name_or_path: str,
-        *,
-        revision: str | None = None,
-        dtype: torch.dtype | None = torch.float32,
-        device: str | torch.device = "cpu",
-        load: bool = True,
-    ) -> SD3TextEncoder:
-        """Load through the shared component memo, so the embedded services hold one copy of the encoders.
-
-        ``dtype=None`` means float32, and gets float32's fingerprint: callers that leave it unset share caches.
-        """
-        dtype = torch.float32 if dtype is None else dtype
-        models = load_text_encoders(name_or_path, revision=revision, dtype=dtype, device=device) if load else None
-        return cls(
-            models, name_or_path=name_or_path, revision=revision, dtype=dtype, device=torch.device(device)
-        )
-
-    @cached_property
-    def fingerprint(self) -> str:
-        """Weights, configs and tokenizers of all three encoders, plus dtype (it changes the embeddings)."""
-        return model_fingerprint(
-            self.name_or_path,
-            TEXT_SUBFOLDERS,
-            revision=self.revision,
-            extra={"family": "sd3", "component": "text", "dtype": str(self.dtype)},
-        )
 
     def cache_key(self, caption: str, *, t5_max_length: int = 154, t5_padding: str = "unmodified") -> str:
         """Key of one caption's embeddings: caption, encoder fingerprint, T5 length and T5 padding mode."""

@@ -4,6 +4,13 @@ It has every part of the real one (MMDiT, 16-channel VAE with SD3's shift and sc
 downsampling, CLIP-L, CLIP-G with its "!" padding, T5, flow-match scheduler with shift 3) at toy widths,
 and it is written with ``save_pretrained`` so that services load it through the same ``from_pretrained``
 calls as a hub model.
+
+Two sizes (``SIZES``):
+- ``tiny``: toy widths everywhere (~80k transformer parameters); what the tests use. A training step is
+  overhead, not compute.
+- ``compute``: the same tiny VAE and text encoders (they only run while caching), and an MMDiT of 6 layers
+  × 768 wide (12 heads of 64, as in SD3) with ~123M parameters. Trained at 256 px with batch 2, one LoRA step
+  takes about a second on 2 CPU cores, so benchmarks of training steps measure compute rather than overhead.
 """
 
 from __future__ import annotations
@@ -53,25 +60,60 @@ class TinySD3Dims:
 
 TINY_SD3 = TinySD3Dims()
 
+#: SD3-shaped widths at which a training step is compute-bound on a CPU: 6 MMDiT layers × 768
+#: (12 heads × 64, SD3's head width). The encoders and VAE stay tiny: they only run while caching.
+COMPUTE_SD3 = TinySD3Dims(transformer_layers=6, transformer_heads=12, transformer_head_dim=64)
+
+#: The sizes `build_tiny_sd3` and `stagetune tiny-model sd3 --size` know.
+SIZES: dict[str, TinySD3Dims] = {"tiny": TINY_SD3, "compute": COMPUTE_SD3}
+
+
+def dims_for(size: str) -> TinySD3Dims:
+    """The widths of one of `SIZES`; an unknown size is an `InputError` naming the choices."""
+    try:
+        return SIZES[size]
+    except KeyError:
+        raise InputError(f"unknown tiny model size {size!r}; choose one of: {', '.join(SIZES)}",
+                         field="size") from None
+
+
+def transformer_config(dims: TinySD3Dims) -> dict[str, object]:
+    """The `SD3Transformer2DModel` arguments for these widths (what its `config.json` holds)."""
+    return {
+        "sample_size": 32,
+        "patch_size": 2,
+        "in_channels": dims.latent_channels,
+        "out_channels": dims.latent_channels,
+        "num_layers": dims.transformer_layers,
+        "attention_head_dim": dims.transformer_head_dim,
+        "num_attention_heads": dims.transformer_heads,
+        "joint_attention_dim": dims.t5_d_model,
+        "caption_projection_dim": dims.transformer_heads * dims.transformer_head_dim,
+        "pooled_projection_dim": dims.pooled_projection_dim,
+        "pos_embed_max_size": 96,
+    }
+
 
 #: Where a model folder may hold its own preview decoder (the tiny model does; real ones use the hub's).
 PREVIEW_FOLDER = "taesd3"
 
 
-def build_tiny_sd3(output_dir: Path, *, seed: int = 0) -> Path:
+def build_tiny_sd3(output_dir: Path, *, seed: int = 0, size: str = "tiny") -> Path:
     """Write a tiny random-weight SD3 pipeline in diffusers format to ``output_dir`` and return it.
 
-    The same seed gives byte-identical files, so tests and benchmarks can compare fingerprints and outputs
+    ``size`` is one of `SIZES`: ``tiny`` (the default, what the tests use) or ``compute``. The same seed and
+    size give byte-identical files, so tests and benchmarks can compare fingerprints and outputs
     across runs. The folder is assembled beside ``output_dir`` and renamed into place, so a crashed build
     never leaves a half-written model that loads; ``output_dir`` must not exist or be empty.
     """
     output_dir = Path(output_dir)
+    dims = dims_for(size)
     if output_dir.exists() and (not output_dir.is_dir() or any(output_dir.iterdir())):
         raise InputError(f"{output_dir} already exists and is not an empty folder", field="output")
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", suffix=".tmp", dir=output_dir.parent))
     try:
-        _build_into(staging / "model", seed=seed, dims=TINY_SD3)
+        _build_into(staging / "model", seed=seed, dims=dims, size=size)
         if output_dir.exists():
             output_dir.rmdir()
         (staging / "model").rename(output_dir)
@@ -80,7 +122,7 @@ def build_tiny_sd3(output_dir: Path, *, seed: int = 0) -> Path:
     return output_dir
 
 
-def _build_into(folder: Path, *, seed: int, dims: TinySD3Dims) -> None:
+def _build_into(folder: Path, *, seed: int, dims: TinySD3Dims, size: str) -> None:
     import torch
     from diffusers import (
         AutoencoderKL,
@@ -143,19 +185,7 @@ def _build_into(folder: Path, *, seed: int, dims: TinySD3Dims) -> None:
             )
         )
         seeded(4)
-        transformer = SD3Transformer2DModel(
-            sample_size=32,
-            patch_size=2,
-            in_channels=dims.latent_channels,
-            out_channels=dims.latent_channels,
-            num_layers=dims.transformer_layers,
-            attention_head_dim=dims.transformer_head_dim,
-            num_attention_heads=dims.transformer_heads,
-            joint_attention_dim=dims.t5_d_model,
-            caption_projection_dim=dims.transformer_heads * dims.transformer_head_dim,
-            pooled_projection_dim=dims.pooled_projection_dim,
-            pos_embed_max_size=96,
-        )
+        transformer = SD3Transformer2DModel(**transformer_config(dims))
         seeded(5)
         blocks = len(dims.vae_block_out_channels)
         vae = AutoencoderKL(
@@ -194,7 +224,8 @@ def _build_into(folder: Path, *, seed: int, dims: TinySD3Dims) -> None:
     )
     pipeline.save_pretrained(folder, safe_serialization=True)
     preview.save_pretrained(folder / PREVIEW_FOLDER, safe_serialization=True)
-    (folder / "stagetune_tiny.json").write_text(
-        json.dumps({"family": "sd3", "seed": seed, "dims": asdict(dims)}, indent=2, sort_keys=True) + "\n",
-        encoding="utf-8",
-    )
+    record: dict[str, object] = {"family": "sd3", "seed": seed, "dims": asdict(dims)}
+    if size != "tiny":  # the tiny model's record stays as it always was (byte-identical builds)
+        record["size"] = size
+    (folder / "stagetune_tiny.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n",
+                                                encoding="utf-8")

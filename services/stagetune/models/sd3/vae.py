@@ -7,42 +7,40 @@ encoded it: re-encoding a sample anywhere gives the same tensor, and the cache s
 
 from __future__ import annotations
 
-from functools import cached_property
+from typing import Any
 
 import torch
 
 from stagetune.core.errors import InputError
-from stagetune.models.fingerprint import digest, model_fingerprint
+from stagetune.models.fingerprint import digest
+from stagetune.models.pretrained import PretrainedEncoder
 from stagetune.models.sd3.components import load_vae
 
 
-class SD3LatentEncoder:
-    """Encode pixels to SD3 training latents ``(z − shift_factor) · scaling_factor`` and decode them back."""
+class SD3LatentEncoder(PretrainedEncoder):
+    """Encode pixels to SD3 training latents ``(z − shift_factor) · scaling_factor`` and decode them back.
 
-    def __init__(
-        self,
-        vae: torch.nn.Module | None,
-        *,
-        name_or_path: str,
-        subfolder: str | None,
-        revision: str | None,
-        dtype: torch.dtype,
-        device: torch.device,
-    ) -> None:
-        self._vae = vae
-        self.name_or_path = name_or_path
+    ``subfolder=None`` reads a standalone VAE repository (its files at the top).
+    """
+
+    family = "sd3"
+    component = "vae"
+
+    def __init__(self, loaded: torch.nn.Module | None = None, *, subfolder: str | None = "vae",
+                 **kwargs: Any) -> None:
+        super().__init__(loaded, **kwargs)
         self.subfolder = subfolder
-        self.revision = revision
-        self.dtype = dtype
-        self.device = device
 
     @property
     def vae(self) -> torch.nn.Module:
-        """Loaded on first use: a run whose latents are all cached never loads the VAE."""
-        if self._vae is None:
-            self._vae = load_vae(self.name_or_path, revision=self.revision, dtype=self.dtype, device=self.device,
-                                 subfolder=self.subfolder)
-        return self._vae
+        return self.model
+
+    def load(self) -> torch.nn.Module:
+        return load_vae(self.name_or_path, revision=self.revision, dtype=self.dtype, device=self.device,
+                        subfolder=self.subfolder)
+
+    def subfolders(self) -> list[str]:
+        return [self.subfolder or ""]
 
     @property
     def shift_factor(self) -> float:
@@ -59,44 +57,6 @@ class SD3LatentEncoder:
     @property
     def downsample(self) -> int:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
-
-    @classmethod
-    def from_pretrained(
-        cls,
-        name_or_path: str,
-        *,
-        revision: str | None = None,
-        dtype: torch.dtype | None = torch.float32,
-        device: str | torch.device = "cpu",
-        subfolder: str | None = "vae",
-        load: bool = True,
-    ) -> SD3LatentEncoder:
-        """Load through the shared component memo; ``subfolder=None`` for a standalone VAE repository.
-
-        ``dtype=None`` means float32, with float32's fingerprint.
-        """
-        dtype = torch.float32 if dtype is None else dtype
-        vae = None
-        if load:
-            vae = load_vae(name_or_path, revision=revision, dtype=dtype, device=device, subfolder=subfolder)
-        return cls(
-            vae,
-            name_or_path=name_or_path,
-            subfolder=subfolder,
-            revision=revision,
-            dtype=dtype,
-            device=torch.device(device),
-        )
-
-    @cached_property
-    def fingerprint(self) -> str:
-        """VAE weights and config plus dtype: everything that changes a latent besides the pixels and seed."""
-        return model_fingerprint(
-            self.name_or_path,
-            [self.subfolder or ""],
-            revision=self.revision,
-            extra={"family": "sd3", "component": "vae", "dtype": str(self.dtype)},
-        )
 
     def latent_key(self, pixel_key: str) -> str:
         """Cache key of a latent: the key of its pixels (image bytes, crop, size) under this VAE."""
