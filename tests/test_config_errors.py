@@ -102,7 +102,7 @@ def test_missing_required_keys_are_reported_together_with_typos() -> None:
 def test_no_effect_options_are_simpletuner_options_and_not_trainconfig_fields() -> None:
     assert set(NO_EFFECT) <= set(st.OPTIONS)
     assert not set(NO_EFFECT) & SUPPORTED_KEYS
-    assert {"report_to", "push_to_hub", "disable_benchmark", "logging_dir"} <= set(NO_EFFECT)
+    assert {"tracker_image_layout", "push_to_hub", "disable_benchmark", "webhook_config"} <= set(NO_EFFECT)
 
 
 def test_every_no_effect_option_loads_at_a_non_default_value() -> None:
@@ -133,12 +133,12 @@ def test_no_effect_options_are_still_checked_and_quiet_at_their_default() -> Non
 
 def test_the_users_unchanged_config_with_logging_and_benchmark_keys_loads() -> None:
     config = load_train_config({
-        **BASE, "validation_disable": True, "disable_benchmark": True, "report_to": "wandb",
-        "tracker_project_name": "mine", "push_to_hub": True, "hub_model_id": "me/lora",
+        **BASE, "validation_disable": True, "disable_benchmark": True, "report_to": "comet_ml",
+        "tracker_image_layout": "table", "push_to_hub": True, "hub_model_id": "me/lora",
         "allow_dataset_oversubscription": True,
     })
     assert config.validation_disable is True and config.allow_dataset_oversubscription is True
-    assert config.no_effect["report_to"] == "wandb"
+    assert config.report_to == "comet_ml" and config.no_effect["tracker_image_layout"] == "table"
 
 
 def test_trainconfig_fields_exist_for_implemented_keys() -> None:
@@ -296,14 +296,14 @@ def test_check_reports_without_training_or_writing(tmp_path: Path) -> None:
         {"id": "photos", "instance_data_dir": str(tmp_path / "data")},
         {"id": "text", "dataset_type": "text_embeds", "default": True}]))
     config = {**BASE, "pretrained_model_name_or_path": str(model), "output_dir": str(tmp_path / "out"),
-              "data_backend_config": str(tmp_path / "multidatabackend.json"), "report_to": "wandb"}
+              "data_backend_config": str(tmp_path / "multidatabackend.json"), "report_to": "comet_ml"}
     (tmp_path / "config.json").write_text(json.dumps(config))
     env = dict(os.environ, STAGETUNE_STORE=str(tmp_path / "store"))
     command = [sys.executable, "-m", "stagetune.cli", "train", "--check", "--config", str(tmp_path / "config.json")]
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "config OK: sd3 lora" in done.stdout and "starts a new run" in done.stdout
-    assert "report_to=wandb changes nothing here" in done.stderr
+    assert "report_to=comet_ml changes nothing here" in done.stderr
     assert not (tmp_path / "out").exists() and not (tmp_path / "store").exists()
     (tmp_path / "config.json").write_text(json.dumps({**config, "lora_rank": 0, "learnin_rate": 1}))
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)

@@ -49,10 +49,15 @@ class NotFoundError(StagetuneError):
     grpc_code = "NOT_FOUND"
 
 
-class StoreUnavailableError(StagetuneError):
-    """The object store cannot be reached: the caller may retry."""
+class UnavailableError(StagetuneError):
+    """Something outside the run cannot be reached (the Hugging Face Hub, a tracker's server): the caller may
+    retry; nothing the run wrote is lost."""
 
     grpc_code = "UNAVAILABLE"
+
+
+class StoreUnavailableError(UnavailableError):
+    """The object store cannot be reached: the caller may retry."""
 
 
 class PreconditionError(StagetuneError):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import time
 from collections.abc import Callable
 from typing import Any
@@ -40,6 +41,11 @@ def validation_request(cfg: Any, *, request_id: str, adapter_key: str, step: int
     )
 
 
+def _image_label(file_name: str, step: int) -> str:
+    """`step_12_validation_64x64.png` → `validation_64x64`: the step is the tracker's axis, not the name."""
+    return file_name.removeprefix(f"step_{step}_").removesuffix(".png")
+
+
 class ValidationRequester:
     """Starts one validation job per snapshot; `wait` collects them at the end of training."""
 
@@ -51,6 +57,8 @@ class ValidationRequester:
         self.cfg = cfg
         self.output_prefix = join_output(output_dir, "validation_images")
         self.pending: list[common_pb2.Job] = []
+        self._steps: dict[str, int] = {}  # job id → training step it samples
+        self._collected: set[str] = set()
 
     def request(self, step: int, lora: bytes, variant: str = "") -> None:
         """Sample `lora` at `step`; `variant` ("ema") names a second set of images of the same step."""
@@ -62,25 +70,49 @@ class ValidationRequester:
         if variant:
             for prompt in request.prompts:
                 prompt.name = f"{prompt.name}_{variant}"
-        self.pending.append(call(self.stub.Start, request))
+        job = call(self.stub.Start, request)
+        self.pending.append(job)
+        self._steps[job.job_id] = step
+
+    def collect_images(self) -> list[tuple[int, dict[str, bytes]]]:
+        """(step, {image name: PNG}) of each validation job that succeeded since the last call; never waits.
+        For report_to's trackers: the images reach them as soon as they exist, not at the end."""
+        from stagetune.core.outputs import open_output
+
+        found = []
+        for job in self.pending:
+            if job.job_id in self._collected:
+                continue
+            with contextlib.suppress(StagetuneError):
+                current = call(self.stub.Get, common_pb2.GetJobRequest(job_id=job.job_id))
+                if current.state not in TERMINAL:
+                    continue
+                self._collected.add(job.job_id)
+                if current.state != common_pb2.JOB_STATE_SUCCEEDED:
+                    continue  # `wait` reports the failure
+                files = json.loads(current.outputs.get("files") or "[]")
+                output = open_output(self.output_prefix)
+                step = self._steps[job.job_id]
+                found.append((step, {_image_label(name, step): output.get_bytes(name) for name in files}))
+        return found
 
     def wait(self, cancelled: Callable[[], bool] = lambda: False, poll_s: float = 0.1) -> int:
         """Images written by every requested job; when the trainer is cancelled meanwhile, the pending
         validation jobs are cancelled too and `JobCancelled` is raised (Ctrl-C does not wait for sampling)."""
         images = 0
-        try:
-            for job in self.pending:
-                while True:
-                    current = call(self.stub.Get, common_pb2.GetJobRequest(job_id=job.job_id))
-                    if current.state in TERMINAL:
-                        images += int(follow(self.stub, current).outputs.get("images", 0))
-                        break
-                    if cancelled():
-                        for other in self.pending:
-                            with contextlib.suppress(StagetuneError):
-                                call(self.stub.Cancel, common_pb2.CancelJobRequest(job_id=other.job_id))
-                        raise JobCancelled("validation")
-                    time.sleep(poll_s)
-        finally:
-            self.channel.close()
+        for job in self.pending:
+            while True:
+                current = call(self.stub.Get, common_pb2.GetJobRequest(job_id=job.job_id))
+                if current.state in TERMINAL:
+                    images += int(follow(self.stub, current).outputs.get("images", 0))
+                    break
+                if cancelled():
+                    for other in self.pending:
+                        with contextlib.suppress(StagetuneError):
+                            call(self.stub.Cancel, common_pb2.CancelJobRequest(job_id=other.job_id))
+                    raise JobCancelled("validation")
+                time.sleep(poll_s)
         return images
+
+    def close(self) -> None:
+        self.channel.close()

@@ -74,6 +74,8 @@ class Reporter:
     metric: Callable[[str, float, int], None] = lambda name, value, step: None
     validate: Callable[[int, bytes, str], None] | None = None  # (step, LoRA bytes, variant ""/"ema"), no blocking
     cancelled: Callable[[], bool] = lambda: False
+    track: Callable[[dict[str, float], int], None] = lambda values, step: None  # report_to's trackers, per step
+    checkpointed: Callable[[int], None] = lambda step: None
 
 
 class Trainer:
@@ -283,6 +285,7 @@ class Trainer:
         name = checkpoint.save_checkpoint(self.output, self.global_step, files, state,
                                           self.cfg.checkpoints_total_limit)
         self.report.log(f"saved {name}")
+        self.report.checkpointed(self.global_step)
 
     def _validate(self, trained: bytes | None = None) -> None:
         """Validate the trained weights, the averaged ones, or both (SimpleTuner's `ema_validation`)."""
@@ -338,6 +341,21 @@ class Trainer:
             outputs["changed_settings"] = "; ".join(str(c) for c in self.changes)
         return outputs
 
+    def _report_step(self, family: str, loss: float, elapsed: float) -> None:
+        """One step's numbers: job events, Prometheus, and the trackers (SimpleTuner's names)."""
+        waited = self.batches.take_wait()
+        lr = self.scheduler.get_last_lr()[0]
+        metrics.TRAIN_STEPS.labels(family).inc()
+        metrics.TRAIN_STEP_SECONDS.labels(family).observe(elapsed)
+        metrics.TRAIN_LOSS.labels(family).observe(loss)
+        metrics.TRAIN_DATA_WAIT_SECONDS.labels(family).observe(waited)
+        self.report.metric("data_wait_seconds", waited, self.global_step)
+        self.report.metric("loss", loss, self.global_step)
+        self.report.metric("lr", lr, self.global_step)
+        self.report.track({"train_loss": loss, "learning_rate": lr, "epoch": self.consumed_state.epoch + 1,
+                           "step_seconds": elapsed, "data_wait_seconds": waited}, self.global_step)
+        self.report.progress(self.global_step, self.total_steps)
+
     def _train_steps(self) -> None:
         cfg = self.cfg
         family = self.family.name
@@ -347,16 +365,7 @@ class Trainer:
                 raise JobCancelled("training cancelled")
             started = time.perf_counter()
             loss = self.step()
-            elapsed = time.perf_counter() - started
-            metrics.TRAIN_STEPS.labels(family).inc()
-            metrics.TRAIN_STEP_SECONDS.labels(family).observe(elapsed)
-            metrics.TRAIN_LOSS.labels(family).observe(loss)
-            waited = self.batches.take_wait()
-            metrics.TRAIN_DATA_WAIT_SECONDS.labels(family).observe(waited)
-            self.report.metric("data_wait_seconds", waited, self.global_step)
-            self.report.metric("loss", loss, self.global_step)
-            self.report.metric("lr", self.scheduler.get_last_lr()[0], self.global_step)
-            self.report.progress(self.global_step, self.total_steps)
+            self._report_step(family, loss, time.perf_counter() - started)
             if cfg.checkpointing_steps and self.global_step % cfg.checkpointing_steps == 0:
                 self.save_checkpoint()
             if cfg.validation_steps and self.global_step % cfg.validation_steps == 0 \

@@ -78,12 +78,48 @@ def _train(ctx: JobContext, cfg: Any, data: Any, output: Any, family: Any, req: 
     trainer = Trainer(cfg, family, data, output, reporter)
     ctx.progress("loading model", 0, 1)
     trainer.setup()
-    outputs = trainer.train()
-    if validator is not None and not outputs.get("already_finished"):
-        ctx.progress("waiting for validation", 0, len(validator.pending))
-        outputs["validation_images"] = str(validator.wait(ctx.cancelled.is_set))
+    trackers = _start_trackers(cfg, output, trainer, reporter, validator)
+    try:
+        outputs = trainer.train()
+        if validator is not None and not outputs.get("already_finished"):
+            ctx.progress("waiting for validation", 0, len(validator.pending))
+            outputs["validation_images"] = str(validator.wait(ctx.cancelled.is_set))
+    finally:
+        if trackers is not None:
+            if validator is not None:
+                _log_validations(trackers, validator)
+            trackers.finish()
+        if validator is not None:
+            validator.close()
     outputs["output"] = output.url
     return outputs
+
+
+def _start_trackers(cfg: Any, output: Any, trainer: Any, reporter: Any, validator: Any) -> Any:
+    """report_to's trackers, fed each step's numbers and the validation images as they finish."""
+    from stagetune.trainer.trackers import Trackers
+
+    if trainer.already_finished is not None:
+        return None
+    bookkeeping = {"base_dir", "source_path", "explicit_keys", "warnings", "no_effect"}
+    trackers = Trackers.start(cfg, output, resumed_step=trainer.resumed_from,
+                              settings={k: v for k, v in cfg.model_dump().items() if k not in bookkeeping})
+    if trackers is None:
+        return None
+
+    def track(values: dict[str, float], step: int) -> None:
+        trackers.log(values, step)
+        if validator is not None:
+            _log_validations(trackers, validator)
+
+    reporter.track = track
+    reporter.checkpointed = lambda step: trackers.sync()
+    return trackers
+
+
+def _log_validations(trackers: Any, validator: Any) -> None:
+    for step, images in validator.collect_images():
+        trackers.log_images(images, step)
 
 
 def per_epoch_datasets(report: dict) -> dict[str, str | None]:

@@ -3,6 +3,7 @@ and streams small previews as job events."""
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable
 from typing import Any
@@ -42,6 +43,7 @@ def validation_job(ctx: JobContext) -> dict[str, str]:
                         dict(req.model.quantisation))
     output = open_output(req.output_prefix) if req.output_prefix else None
     written = 0
+    files: list[str] = []
     previews = Previews(ctx, family, req, output) if req.sampling.preview_steps > 0 else None
     with adapter(pipe, ctx.store, req.adapter_key):
         for name, prompt in prompts:
@@ -53,10 +55,12 @@ def validation_job(ctx: JobContext) -> dict[str, str]:
                 file = image_name(req.step, name, width, height)
                 if output is not None:
                     output.put_bytes(file, png_bytes(image))
+                    files.append(file)
                 ctx.preview(name, png_bytes(image, PREVIEW_EDGE), req.step, file)
                 written += 1
                 ctx.progress("sampling", written, total, "images")
-    return {"images": str(written), "output": output.url if output is not None else ""}
+    return {"images": str(written), "output": output.url if output is not None else "",
+            "files": json.dumps(files)}
 
 
 class Previews:

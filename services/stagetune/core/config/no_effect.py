@@ -20,10 +20,6 @@ _NOT_NEEDED = "stagetune has no such step"
 #: option → what stagetune does instead (shown when the option is set away from SimpleTuner's default).
 NO_EFFECT: dict[str, str] = {
     # logging and trackers
-    "report_to": _TRACKING,
-    "logging_dir": _TRACKING,
-    "tracker_project_name": _TRACKING,
-    "tracker_run_name": _TRACKING,
     "tracker_image_layout": _TRACKING,
     "custom_tracker": _TRACKING,
     "webhook_config": _TRACKING + "; webhooks are not sent",

@@ -35,6 +35,7 @@ from stagetune.core.config.no_effect import NO_EFFECT
 from stagetune.core.config.optimizer_names import ALIASES as OPTIMIZER_ALIASES
 from stagetune.core.config.optimizer_names import SUPPORTED as SUPPORTED_OPTIMIZERS
 from stagetune.core.config.optimizer_names import canonical_name, parse_optimizer_config
+from stagetune.core.config.trackers import check_trackers, tracker_warning
 from stagetune.core.config.values import BOOL_FALSE, check_choice, coerce, is_default, show
 from stagetune.core.errors import Collector, ConfigError, NotSupportedError, PreconditionError
 from stagetune.models.family import all_option_keys, family_names, get_family
@@ -215,6 +216,12 @@ class TrainConfig(BaseModel):
     text_encoder_2_precision: str = "no_change"
     text_encoder_3_precision: str = "no_change"
     text_encoder_4_precision: str = "no_change"
+
+    # trackers (trainer/trackers.py): tensorboard and wandb; SimpleTuner's others are accepted with a warning
+    report_to: str = _default("report_to")
+    logging_dir: str = _default("logging_dir")  # relative to output_dir, as in SimpleTuner
+    tracker_project_name: str = _default("tracker_project_name")
+    tracker_run_name: str = _default("tracker_run_name")
 
     validation_disable: bool = _default("validation_disable")  # no validation images at all
     # ingest raises a too-small dataset's repeats (unless it sets repeats itself) instead of dropping buckets
@@ -748,6 +755,10 @@ def _cross_check(fields: dict[str, Any], explicit: frozenset[str], warnings: lis
                                 "pip install sageattention, or use diffusers", field="attention_mechanism")
 
     _check_precisions(fields, warnings)
+    report_to = fields.get("report_to", _default("report_to"))
+    if (line := tracker_warning(report_to)) is not None:
+        warnings.append(line)
+    check_trackers(report_to)
 
     if fields.get("flow_use_uniform_schedule") and fields.get("flow_use_beta_schedule"):
         warnings.append(
