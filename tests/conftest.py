@@ -1,3 +1,3 @@
-"""Shared fixtures: tiny models (fixtures_models.py) and stores (fixtures_store.py)."""
+"""Shared fixtures: tiny models, stores and a loopback Hugging Face Hub (the fixtures_*.py modules)."""
 
-pytest_plugins = ["fixtures_models", "fixtures_store"]
+pytest_plugins = ["fixtures_models", "fixtures_store", "fixtures_hub"]

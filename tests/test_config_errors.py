@@ -102,7 +102,7 @@ def test_missing_required_keys_are_reported_together_with_typos() -> None:
 def test_no_effect_options_are_simpletuner_options_and_not_trainconfig_fields() -> None:
     assert set(NO_EFFECT) <= set(st.OPTIONS)
     assert not set(NO_EFFECT) & SUPPORTED_KEYS
-    assert {"tracker_image_layout", "push_to_hub", "disable_benchmark", "webhook_config"} <= set(NO_EFFECT)
+    assert {"tracker_image_layout", "push_to_hub_background", "disable_benchmark", "webhook_config"} <= set(NO_EFFECT)
 
 
 def test_every_no_effect_option_loads_at_a_non_default_value() -> None:

@@ -273,5 +273,7 @@ def _check_data(plan: RunPlan, ingest_outputs: dict[str, str]) -> int | None:
     decision = decide(plan.output_state, current, resume_from_checkpoint=plan.cfg.resume_from_checkpoint)
     finished = decision.finished_step
     if finished is not None and plan.cfg.uses_max_train_steps and plan.cfg.max_train_steps <= finished:
+        if plan.cfg.push_to_hub and plan.output_state.pushed_step(plan.cfg.hub_repo_id()) != finished:
+            return None  # trained but not published: the trainer pushes without training
         return finished
     return None

@@ -37,6 +37,7 @@ from stagetune.models.family import get_family
 log = logging.getLogger(__name__)
 
 RECORD_KEY = ".stagetune/run.json"
+HUB_RECORD_KEY = ".stagetune/hub.json"  # what push_to_hub published: {"repo_id", "step", "commit"}
 RECORD_FORMAT = 1
 #: The final weights a finished run leaves in output_dir (SimpleTuner's names).
 FINAL_WEIGHTS = ("pytorch_lora_weights.safetensors",)
@@ -54,7 +55,8 @@ NOT_COMPARED = frozenset({
     "gradient_checkpointing", "vae_cache_ondemand", "vae_cache_disable", "text_cache_ondemand", "text_cache_disable",
     "quantize_via", "allow_dataset_oversubscription", "gradient_checkpointing_interval", "ema_validation",
     "ema_device", "ema_cpu_only", "ema_foreach_disable", "lora_init_type", "init_lora", "lycoris_config",
-    "report_to", "logging_dir", "tracker_project_name", "tracker_run_name",
+    "report_to", "logging_dir", "tracker_project_name", "tracker_run_name", "push_to_hub", "push_checkpoints_to_hub",
+    "hub_model_id", "model_card_private", "model_card_safe_for_work", "model_card_note",
     "text_encoder_4_precision",  # no family with a fourth encoder yet: a set value is dropped with a warning
     # the dataset defaults shape the manifest rows, which the data digest covers
     "resolution", "resolution_type", "crop", "crop_style", "crop_aspect", "minimum_image_size", "maximum_image_size",
@@ -156,6 +158,13 @@ class OutputState:
     latest_settings: dict[str, Any] | None
     record: dict[str, Any] | None
     final_weights: list[str]
+    hub: dict[str, Any] | None = None
+
+    def pushed_step(self, repo_id: str) -> int | None:
+        """The step push_to_hub last published to `repo_id`, or None."""
+        if not self.hub or self.hub.get("repo_id") != repo_id:
+            return None
+        return int(self.hub["step"])
 
     @property
     def latest(self) -> int | None:
@@ -192,7 +201,13 @@ def read_output_state(store: Store) -> OutputState:
     except ValueError:
         log.warning("ignoring unreadable run record %s in %s", RECORD_KEY, store.url)
     weights = [name for name in FINAL_WEIGHTS if store.exists(name)]
-    return OutputState(store.url, steps, latest_settings, record, weights)
+    hub = None
+    try:
+        loaded = json.loads(store.get_bytes(HUB_RECORD_KEY))
+        hub = loaded if isinstance(loaded, dict) and "step" in loaded else None
+    except (NotFoundError, ValueError):
+        pass
+    return OutputState(store.url, steps, latest_settings, record, weights, hub)
 
 
 def write_record(store: Store, *, state: str, step: int, total_steps: int, settings: Mapping[str, Any],

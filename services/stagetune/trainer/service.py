@@ -62,11 +62,11 @@ def _train(ctx: JobContext, cfg: Any, data: Any, output: Any, family: Any, req: 
     from stagetune.core.validation_requests import ValidationRequester
     from stagetune.trainer.loop import Reporter, Trainer
 
-    store = ctx.store
+    publisher = _publisher(ctx, cfg, output, family)
     validator = None
     if req.validation_endpoint and cfg.validation_prompt and not cfg.validation_disable:
         base = Path(req.base_dir) if req.base_dir else None
-        validator = ValidationRequester(req.validation_endpoint, store, ctx.job_id, cfg,
+        validator = ValidationRequester(req.validation_endpoint, ctx.store, ctx.job_id, cfg,
                                         output_dir=output_location(cfg.output_dir, base))
     reporter = Reporter(
         progress=lambda step, total: ctx.progress("training", step, total, "steps"),
@@ -79,6 +79,7 @@ def _train(ctx: JobContext, cfg: Any, data: Any, output: Any, family: Any, req: 
     ctx.progress("loading model", 0, 1)
     trainer.setup()
     trackers = _start_trackers(cfg, output, trainer, reporter, validator)
+    reporter.checkpointed = _after_checkpoint(ctx, cfg, trackers, publisher)
     try:
         outputs = trainer.train()
         if validator is not None and not outputs.get("already_finished"):
@@ -91,8 +92,41 @@ def _train(ctx: JobContext, cfg: Any, data: Any, output: Any, family: Any, req: 
             trackers.finish()
         if validator is not None:
             validator.close()
+    if publisher is not None and publisher.pushed_step() != int(outputs["steps"]):
+        ctx.progress("pushing to the Hub", 0, 1)
+        outputs["hub_commit"] = publisher.push_final(int(outputs["steps"]))
+        ctx.log(f"pushed step {outputs['steps']} to {publisher.repo_id}: {outputs['hub_commit']}")
     outputs["output"] = output.url
     return outputs
+
+
+def _publisher(ctx: JobContext, cfg: Any, output: Any, family: Any) -> Any:
+    """push_to_hub's publisher, its repository created now: a refused token is said before training."""
+    if not cfg.push_to_hub:
+        return None
+    from stagetune.trainer.hub import HubPublisher
+
+    publisher = HubPublisher(cfg, output, family=family.name)
+    ctx.progress("checking the Hub", 0, 1)
+    publisher.prepare()
+    return publisher
+
+
+def _after_checkpoint(ctx: JobContext, cfg: Any, trackers: Any, publisher: Any) -> Callable[[int], None]:
+    """Tracker files copied beside the checkpoint; the checkpoint uploaded (push_checkpoints_to_hub). A failed
+    upload is a warning: the checkpoint is safe on disk and the final push sends the weights."""
+    from stagetune.core.errors import StagetuneError
+
+    def after(step: int) -> None:
+        if trackers is not None:
+            trackers.sync()
+        if publisher is not None and cfg.push_checkpoints_to_hub:
+            try:
+                publisher.push_checkpoint(f"checkpoint-{step}")
+            except StagetuneError as exc:
+                ctx.log(str(exc), "warning")
+
+    return after
 
 
 def _start_trackers(cfg: Any, output: Any, trainer: Any, reporter: Any, validator: Any) -> Any:
@@ -113,7 +147,6 @@ def _start_trackers(cfg: Any, output: Any, trainer: Any, reporter: Any, validato
             _log_validations(trackers, validator)
 
     reporter.track = track
-    reporter.checkpointed = lambda step: trackers.sync()
     return trackers
 
 

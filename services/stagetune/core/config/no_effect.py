@@ -12,7 +12,7 @@ Options that *do* change results and are not built stay "not supported yet" (con
 from __future__ import annotations
 
 _TRACKING = "stagetune reports loss, learning rate and progress as job events and Prometheus metrics"
-_HUB = "stagetune does not publish to the Hugging Face Hub; the outputs stay in output_dir"
+_HUB = "stagetune's model card and push_to_hub do not use it"
 _CACHES = "stagetune's caches are content-addressed in the object store (--store), never per-dataset folders"
 _LOADING = "stagetune loads each model once per process and frees it with its job"
 _NOT_NEEDED = "stagetune has no such step"
@@ -29,13 +29,7 @@ NO_EFFECT: dict[str, str] = {
     "debug_aspect_buckets": "the ingest report lists every dataset's buckets and counts",
     "debug_dataset_loader": "the ingest report lists every dataset's buckets and counts",
     # the Hugging Face Hub and model cards
-    "push_to_hub": _HUB,
-    "push_checkpoints_to_hub": _HUB,
-    "push_to_hub_background": _HUB,
-    "hub_model_id": _HUB,
-    "model_card_note": _HUB,
-    "model_card_private": _HUB,
-    "model_card_safe_for_work": _HUB,
+    "push_to_hub_background": "uploads run between training steps",
     "modelspec_comment": _HUB,
     "publishing_config": _HUB,
     "post_upload_script": _HUB + "; the script is not run",

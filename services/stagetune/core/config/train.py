@@ -223,6 +223,14 @@ class TrainConfig(BaseModel):
     tracker_project_name: str = _default("tracker_project_name")
     tracker_run_name: str = _default("tracker_run_name")
 
+    # publishing to the Hugging Face Hub (trainer/hub.py)
+    push_to_hub: bool = _default("push_to_hub")
+    push_checkpoints_to_hub: bool = _default("push_checkpoints_to_hub")
+    hub_model_id: str | None = _default("hub_model_id")  # unset: tracker_project_name, as SimpleTuner
+    model_card_private: bool = _default("model_card_private")
+    model_card_safe_for_work: bool = _default("model_card_safe_for_work")
+    model_card_note: str | None = _default("model_card_note")
+
     validation_disable: bool = _default("validation_disable")  # no validation images at all
     # ingest raises a too-small dataset's repeats (unless it sets repeats itself) instead of dropping buckets
     allow_dataset_oversubscription: bool = _default("allow_dataset_oversubscription")
@@ -242,6 +250,10 @@ class TrainConfig(BaseModel):
     no_effect: dict[str, Any] = Field(default_factory=dict)
     #: The model family's own options (models/<family>/options.py), typed and checked by the family.
     family_options: dict[str, Any] = Field(default_factory=dict)
+
+    def hub_repo_id(self) -> str:
+        """push_to_hub's repository: hub_model_id, or tracker_project_name when unset (SimpleTuner's rule)."""
+        return self.hub_model_id or self.tracker_project_name
 
     def text_encoder_quantisation(self) -> dict[str, str]:
         """`text_encoder_N` → precision for the quantised ones: the ModelRef's `quantisation` map."""
