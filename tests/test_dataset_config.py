@@ -165,7 +165,7 @@ def test_unknown_key_names_dataset_and_suggests() -> None:
     [
         ("caption_shuffle", {"enable": True}),
         ("vae_cache_disable", True),
-        ("conditioning_data", "cn"),
+        ("conditioning_config", {"type": "i2v"}),
         ("delete_unwanted_images", True),
         ("start_epoch", 2),
     ],

@@ -96,7 +96,7 @@ def prepare_run(config_path: Path | str, *, store: Store | None, data_backend_co
     if isinstance(model, str) and model.strip() and "{env:" not in model:
         with problems.check():
             checks.check_model_source(model, revision=cfg.revision if cfg is not None else None)
-    for dataset in backends.enabled if backends is not None else ():
+    for dataset in backends.read if backends is not None else ():
         if dataset.instance_data_dir is not None:
             with problems.check():
                 checks.check_dataset_folder(dataset.id, dataset.instance_data_dir)

@@ -51,15 +51,44 @@ class DatasetImages:
 
     def read(self, row: ManifestRow) -> str | bytes:
         """A local path as it is (Pillow reads only what it decodes), an S3 object's bytes."""
-        if "://" not in row.path:
-            return row.path
-        return self._source(row.dataset_id).read(row.path)
+        return self._read(row.dataset_id, row.path)
+
+    def _read(self, dataset_id: str, path: str) -> str | bytes:
+        if "://" not in path:
+            return path
+        return self._source(dataset_id).read(path)
 
     def __call__(self, row: ManifestRow) -> torch.Tensor:
         """The row's training pixels, [3, H, W] in [-1, 1]."""
         from stagetune.core.imaging import load_sample_pixels
 
         return load_sample_pixels(self.read(row), row, name=row.path)
+
+    def mask(self, row: ManifestRow) -> torch.Tensor | None:
+        """The row's loss mask at its training pixels (masked loss), or None."""
+        if not row.mask:
+            return None
+        return mask_pixels(self._read(row.mask["dataset_id"], row.mask["path"]), row)
+
+
+def mask_pixels(source: str | bytes, row: ManifestRow) -> torch.Tensor:
+    """A mask image through its image's geometry (same resize and crop, so it covers the same pixels): its
+    red channel, [1, H, W] in [-1, 1], as SimpleTuner reads a mask from its conditioning pixels."""
+    from stagetune.core.imaging import load_sample_pixels
+
+    assert row.mask is not None
+    return load_sample_pixels(source, row, name=row.mask["path"])[:1]
+
+
+def read_local_mask(row: ManifestRow) -> torch.Tensor | None:
+    return mask_pixels(row.mask["path"], row) if row.mask else None
+
+
+def latent_mask(mask: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """SimpleTuner's loss mask on the latent grid: area-averaged to `size`, then mapped from [-1, 1] to
+    [0, 1] (white trains, black is ignored), [1, h, w] float32."""
+    small = torch.nn.functional.interpolate(mask[None].float(), size=tuple(size), mode="area")[0]
+    return (small / 2 + 0.5).contiguous()
 
 
 def batches_by_size(rows: Sequence[ManifestRow], batch_size: int) -> Iterable[list[ManifestRow]]:
@@ -82,12 +111,26 @@ def batch_pixels(rows: Sequence[ManifestRow],
     return torch.from_numpy(np.stack([image.numpy() for image in images]))
 
 
+def batch_masks(rows: Sequence[ManifestRow], read_mask: Callable[[ManifestRow], torch.Tensor | None],
+                pool: ThreadPoolExecutor | None = None) -> list[torch.Tensor | None] | None:
+    """The batch's loss masks at pixel size (None for a row without one), or None when no row has one."""
+    if not any(row.mask for row in rows):
+        return None
+    return list(pool.map(read_mask, rows)) if pool is not None else [read_mask(r) for r in rows]
+
+
 def encode_rows(encoder: Any, rows: Sequence[ManifestRow],
                 read_pixels: Callable[[ManifestRow], torch.Tensor] = read_local_pixels,
                 pool: ThreadPoolExecutor | None = None, pixels: torch.Tensor | None = None,
-                ) -> list[dict[str, torch.Tensor]]:
-    """Encode a batch; `pixels` when they were prepared ahead (`batch_pixels`), else read here."""
+                masks: list[torch.Tensor | None] | None = None) -> list[dict[str, torch.Tensor]]:
+    """Encode a batch; `pixels` (and `masks`) when they were prepared ahead (`batch_pixels`, `batch_masks`),
+    else read here. A masked row's entry holds its loss mask on the latent grid beside the latent."""
     if pixels is None:
         pixels = batch_pixels(rows, read_pixels, pool)
+        masks = batch_masks(rows, getattr(read_pixels, "mask", read_local_mask), pool)
     latents = encoder.encode(pixels, [pixel_seed(row) for row in rows])
-    return [{"latents": latent.contiguous()} for latent in latents]
+    entries = [{"latents": latent.contiguous()} for latent in latents]
+    for entry, mask in zip(entries, masks or [None] * len(entries), strict=True):
+        if mask is not None:
+            entry["loss_mask"] = latent_mask(mask, entry["latents"].shape[-2:])
+    return entries

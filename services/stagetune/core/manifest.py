@@ -8,6 +8,7 @@ presence marks a complete manifest, so a crash between the two writes is simply 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -84,12 +85,26 @@ class ManifestRow:
     repeats: int
     is_regularisation_data: bool
     pixel_key: str
+    #: Masked loss: the mask image paired with this one, {"dataset_id", "path", "content_hash"}; else None
+    #: (and absent from the stored row, so unmasked manifests read as before).
+    mask: dict[str, str] | None = None
+
+    @property
+    def entry_key(self) -> str:
+        """What the VAE stage caches for this row: its pixels' latent, plus the loss mask when it has one. The
+        latent itself (its posterior sample is seeded by `pixel_key`) is the same with or without a mask."""
+        if not self.mask:
+            return self.pixel_key
+        return hash_bytes(canonical_json([self.pixel_key, "mask", self.mask["content_hash"]]))
 
     def to_dict(self) -> dict[str, Any]:
         # Fields are JSON values (str, int, bool, lists of them): a shallow copy is enough, and
         # dataclasses.asdict's deep recursion was a sixth of a cold ingest's time.
-        return {name: (list(v) if isinstance(v := getattr(self, name), list) else v)
-                for name in self.__dataclass_fields__}
+        out = {name: (list(v) if isinstance(v := getattr(self, name), list) else v)
+               for name in self.__dataclass_fields__}
+        if out["mask"] is None:
+            del out["mask"]
+        return out
 
     # Rows also read like the JSON objects they are stored as (`row["target_size"]`), so stages can treat
     # rows loaded here and rows parsed from samples.jsonl alike.
@@ -106,11 +121,12 @@ class ManifestRow:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ManifestRow:
-        names = cls.__dataclass_fields__.keys()
-        missing = [name for name in names if name not in data]
+        fields = cls.__dataclass_fields__
+        missing = [name for name, f in fields.items()
+                   if name not in data and f.default is dataclasses.MISSING]
         if missing:
             raise InputError(f"manifest row lacks {', '.join(missing)}", field=missing[0])
-        return cls(**{name: data[name] for name in names})
+        return cls(**{name: data[name] for name in fields if name in data})
 
 
 def encode_rows(rows: Iterable[ManifestRow]) -> bytes:

@@ -105,7 +105,7 @@ def data_settings(rows: Iterable[Any]) -> dict[str, Any]:
     digest = xxhash.xxh3_128()
     count = 0
     for row in sorted(rows, key=lambda r: (r.dataset_id, r.sample_id)):
-        entry = [row.dataset_id, row.content_hash, row.pixel_key, sorted(row.captions), int(row.repeats or 0),
+        entry = [row.dataset_id, row.content_hash, row.entry_key, sorted(row.captions), int(row.repeats or 0),
                  bool(row.is_regularisation_data)]
         digest.update(json.dumps(entry, separators=(",", ":")).encode())
         count += 1

@@ -77,7 +77,7 @@ def validate(req: ingest_pb2.StartIngestRequest) -> None:
     if entries is not None and defaults is not None:
         with problems.check():
             backends = load_data_backend_config(entries, defaults=defaults, base_dir=base)
-            for dataset in backends.enabled:
+            for dataset in backends.read:
                 if dataset.instance_data_dir is not None:
                     with problems.check():
                         checks.check_dataset_folder(dataset.id, dataset.instance_data_dir)

@@ -76,3 +76,11 @@ def noisy_input(latents: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor
 
 def timesteps_for(sigmas: torch.Tensor) -> torch.Tensor:
     return sigmas * 1000.0
+
+
+def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The flow-matching loss; with a loss mask [B, 1, h, w] in [0, 1], SimpleTuner's masked loss: the squared
+    error weighted by the mask and averaged over every element (not renormalised by the mask's area)."""
+    if mask is None:
+        return torch.nn.functional.mse_loss(pred, target)
+    return ((pred - target) ** 2 * mask.to(pred.dtype)).mean()

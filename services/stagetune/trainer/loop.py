@@ -32,7 +32,7 @@ from stagetune.models.quantise import quantise
 from stagetune.trainer.adapters import make_adapter
 from stagetune.trainer.batches import BatchSource, Fetched, fetch
 from stagetune.trainer.ema import EMA_FILE, EMA_FOLDER, Ema
-from stagetune.trainer.flow import FlowSchedule, noisy_input, sample_sigmas, timesteps_for
+from stagetune.trainer.flow import FlowSchedule, masked_mse, noisy_input, sample_sigmas, timesteps_for
 from stagetune.trainer.optimizers import OPTIMIZERS, build_optimizer
 from stagetune.trainer.sampler import DatasetPlan, SamplerState, TrainingSampler, expand_repeats, plans_for
 from stagetune.trainer.schedules import build_scheduler
@@ -207,8 +207,8 @@ class Trainer:
     def _micro_step(self) -> float:
         fetched = self.batches.next()
         self.consumed_state = fetched.state_after
-        latents = torch.stack([entry["latents"] for entry in fetched.latents]).to(self.device)
-        text = {k: v.to(self.device) for k, v in
+        latents = self._to_device(torch.stack([entry["latents"] for entry in fetched.latents]))
+        text = {k: self._to_device(v) for k, v in
                 self.family.collate_text(fetched.texts, self.cfg.family_options, fetched.empty).items()}
         noise, generators = self._noise(fetched, latents.shape)
         noise = noise.to(self.device, latents.dtype)
@@ -219,9 +219,24 @@ class Trainer:
             if fetched.batch.plan.regularisation:
                 target = self._parent_prediction(inputs)
             pred = self.model(**inputs)[0]
-        loss = torch.nn.functional.mse_loss(pred.float(), target.float())
+        loss = masked_mse(pred.float(), target.float(), self._loss_mask(fetched))
         (loss / self.cfg.gradient_accumulation_steps).backward()
         return float(loss.detach())
+
+    def _to_device(self, tensor: torch.Tensor) -> torch.Tensor:
+        """On CUDA through pinned memory without blocking: the copy overlaps the step's first kernels."""
+        if self.device.type != "cuda":
+            return tensor.to(self.device)
+        return tensor.pin_memory().to(self.device, non_blocking=True)
+
+    def _loss_mask(self, fetched: Fetched) -> torch.Tensor | None:
+        """Masked loss: the batch's masks on the latent grid (cached beside the latents), ones where a sample
+        has none; None when no sample has one."""
+        if not any("loss_mask" in entry for entry in fetched.latents):
+            return None
+        masks = [entry.get("loss_mask") if "loss_mask" in entry else torch.ones_like(entry["latents"][:1])
+                 for entry in fetched.latents]
+        return self._to_device(torch.stack(masks))
 
     def _parent_prediction(self, inputs: dict) -> torch.Tensor:
         """Regularisation data (SimpleTuner's `is_regularisation_data`): the base model's own prediction,

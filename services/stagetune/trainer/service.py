@@ -193,7 +193,7 @@ def latent_cache(cache: Any, cfg: Any, family: Any, rows: list, row_keys: list[s
         if epoch <= 0 or row.dataset_id not in per_epoch:
             return row_keys[index]
         seen = epoch_row(row, crop_style=per_epoch[row.dataset_id], seed=seed, epoch=epoch)
-        key = encoder.latent_key(seen.pixel_key)
+        key = encoder.latent_key(seen.entry_key)
         row_for_key[key] = seen
         return key
 

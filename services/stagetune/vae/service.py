@@ -14,7 +14,7 @@ from stagetune.core.encode import PROCESS_THREADS, encode_missing, helper_thread
 from stagetune.core.errors import Collector
 from stagetune.core.grpc_server import ServiceBinding, job_service
 from stagetune.core.jobs import JobContext
-from stagetune.core.latents import DatasetImages, batch_pixels, batches_by_size, encode_rows
+from stagetune.core.latents import DatasetImages, batch_masks, batch_pixels, batches_by_size, encode_rows
 from stagetune.core.manifest import ManifestRow
 from stagetune.core.ondemand import cached_only
 from stagetune.core.store.base import Store
@@ -54,7 +54,7 @@ def vae_job(ctx: JobContext) -> dict[str, str]:
     cache = ShardedCache(ctx.store, prefix)
 
     def key_of(row: ManifestRow) -> str:
-        return encoder.latent_key(row.pixel_key)
+        return encoder.latent_key(row.entry_key)
 
     if req.keys_only:  # vae_cache_ondemand / vae_cache_disable: the trainer encodes what is missing
         stats = cached_only(stage=SERVICE, items=rows, key_of=key_of, cache=cache)
@@ -64,13 +64,13 @@ def vae_job(ctx: JobContext) -> dict[str, str]:
             stats = encode_missing(
                 stage=SERVICE, items=rows, key_of=key_of, cache=cache,
                 batches=lambda todo: batches_by_size(todo, req.vae_batch_size or 4),
-                prepare=lambda batch: batch_pixels(batch, images, pool),
-                encode=lambda batch, pixels: encode_rows(encoder, batch, pixels=pixels),
+                prepare=lambda batch: (batch_pixels(batch, images, pool), batch_masks(batch, images.mask, pool)),
+                encode=lambda batch, read: encode_rows(encoder, batch, pixels=read[0], masks=read[1]),
                 write_batch_size=req.write_batch_size or 128, load=lambda: encoder.vae,
                 torch_threads=encoder_threads(encoder.device),
                 progress=lambda done, total: ctx.progress("encoding latents", done, total, "images"),
             )
-    keys = {row.sample_id: encoder.latent_key(row.pixel_key) for row in rows}
+    keys = {row.sample_id: encoder.latent_key(row.entry_key) for row in rows}
     keys_key = f"jobs/{ctx.job_id}/latent_keys.json"
     ctx.store.put_bytes(keys_key, json.dumps(keys, sort_keys=True).encode())
     ctx.log(f"latents: {stats.encoded} encoded, {stats.hits} cache hits of {stats.total}"

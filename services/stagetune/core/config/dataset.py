@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from stagetune.core.config.conditioning import check_pairs, conditioning_fields
 from stagetune.core.config.files import read_json_file
 from stagetune.core.config.keys import check_keys, normalise_key
 from stagetune.core.errors import Collector, ConfigError, NotSupportedError
@@ -78,6 +79,8 @@ IMAGE_KEYS_SUPPORTED = frozenset(
         "preserve_data_backend_cache",
         "delete_problematic_images",
         "parquet",
+        "conditioning_data",
+        "conditioning_type",
     }
 )
 
@@ -111,10 +114,8 @@ IMAGE_KEYS_RECOGNISED = frozenset(
         "compress_cache",
         "conditioning",
         "conditioning_config",
-        "conditioning_data",
         "conditioning_image_embed_batch_size",
         "conditioning_image_embeds",
-        "conditioning_type",
         "csv_cache_dir",
         "csv_caption_column",
         "csv_file",
@@ -230,7 +231,6 @@ BACKEND_TYPES_LATER = ("csv", "huggingface", "webshart", "memory")
 DATASET_TYPES_LATER = (
     "video",
     "audio",
-    "conditioning",
     "image_embeds",
     "conditioning_image_embeds",
     "eval",
@@ -358,6 +358,11 @@ class DatasetConfig:
     vae_cache_clear_each_epoch: bool = False
     #: Only when true may ingest delete a file it cannot read as an image (SimpleTuner's option).
     delete_problematic_images: bool = False
+    #: Image datasets: the conditioning dataset(s) paired with this one (SimpleTuner's `conditioning_data`);
+    #: a `conditioning_type: mask` one masks the loss (masked loss: DREAMBOOTH.md).
+    conditioning_data: tuple[str, ...] = ()
+    #: Conditioning datasets (`dataset_type: conditioning`): what they condition; stagetune runs `mask`.
+    conditioning_type: str | None = None
     parquet: ParquetConfig | None = None
 
     # -- the units bucketing works in (DESIGN.md §6) --------------------------------------------------
@@ -472,7 +477,22 @@ class DataBackends:
 
     @property
     def enabled(self) -> list[DatasetConfig]:
-        return [d for d in self.datasets if not d.disabled]
+        """The datasets that are trained on (conditioning datasets are read through the ones they pair with)."""
+        return [d for d in self.datasets if not d.disabled and d.dataset_type == "image"]
+
+    @property
+    def read(self) -> list[DatasetConfig]:
+        """Every dataset a run reads: the trained ones and their mask datasets."""
+        masks = [mask for d in self.enabled if (mask := self.mask_for(d)) is not None]
+        return self.enabled + [m for i, m in enumerate(masks) if m not in masks[:i]]
+
+    def mask_for(self, dataset: DatasetConfig) -> DatasetConfig | None:
+        """The mask dataset paired with `dataset` (masked loss), if any."""
+        for dataset_id in dataset.conditioning_data:
+            paired = self.get(dataset_id)
+            if paired.conditioning_type == "mask" and not paired.disabled:
+                return paired
+        return None
 
     @property
     def default_text_embeds(self) -> TextEmbedsConfig | None:
@@ -766,7 +786,7 @@ def _parse_image_dataset(
 
     backend_type = _choice(data.get("type", "local"), dataset_id, "type", ("local", "aws"), BACKEND_TYPES_LATER)
     dataset_type = _choice(
-        data.get("dataset_type") or "image", dataset_id, "dataset_type", ("image",), DATASET_TYPES_LATER
+        data.get("dataset_type") or "image", dataset_id, "dataset_type", ("image", "conditioning"), DATASET_TYPES_LATER
     )
     disabled = _bool(data.get("disabled", data.get("disable", False)), dataset_id, "disabled")
 
@@ -874,6 +894,7 @@ def _parse_image_dataset(
             pick("delete_problematic_images"), dataset_id, "delete_problematic_images"
         ),
         parquet=_parquet_config(data.get("parquet"), dataset_id, base_dir),
+        **conditioning_fields(data, dataset_id, dataset_type),
     )
     _validate_image_dataset(config)
     return config
@@ -1049,7 +1070,10 @@ def load_data_backend_config(
         )
     if not defaults_marked and len(enabled_text) > 1:
         raise ConfigError('several text_embeds entries and none marked "default": true', field="default")
-    enabled = [d for d in datasets if not d.disabled]
+    problems = Collector()
+    check_pairs(datasets, problems)
+    problems.raise_if_any(source_name or "multidatabackend.json")
+    enabled = [d for d in datasets if not d.disabled and d.dataset_type == "image"]
     if not enabled:
         raise ConfigError("the data backend config has no enabled image dataset", field="dataset_type")
     if not any(d.start_step <= 1 for d in enabled):
