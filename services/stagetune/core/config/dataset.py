@@ -18,240 +18,52 @@ pixel edges converted the same way (values ≤ 10 are taken as megapixels alread
 
 from __future__ import annotations
 
-import json
-import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from stagetune.core.config.conditioning import check_pairs, conditioning_fields
+from stagetune.core.config.dataset_keys import (
+    BACKEND_TYPES_LATER,
+    CAPTION_STRATEGIES,
+    CAPTION_STRATEGIES_LATER,
+    CROP_ASPECTS,
+    CROP_ASPECTS_LATER,
+    CROP_STYLES,
+    CROP_STYLES_LATER,
+    DATASET_NO_EFFECT,
+    DATASET_TYPES_LATER,
+    GLOBAL_DEFAULTS,
+    IMAGE_KEYS_RECOGNISED,
+    IMAGE_KEYS_SUPPORTED,
+    INERT_VALUES,
+    METADATA_BACKENDS,
+    METADATA_BACKENDS_LATER,
+    RESOLUTION_TYPES,
+    TEXT_EMBEDS_KEYS_RECOGNISED,
+    TEXT_EMBEDS_KEYS_SUPPORTED,
+)
+from stagetune.core.config.dataset_values import (
+    AspectBucket,
+    ParquetConfig,
+    as_bool,
+    as_choice,
+    as_int,
+    as_number,
+    aws_fields,
+    dataset_label,
+    load_caption_filter_list,
+    optional_str,
+    parse_crop_aspect_buckets,
+    parse_parquet_config,
+    parse_skip_file_discovery,
+    positive_int,
+    resolve_path,
+)
 from stagetune.core.config.files import read_json_file
 from stagetune.core.config.keys import check_keys, normalise_key
-from stagetune.core.errors import Collector, ConfigError, NotSupportedError
-
-IMAGE_KEYS_SUPPORTED = frozenset(
-    {
-        "id",
-        "type",
-        "dataset_type",
-        "disabled",
-        "disable",
-        "instance_data_dir",
-        "crop",
-        "crop_aspect",
-        "crop_style",
-        "resolution",
-        "resolution_type",
-        "minimum_image_size",
-        "maximum_image_size",
-        "target_downsample_size",
-        "minimum_aspect_ratio",
-        "maximum_aspect_ratio",
-        "cache_dir_vae",
-        "skip_file_discovery",
-        "caption_strategy",
-        "metadata_backend",
-        "instance_prompt",
-        "prepend_instance_prompt",
-        "only_instance_prompt",
-        "disable_multiline_split",
-        "repeats",
-        "is_regularisation_data",
-        "is_regularization_data",
-        "vae_batch_size",
-        "probability",
-        "aws_access_key_id",
-        "aws_bucket_name",
-        "aws_data_prefix",
-        "aws_endpoint_url",
-        "aws_max_pool_connections",
-        "aws_region_name",
-        "aws_secret_access_key",
-        "aws_session_token",
-        "crop_aspect_buckets",
-        "max_upscale_threshold",
-        "max_num_samples",
-        "start_step",
-        "end_step",
-        "train_batch_size",
-        "vae_cache_clear_each_epoch",
-        "preserve_data_backend_cache",
-        "delete_problematic_images",
-        "parquet",
-        "conditioning_data",
-        "conditioning_type",
-    }
-)
-
-#: Dataset keys that change nothing about what is trained here (caches are content-addressed in the store,
-#: encoding happens before training or on demand with the same result): accepted at any value, as
-#: config/no_effect.py does for config.json.
-DATASET_NO_EFFECT = frozenset(
-    {
-        "cache_dir",
-        "compress_cache",
-        "metadata_update_interval",
-        "scan_for_errors",
-        "disable_validation",
-        "write_batch_size",
-        "text_encoder_batch_size",
-        "vae_cache_ondemand",
-        "text_cache_ondemand",
-    }
-)
-
-# Every other dataset key SimpleTuner knows (DATALOADER.md headings, ImageBackendConfig fields and the
-# keys factory.py / builders read). Accepted only at the inert value listed in INERT_VALUES.
-IMAGE_KEYS_RECOGNISED = frozenset(
-    {
-        "audio",
-        "cache_dir",
-        "cache_dir_conditioning_image_embeds",
-        "cache_file_suffix",
-        "caption_filter_list",
-        "caption_shuffle",
-        "compress_cache",
-        "conditioning",
-        "conditioning_config",
-        "conditioning_image_embed_batch_size",
-        "conditioning_image_embeds",
-        "csv_cache_dir",
-        "csv_caption_column",
-        "csv_file",
-        "csv_hash_filenames",
-        "csv_shorten_filenames",
-        "csv_url_column",
-        "dataset_name",
-        "default",
-        "delete_nsfw_images",
-        "delete_unwanted_images",
-        "disable_validation",
-        "end_epoch",
-        "hash_filenames",
-        "huggingface",
-        "image_column",
-        "image_embeds",
-        "metadata_update_interval",
-        "revision",
-        "scan_for_errors",
-        "shorten_filenames",
-        "slider_strength",
-        "source_dataset_id",
-        "split",
-        "start_epoch",
-        "text_embeds",
-        "timestep_sampling_offset",
-        "vae_cache_disable",
-        "vae_cache_ondemand",
-        "vae_cache_scan_behaviour",
-        "video",
-        "video_column",
-        "webshart",
-        "write_batch_size",
-        "text_encoder_batch_size",
-        "text_cache_ondemand",
-        "text_cache_disable",
-    }
-)
-
-TEXT_EMBEDS_KEYS_SUPPORTED = frozenset(
-    {
-        "id",
-        "type",
-        "dataset_type",
-        "default",
-        "cache_dir",
-        "disabled",
-        "disable",
-        "write_batch_size",
-        "caption_filter_list",
-        "preserve_data_backend_cache",
-    }
-)
-TEXT_EMBEDS_KEYS_RECOGNISED = frozenset(
-    {
-        "compress_cache",
-        "text_cache_ondemand",
-        "text_cache_disable",
-        "text_encoder_batch_size",
-        "aws_access_key_id",
-        "aws_bucket_name",
-        "aws_data_prefix",
-        "aws_endpoint_url",
-        "aws_max_pool_connections",
-        "aws_region_name",
-        "aws_secret_access_key",
-        "aws_session_token",
-        "aws",
-        "memory_filesystem_path",
-        "memory_filesystem_size",
-        "memory_filesystem_sudo",
-    }
-)
-
-_FALSY = (None, False, "", [], {}, 0)
-INERT_VALUES: dict[str, tuple[Any, ...]] = {
-    **{key: _FALSY for key in IMAGE_KEYS_RECOGNISED | TEXT_EMBEDS_KEYS_RECOGNISED},
-    "split": (None, "train"),
-    "image_column": (None, "image"),
-    "video_column": (None, "video"),
-    "probability": (None, 1, 1.0),
-    "timestep_sampling_offset": (None, 0, 0.0),
-    "slider_strength": (None,),
-    "text_encoder_batch_size": (None, 1),
-}
-
-RESOLUTION_TYPES = ("pixel", "area", "pixel_area")
-CROP_STYLES = ("center", "centre", "random", "corner")
-CROP_STYLES_LATER = ("face",)
-CROP_ASPECTS = ("square", "preserve", "closest", "random")
-CROP_ASPECTS_LATER: tuple[str, ...] = ()
-CAPTION_STRATEGIES = ("filename", "textfile", "instanceprompt", "parquet")
-CAPTION_STRATEGIES_LATER = ("huggingface", "webshart", "csv")
-METADATA_BACKENDS = ("discovery", "json", "parquet")
-METADATA_BACKENDS_LATER = ("huggingface", "webshart")
-#: `skip_file_discovery` words SimpleTuner knows (comma or space separated).
-SKIP_FILE_DISCOVERY_WORDS = ("vae", "aspect", "metadata", "text")
-#: Sub-keys of the `parquet` block (DATALOADER.md "Parquet caption strategy"); the rest are for video,
-#: audio or grounding and are recognised only at null.
-PARQUET_KEYS_SUPPORTED = frozenset(
-    {
-        "path",
-        "filename_column",
-        "caption_column",
-        "fallback_caption_column",
-        "identifier_includes_extension",
-        "width_column",
-        "height_column",
-    }
-)
-PARQUET_KEYS_RECOGNISED = frozenset({"bbox_column", "num_frames_column", "fps_column", "aspect_ratio_column"})
-BACKEND_TYPES_LATER = ("csv", "huggingface", "webshart", "memory")
-DATASET_TYPES_LATER = (
-    "video",
-    "audio",
-    "image_embeds",
-    "conditioning_image_embeds",
-    "eval",
-    "caption",
-)
-
-#: config.json keys an image dataset inherits when it does not set them (SimpleTuner `_apply_common_defaults`
-#: and `ImageBackendConfig.from_dict`), with SimpleTuner's own defaults.
-GLOBAL_DEFAULTS: dict[str, Any] = {
-    "resolution": 1024,
-    "resolution_type": "pixel_area",
-    "crop": False,
-    "crop_style": "random",
-    "crop_aspect": "square",
-    "minimum_image_size": None,
-    "maximum_image_size": None,
-    "target_downsample_size": None,
-    "caption_strategy": "filename",
-    "instance_prompt": None,
-    "delete_problematic_images": False,
-}
+from stagetune.core.errors import Collector, ConfigError
 
 #: The keys of `report["datasets"][id]["sampling"]`: trainer/sampler settings ingest validates and records.
 SAMPLING_KEYS = (
@@ -263,43 +75,6 @@ SAMPLING_KEYS = (
     "vae_cache_clear_each_epoch",
 )
 
-
-@dataclass(frozen=True)
-class ParquetConfig:
-    """A dataset's `parquet` block: a Parquet or JSON Lines table of captions (and optionally sizes) per file.
-
-    Defaults are SimpleTuner's (`configure_parquet_database`, `ParquetMetadataBackend`): filename column
-    `id`, caption column `description`, width/height columns `width`/`height`, identifiers without extension.
-    """
-
-    path: Path
-    filename_column: str = "id"
-    caption_column: str | tuple[str, ...] = "description"
-    fallback_caption_column: str | None = None
-    identifier_includes_extension: bool = False
-    width_column: str = "width"
-    height_column: str = "height"
-
-    @property
-    def is_json_lines(self) -> bool:
-        return self.path.suffix.lower() in (".jsonl", ".json")
-
-    def options(self) -> dict[str, Any]:
-        return {
-            "path": str(self.path),
-            "filename_column": self.filename_column,
-            "caption_column": list(self.caption_column)
-            if isinstance(self.caption_column, tuple)
-            else self.caption_column,
-            "fallback_caption_column": self.fallback_caption_column,
-            "identifier_includes_extension": self.identifier_includes_extension,
-            "width_column": self.width_column,
-            "height_column": self.height_column,
-        }
-
-
-#: One `crop_aspect_buckets` entry: (aspect, weight); weight is None for a plain list of aspects.
-AspectBucket = tuple[float, float | None]
 
 
 @dataclass(frozen=True)
@@ -507,264 +282,11 @@ class DataBackends:
             if dataset.id == dataset_id:
                 return dataset
         raise KeyError(dataset_id)
-
-
-# ---------------------------------------------------------------------------------------------------
-# Value coercion: every error names the dataset id and the key.
-
-
-def _where(dataset_id: str) -> str:
-    return f"dataset {dataset_id!r}"
-
-
-def _bool(value: Any, dataset_id: str, key: str) -> bool:
-    if isinstance(value, bool):
-        return value
-    if value is None:
-        return False
-    if isinstance(value, int) and value in (0, 1):
-        return bool(value)
-    if isinstance(value, str) and value.strip().lower() in {
-        "true",
-        "1",
-        "yes",
-        "on",
-        "false",
-        "0",
-        "no",
-        "off",
-        "",
-    }:
-        return value.strip().lower() in {"true", "1", "yes", "on"}
-    raise ConfigError(f"{_where(dataset_id)}: {key} must be true or false, got {value!r}", field=key)
-
-
-def _number(value: Any, dataset_id: str, key: str, *, allow_none: bool = True) -> float | None:
-    if value is None or value == "":
-        if allow_none:
-            return None
-        raise ConfigError(f"{_where(dataset_id)}: {key} is required", field=key)
-    if isinstance(value, bool):
-        raise ConfigError(f"{_where(dataset_id)}: {key} must be a number, got {value!r}", field=key)
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{_where(dataset_id)}: {key} must be a number, got {value!r}", field=key) from None
-    if not math.isfinite(number) or number < 0:
-        raise ConfigError(
-            f"{_where(dataset_id)}: {key} must be a finite number ≥ 0, got {value!r}", field=key
-        )
-    return int(number) if number.is_integer() else number
-
-
-def _int(value: Any, dataset_id: str, key: str, default: int | None) -> int | None:
-    if value is None or value == "":
-        return default
-    number = _number(value, dataset_id, key)
-    if number is None or not float(number).is_integer():
-        raise ConfigError(f"{_where(dataset_id)}: {key} must be a whole number, got {value!r}", field=key)
-    return int(number)
-
-
-def _choice(value: Any, dataset_id: str, key: str, allowed: Sequence[str], later: Sequence[str] = ()) -> str:
-    text = str(value).strip().lower() if value is not None else ""
-    if text in allowed:
-        return text
-    if text in later:
-        raise NotSupportedError(
-            f"not supported yet: {key}={text!r} (in {_where(dataset_id)}; supported: {', '.join(allowed)})",
-            field=key,
-        )
-    raise ConfigError(
-        f"{_where(dataset_id)}: {key} must be one of {', '.join(allowed)}, got {value!r}", field=key
-    )
-
-
-def _optional_str(value: Any, dataset_id: str, key: str) -> str | None:
-    if value is None:
-        return None
-    if not isinstance(value, str):
-        raise ConfigError(f"{_where(dataset_id)}: {key} must be a string, got {value!r}", field=key)
-    return value
-
-
-def _resolve_path(raw: str, base_dir: Path | None) -> Path:
-    path = Path(raw).expanduser()
-    if not path.is_absolute():
-        path = (base_dir or Path.cwd()) / path
-    return path.resolve()
-
-
-def _crop_aspect_buckets(value: Any, dataset_id: str) -> tuple[AspectBucket, ...]:
-    """A list of aspects, or of `{"aspect": a, "weight": w}` with weights summing to 1 (as SimpleTuner)."""
-    key = "crop_aspect_buckets"
-    where = _where(dataset_id)
-    if value is None or value == []:
-        return ()
-    if not isinstance(value, list):
-        raise ConfigError(f"{where}: {key} must be a list of aspect ratios, got {value!r}", field=key)
-    out: list[AspectBucket] = []
-    for item in value:
-        if isinstance(item, Mapping):
-            unknown = set(item) - {"aspect", "weight"}
-            if unknown or "aspect" not in item or "weight" not in item:
-                raise ConfigError(
-                    f'{where}: {key} entries must be numbers or {{"aspect": float, "weight": float}}, got {item!r}',
-                    field=key,
-                )
-            aspect = _number(item["aspect"], dataset_id, key, allow_none=False)
-            weight = _number(item["weight"], dataset_id, key, allow_none=False)
-            assert aspect is not None and weight is not None
-            out.append((float(aspect), float(weight)))
-        else:
-            aspect = _number(item, dataset_id, key, allow_none=False)
-            assert aspect is not None
-            out.append((float(aspect), None))
-    if any(aspect <= 0 for aspect, _ in out):
-        raise ConfigError(f"{where}: {key} aspect ratios must be > 0, got {value!r}", field=key)
-    weighted = [w is not None for _, w in out]
-    if any(weighted) and not all(weighted):
-        raise ConfigError(f"{where}: {key} mixes plain aspects and weighted entries", field=key)
-    if all(weighted) and abs(sum(w or 0.0 for _, w in out) - 1.0) > 1e-6:
-        raise ConfigError(f"{where}: the weights of {key} must add up to 1 (as in SimpleTuner)", field=key)
-    return tuple(out)
-
-
-def _parquet_config(value: Any, dataset_id: str, base_dir: Path | None) -> ParquetConfig | None:
-    where = _where(dataset_id)
-    if value is None or value == {}:
-        return None
-    if not isinstance(value, Mapping):
-        raise ConfigError(f"{where}: parquet must be an object, got {value!r}", field="parquet")
-    data = check_keys(
-        value,
-        supported=PARQUET_KEYS_SUPPORTED,
-        recognised_unsupported=PARQUET_KEYS_RECOGNISED,
-        inert_values=INERT_VALUES,
-        where=f"{where}, parquet",
-    )
-    raw_path = data.get("path")
-    if not raw_path or not isinstance(raw_path, str):
-        raise ConfigError(f"{where}: parquet.path is required (a .parquet or .jsonl file)", field="parquet.path")
-
-    def column(key: str, default: str) -> str:
-        name = data.get(key)
-        if name is None:
-            return default
-        if not isinstance(name, str) or not name:
-            raise ConfigError(f"{where}: parquet.{key} must be a column name, got {name!r}", field=f"parquet.{key}")
-        return name
-
-    raw_caption = data.get("caption_column")
-    caption_column: str | tuple[str, ...]
-    if isinstance(raw_caption, list):
-        if not raw_caption or not all(isinstance(c, str) and c for c in raw_caption):
-            raise ConfigError(
-                f"{where}: parquet.caption_column must be a column name or a list of them",
-                field="parquet.caption_column",
-            )
-        caption_column = tuple(raw_caption)
-    else:
-        caption_column = column("caption_column", "description")
-    fallback = data.get("fallback_caption_column")
-    if fallback is not None and (not isinstance(fallback, str) or not fallback):
-        raise ConfigError(
-            f"{where}: parquet.fallback_caption_column must be a column name, got {fallback!r}",
-            field="parquet.fallback_caption_column",
-        )
-    return ParquetConfig(
-        path=_resolve_path(raw_path, base_dir),
-        filename_column=column("filename_column", "id"),
-        caption_column=caption_column,
-        fallback_caption_column=fallback,
-        identifier_includes_extension=_bool(
-            data.get("identifier_includes_extension"), dataset_id, "parquet.identifier_includes_extension"
-        ),
-        width_column=column("width_column", "width"),
-        height_column=column("height_column", "height"),
-    )
-
-
-def _skip_file_discovery(value: Any, dataset_id: str) -> str:
-    if value is None or value is False or value == "":
-        return ""
-    if not isinstance(value, str):
-        raise ConfigError(
-            f"{_where(dataset_id)}: skip_file_discovery must be a string such as \"vae aspect metadata\"",
-            field="skip_file_discovery",
-        )
-    words = [w for w in value.replace(",", " ").split() if w]
-    unknown = [w for w in words if w.lower() not in SKIP_FILE_DISCOVERY_WORDS]
-    if unknown:
-        raise ConfigError(
-            f"{_where(dataset_id)}: skip_file_discovery: unknown value(s) {', '.join(unknown)} "
-            f"(known: {', '.join(SKIP_FILE_DISCOVERY_WORDS)})",
-            field="skip_file_discovery",
-        )
-    return " ".join(w.lower() for w in words)
-
-
-def load_caption_filter_list(value: Any, where: str, base_dir: Path | None = None) -> tuple[str, ...]:
-    """SimpleTuner's `caption_filter_list`: a JSON list, or a path to a `.txt` (one entry a line) or `.json` file.
-
-    Lines keep their trailing spaces ("arafed " removes the word and its space); only line ends go. Any
-    other form is an error here: SimpleTuner silently ignores it, which trains on unfiltered captions.
-    """
-    key = "caption_filter_list"
-    if value is None or value == "" or value == []:
-        return ()
-    if isinstance(value, list):
-        if not all(isinstance(v, str) for v in value):
-            raise ConfigError(f"{where}: {key} must be a list of strings", field=key)
-        return tuple(v for v in value if v)
-    if not isinstance(value, str):
-        raise ConfigError(f"{where}: {key} must be a list of strings or a path to a .txt/.json file", field=key)
-    path = _resolve_path(value, base_dir)
-    suffix = path.suffix.lower()
-    if suffix not in (".txt", ".json"):
-        raise ConfigError(f"{where}: {key} path must end in .txt or .json, got {value!r}", field=key)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(f"{where}: {key} file not found: {path}", field=key) from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{where}: {key} file unreadable: {path}: {exc}", field=key) from None
-    if suffix == ".txt":
-        return tuple(line for line in text.splitlines() if line)
-    try:
-        loaded = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"{where}: {key} file {path} is not valid JSON: {exc}", field=key) from None
-    return load_caption_filter_list(loaded, where, base_dir)
-
-
-def _positive_int(value: Any, dataset_id: str, key: str) -> int | None:
-    """Whole number ≥ 1, or None when unset (SimpleTuner treats 0 and "" as unset too)."""
-    number = _int(value, dataset_id, key, None)
-    return number if number else None
-
-
-# ---------------------------------------------------------------------------------------------------
-
-
-def _aws_fields(data: Mapping[str, Any], dataset_id: str) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key in ("aws_bucket_name", "aws_data_prefix", "aws_endpoint_url", "aws_region_name",
-                "aws_access_key_id", "aws_secret_access_key", "aws_session_token"):
-        value = data.get(key)
-        if value is not None and not isinstance(value, str):
-            raise ConfigError(f"{_where(dataset_id)}: {key} must be a string", field=key)
-        out[key] = value or None
-    out["aws_max_pool_connections"] = _int(data.get("aws_max_pool_connections"), dataset_id,
-                                           "aws_max_pool_connections", None)
-    return out
-
-
 def _parse_image_dataset(
     entry: Mapping[str, Any], defaults: Mapping[str, Any], base_dir: Path | None
 ) -> DatasetConfig:
     dataset_id = str(entry["id"])
-    where = _where(dataset_id)
+    where = dataset_label(dataset_id)
     filters = {normalise_key(k): v for k, v in entry.items()}.get("caption_filter_list")
     if filters not in (None, "", []):
         raise ConfigError(
@@ -784,45 +306,75 @@ def _parse_image_dataset(
         value = data.get(key)
         return defaults.get(key, GLOBAL_DEFAULTS.get(key)) if value is None else value
 
-    backend_type = _choice(data.get("type", "local"), dataset_id, "type", ("local", "aws"), BACKEND_TYPES_LATER)
-    dataset_type = _choice(
+    dataset_type = as_choice(
         data.get("dataset_type") or "image", dataset_id, "dataset_type", ("image", "conditioning"), DATASET_TYPES_LATER
     )
-    disabled = _bool(data.get("disabled", data.get("disable", False)), dataset_id, "disabled")
+    config = DatasetConfig(
+        id=dataset_id,
+        **_source_fields(data, pick, dataset_id, base_dir),
+        dataset_type=dataset_type,
+        disabled=as_bool(data.get("disabled", data.get("disable", False)), dataset_id, "disabled"),
+        **_geometry_fields(data, pick, dataset_id),
+        **_caption_fields(data, pick, dataset_id, base_dir),
+        **_sampling_fields(data, pick, dataset_id),
+        **conditioning_fields(data, dataset_id, dataset_type),
+    )
+    _validate_image_dataset(config)
+    return config
 
+
+def _source_fields(data: Mapping[str, Any], pick: Any, dataset_id: str, base_dir: Path | None) -> dict[str, Any]:
+    """Where the images are: a local folder, or an S3 prefix (`type: aws`)."""
+    backend_type = as_choice(data.get("type", "local"), dataset_id, "type", ("local", "aws"), BACKEND_TYPES_LATER)
     raw_dir = data.get("instance_data_dir")
     instance_dir: Path | None = None
     if backend_type == "aws":
         if not data.get("aws_bucket_name") or not isinstance(data.get("aws_bucket_name"), str):
-            raise ConfigError(f"{where}: aws_bucket_name is required for type 'aws'", field="aws_bucket_name")
+            raise ConfigError(f"{dataset_label(dataset_id)}: aws_bucket_name is required for type 'aws'",
+                              field="aws_bucket_name")
     elif not raw_dir or not isinstance(raw_dir, str):
         raise ConfigError(
-            f"{where}: instance_data_dir is required (a local folder)", field="instance_data_dir"
+            f"{dataset_label(dataset_id)}: instance_data_dir is required (a local folder)", field="instance_data_dir"
         )
     else:
-        instance_dir = _resolve_path(raw_dir, base_dir)
+        instance_dir = resolve_path(raw_dir, base_dir)
+    return {"instance_data_dir": instance_dir, "type": backend_type, **aws_fields(data, dataset_id),
+            "skip_file_discovery": parse_skip_file_discovery(data.get("skip_file_discovery"), dataset_id),
+            "max_num_samples": positive_int(data.get("max_num_samples"), dataset_id, "max_num_samples"),
+            "delete_problematic_images": as_bool(pick("delete_problematic_images"), dataset_id,
+                                                 "delete_problematic_images")}
 
-    resolution_type = _choice(pick("resolution_type"), dataset_id, "resolution_type", RESOLUTION_TYPES)
-    resolution = _number(pick("resolution"), dataset_id, "resolution", allow_none=False)
+
+def _geometry_fields(data: Mapping[str, Any], pick: Any, dataset_id: str) -> dict[str, Any]:
+    """Resolution, size limits and crops: what decides each image's bucket and pixels."""
+    resolution_type = as_choice(pick("resolution_type"), dataset_id, "resolution_type", RESOLUTION_TYPES)
+    resolution = as_number(pick("resolution"), dataset_id, "resolution", allow_none=False)
     assert resolution is not None
     if resolution <= 0:
-        raise ConfigError(f"{where}: resolution must be > 0", field="resolution")
+        raise ConfigError(f"{dataset_label(dataset_id)}: resolution must be > 0", field="resolution")
+    crop_style = as_choice(pick("crop_style"), dataset_id, "crop_style", CROP_STYLES, CROP_STYLES_LATER)
+    max_upscale = as_number(data.get("max_upscale_threshold"), dataset_id, "max_upscale_threshold")
+    numbers = ("minimum_image_size", "maximum_image_size", "target_downsample_size")
+    ratios = ("minimum_aspect_ratio", "maximum_aspect_ratio")
+    return {
+        "crop": as_bool(pick("crop"), dataset_id, "crop"),
+        "crop_aspect": as_choice(pick("crop_aspect"), dataset_id, "crop_aspect", CROP_ASPECTS, CROP_ASPECTS_LATER),
+        "crop_style": "center" if crop_style == "centre" else crop_style,
+        "resolution": resolution,
+        "resolution_type": resolution_type,
+        **{key: as_number(pick(key), dataset_id, key) for key in numbers},
+        **{key: as_number(data.get(key), dataset_id, key) for key in ratios},
+        "crop_aspect_buckets": parse_crop_aspect_buckets(data.get("crop_aspect_buckets"), dataset_id),
+        "max_upscale_threshold": None if max_upscale is None else float(max_upscale),
+        "cache_dir_vae": optional_str(data.get("cache_dir_vae"), dataset_id, "cache_dir_vae"),
+        "preserve_data_backend_cache": as_bool(data.get("preserve_data_backend_cache"), dataset_id,
+                                               "preserve_data_backend_cache"),
+    }
 
-    crop_style = _choice(pick("crop_style"), dataset_id, "crop_style", CROP_STYLES, CROP_STYLES_LATER)
-    crop_style = "center" if crop_style == "centre" else crop_style
-    crop_aspect = _choice(pick("crop_aspect"), dataset_id, "crop_aspect", CROP_ASPECTS, CROP_ASPECTS_LATER)
 
-    caption_strategy = _choice(
-        pick("caption_strategy"), dataset_id, "caption_strategy", CAPTION_STRATEGIES, CAPTION_STRATEGIES_LATER
-    )
-    metadata_backend = _choice(
-        data.get("metadata_backend") or "discovery",
-        dataset_id,
-        "metadata_backend",
-        METADATA_BACKENDS,
-        METADATA_BACKENDS_LATER,
-    )
-
+def _caption_fields(data: Mapping[str, Any], pick: Any, dataset_id: str, base_dir: Path | None
+                    ) -> dict[str, Any]:
+    """Where captions come from: file names, text files, instance prompts or a caption table."""
     instance_prompt: str | tuple[str, ...] | None
     raw_prompt = pick("instance_prompt")
     if raw_prompt is None or isinstance(raw_prompt, str):
@@ -831,78 +383,45 @@ def _parse_image_dataset(
         instance_prompt = tuple(raw_prompt)
     else:
         raise ConfigError(
-            f"{where}: instance_prompt must be a string or a list of strings", field="instance_prompt"
+            f"{dataset_label(dataset_id)}: instance_prompt must be a string or a list of strings",
+            field="instance_prompt",
         )
+    flags = ("prepend_instance_prompt", "only_instance_prompt", "disable_multiline_split")
+    return {
+        "caption_strategy": as_choice(pick("caption_strategy"), dataset_id, "caption_strategy", CAPTION_STRATEGIES,
+                                      CAPTION_STRATEGIES_LATER),
+        "instance_prompt": instance_prompt,
+        **{flag: as_bool(data.get(flag), dataset_id, flag) for flag in flags},
+        "metadata_backend": as_choice(data.get("metadata_backend") or "discovery", dataset_id, "metadata_backend",
+                                      METADATA_BACKENDS, METADATA_BACKENDS_LATER),
+        "parquet": parse_parquet_config(data.get("parquet"), dataset_id, base_dir),
+    }
 
+
+def _sampling_fields(data: Mapping[str, Any], pick: Any, dataset_id: str) -> dict[str, Any]:
+    """How often and when the dataset is drawn, and how its batches and latents are made."""
     reg_raw = data.get("is_regularisation_data", data.get("is_regularization_data", False))
-    repeats = _int(data.get("repeats"), dataset_id, "repeats", 0)
-    assert repeats is not None
-
+    repeats = as_int(data.get("repeats"), dataset_id, "repeats", 0)
     # SimpleTuner: unset or "" means 1.0; 0 is kept (the dataset is then never drawn).
-    probability = _number(data.get("probability"), dataset_id, "probability")
-    start_step = _int(data.get("start_step"), dataset_id, "start_step", 0)
-    end_step = _int(data.get("end_step"), dataset_id, "end_step", None)
-    max_upscale = _number(data.get("max_upscale_threshold"), dataset_id, "max_upscale_threshold")
-    config = DatasetConfig(
-        id=dataset_id,
-        instance_data_dir=instance_dir,
-        type=backend_type,
-        **_aws_fields(data, dataset_id),
-        dataset_type=dataset_type,
-        disabled=disabled,
-        crop=_bool(pick("crop"), dataset_id, "crop"),
-        crop_aspect=crop_aspect,
-        crop_style=crop_style,
-        resolution=resolution,
-        resolution_type=resolution_type,
-        minimum_image_size=_number(pick("minimum_image_size"), dataset_id, "minimum_image_size"),
-        maximum_image_size=_number(pick("maximum_image_size"), dataset_id, "maximum_image_size"),
-        target_downsample_size=_number(pick("target_downsample_size"), dataset_id, "target_downsample_size"),
-        minimum_aspect_ratio=_number(data.get("minimum_aspect_ratio"), dataset_id, "minimum_aspect_ratio"),
-        maximum_aspect_ratio=_number(data.get("maximum_aspect_ratio"), dataset_id, "maximum_aspect_ratio"),
-        caption_strategy=caption_strategy,
-        instance_prompt=instance_prompt,
-        prepend_instance_prompt=_bool(
-            data.get("prepend_instance_prompt"), dataset_id, "prepend_instance_prompt"
-        ),
-        only_instance_prompt=_bool(data.get("only_instance_prompt"), dataset_id, "only_instance_prompt"),
-        disable_multiline_split=_bool(
-            data.get("disable_multiline_split"), dataset_id, "disable_multiline_split"
-        ),
-        metadata_backend=metadata_backend,
-        repeats=repeats,
-        repeats_set="repeats" in data,
-        is_regularisation_data=_bool(reg_raw, dataset_id, "is_regularisation_data"),
-        probability=1.0 if probability is None else float(probability),
-        vae_batch_size=_int(data.get("vae_batch_size"), dataset_id, "vae_batch_size", None),
-        cache_dir_vae=_optional_str(data.get("cache_dir_vae"), dataset_id, "cache_dir_vae"),
-        skip_file_discovery=_skip_file_discovery(data.get("skip_file_discovery"), dataset_id),
-        preserve_data_backend_cache=_bool(
-            data.get("preserve_data_backend_cache"), dataset_id, "preserve_data_backend_cache"
-        ),
-        crop_aspect_buckets=_crop_aspect_buckets(data.get("crop_aspect_buckets"), dataset_id),
-        max_upscale_threshold=None if max_upscale is None else float(max_upscale),
-        max_num_samples=_positive_int(data.get("max_num_samples"), dataset_id, "max_num_samples"),
-        start_step=start_step or 0,
+    probability = as_number(data.get("probability"), dataset_id, "probability")
+    return {
+        "repeats": repeats,
+        "repeats_set": "repeats" in data,
+        "is_regularisation_data": as_bool(reg_raw, dataset_id, "is_regularisation_data"),
+        "probability": 1.0 if probability is None else float(probability),
+        "vae_batch_size": as_int(data.get("vae_batch_size"), dataset_id, "vae_batch_size", None),
+        "start_step": as_int(data.get("start_step"), dataset_id, "start_step", 0) or 0,
         # SimpleTuner: 0 (or unset) means "no end".
-        end_step=end_step or None,
-        train_batch_size=_positive_int(data.get("train_batch_size"), dataset_id, "train_batch_size"),
-        vae_cache_clear_each_epoch=_bool(
-            data.get("vae_cache_clear_each_epoch"), dataset_id, "vae_cache_clear_each_epoch"
-        ),
-        delete_problematic_images=_bool(
-            pick("delete_problematic_images"), dataset_id, "delete_problematic_images"
-        ),
-        parquet=_parquet_config(data.get("parquet"), dataset_id, base_dir),
-        **conditioning_fields(data, dataset_id, dataset_type),
-    )
-    _validate_image_dataset(config)
-    return config
+        "end_step": as_int(data.get("end_step"), dataset_id, "end_step", None) or None,
+        "train_batch_size": positive_int(data.get("train_batch_size"), dataset_id, "train_batch_size"),
+        "vae_cache_clear_each_epoch": as_bool(data.get("vae_cache_clear_each_epoch"), dataset_id,
+                                              "vae_cache_clear_each_epoch"),
+    }
 
 
 def _validate_image_dataset(config: DatasetConfig) -> None:
     """SimpleTuner's own sanity checks (config/base.py, metadata/backends/base.py), raised at load time."""
-    where = _where(config.id)
+    where = dataset_label(config.id)
     if config.repeats < 0:
         raise ConfigError(f"{where}: repeats must be ≥ 0, got {config.repeats}", field="repeats")
     needs_prompt = (
@@ -977,7 +496,7 @@ def _validate_image_dataset(config: DatasetConfig) -> None:
 
 def _parse_text_embeds(entry: Mapping[str, Any], base_dir: Path | None = None) -> TextEmbedsConfig:
     dataset_id = str(entry["id"])
-    where = _where(dataset_id)
+    where = dataset_label(dataset_id)
     data = check_keys(
         entry,
         supported=TEXT_EMBEDS_KEYS_SUPPORTED | DATASET_NO_EFFECT,
@@ -985,16 +504,16 @@ def _parse_text_embeds(entry: Mapping[str, Any], base_dir: Path | None = None) -
         inert_values=INERT_VALUES,
         where=where,
     )
-    backend_type = _choice(data.get("type", "local"), dataset_id, "type", ("local",), ("aws", *BACKEND_TYPES_LATER))
+    backend_type = as_choice(data.get("type", "local"), dataset_id, "type", ("local",), ("aws", *BACKEND_TYPES_LATER))
     return TextEmbedsConfig(
         id=dataset_id,
         type=backend_type,
-        default=_bool(data.get("default"), dataset_id, "default"),
-        disabled=_bool(data.get("disabled", data.get("disable", False)), dataset_id, "disabled"),
-        cache_dir=_optional_str(data.get("cache_dir"), dataset_id, "cache_dir"),
-        write_batch_size=_int(data.get("write_batch_size"), dataset_id, "write_batch_size", None),
+        default=as_bool(data.get("default"), dataset_id, "default"),
+        disabled=as_bool(data.get("disabled", data.get("disable", False)), dataset_id, "disabled"),
+        cache_dir=optional_str(data.get("cache_dir"), dataset_id, "cache_dir"),
+        write_batch_size=as_int(data.get("write_batch_size"), dataset_id, "write_batch_size", None),
         caption_filter_list=load_caption_filter_list(data.get("caption_filter_list"), where, base_dir),
-        preserve_data_backend_cache=_bool(
+        preserve_data_backend_cache=as_bool(
             data.get("preserve_data_backend_cache"), dataset_id, "preserve_data_backend_cache"
         ),
     )
