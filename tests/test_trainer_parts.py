@@ -170,3 +170,21 @@ def test_total_limit_removes_the_oldest(tmp_path: Path) -> None:
         checkpoint.save_checkpoint(store, step, {"w": b"x" * step}, {}, total_limit=2)
     assert checkpoint.list_checkpoints(store) == [10, 15]
     assert not list(store.list("checkpoint-5/"))
+
+
+def test_bf16_default_is_refused_on_a_gpu_without_it_and_said_on_an_emulating_cpu(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from stagetune.core.errors import PreconditionError
+    from stagetune.trainer.loop import check_bf16
+
+    said: list[str] = []
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
+    check_bf16(torch.device("cpu"), "bf16", said.append)
+    assert len(said) == 1 and "mixed_precision=bf16" in said[0] and "emulated" in said[0]
+    check_bf16(torch.device("cpu"), "no", said.append)
+    assert len(said) == 1
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Tesla V100")
+    with pytest.raises(PreconditionError, match="Tesla V100 has no bfloat16; set mixed_precision") as info:
+        check_bf16(torch.device("cuda"), "bf16", said.append)
+    assert info.value.field == "mixed_precision"

@@ -78,6 +78,19 @@ class Reporter:
     checkpointed: Callable[[int], None] = lambda step: None
 
 
+def check_bf16(device: torch.device, mixed_precision: str, warn: Callable[[str], None]) -> None:
+    """SimpleTuner's default mixed_precision is bf16: refused on a GPU that has none, and said once on a CPU
+    that only emulates it (it runs, slowly), naming the key either way."""
+    if mixed_precision != "bf16":
+        return
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise PreconditionError(f"mixed_precision=bf16 (SimpleTuner's default): {torch.cuda.get_device_name(device)} "
+                                "has no bfloat16; set mixed_precision to fp16 or no", field="mixed_precision")
+    if device.type == "cpu" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        warn("mixed_precision=bf16 (SimpleTuner's default): this CPU has no native bfloat16, so it is emulated "
+             "and slow; mixed_precision: no trains in float32")
+
+
 class Trainer:
     def __init__(self, cfg: Any, family: Any, data: TrainData, output: Store, reporter: Reporter) -> None:
         self.cfg = cfg
@@ -96,6 +109,7 @@ class Trainer:
     def setup(self) -> None:
         cfg = self.cfg
         torch.manual_seed(cfg.seed or 0)
+        check_bf16(self.device, cfg.mixed_precision, self.report.log)
         weight_dtype = self.autocast_dtype or torch.float32
         quantised = cfg.base_model_precision != "no_change"
         if quantised:  # as SimpleTuner: cast to base_model_default_dtype, then quantise (models/quantise.py)
