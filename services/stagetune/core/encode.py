@@ -202,17 +202,10 @@ def _encode_under_leases(
             done, sealing = sealing, None
             done.result()
 
-    def seal_and_finish(unit: str, seal: Callable[[], bool]) -> None:
-        if seal():
-            leases.finish(unit)
-
     with leases, helper_threads(1, f"{stage}-write") as writes:
         try:
             for _attempt in range(3):
-                pending = [unit for unit, keys in units.items() if any(k in missing for k in keys)]
-                # Replicas start at different units, so they seldom contend for the same one.
-                offset = int(hashlib.blake2b(leases.owner.encode(), digest_size=4).hexdigest(), 16) % len(pending)
-                pending = pending[offset:] + pending[:offset]
+                pending = _in_starting_order(units, missing, leases.owner)
                 while pending:
                     still: list[str] = []
                     for unit in pending:
@@ -228,9 +221,7 @@ def _encode_under_leases(
                         todo = [k for k in units[unit] if k in missing and not cache.has(k)]
                         _count_shared(stage, [k for k in units[unit] if k not in todo], missing, stats, progress)
                         if todo and not loaded:
-                            load_started = time.perf_counter()
-                            load()
-                            stats.load_seconds = time.perf_counter() - load_started
+                            _timed_load(load, stats)
                             loaded = True
                         seal = _encode_unit(stage, unit, todo, unique, key_of, cache, batches, encode, progress,
                                             stats, leases)
@@ -238,7 +229,7 @@ def _encode_under_leases(
                             still.append(unit)  # taken over while this replica stalled: the taker finishes it
                         else:
                             sealed()
-                            sealing = writes.submit(seal_and_finish, unit, seal)
+                            sealing = writes.submit(_seal_and_finish, leases, unit, seal)
                     pending = still
                     if pending:
                         time.sleep(leases.poll_s)  # the rest is held by live replicas: look again shortly
@@ -250,18 +241,51 @@ def _encode_under_leases(
                 absent = {k for k in missing if not cache.has(k)}
                 if not absent:
                     return
-                for unit, keys in units.items():
-                    if any(k in absent for k in keys):
-                        leases.forget_done(unit)
+                _forget_done(units, absent, leases)
                 missing = absent
         finally:
-            if sealing is not None:  # an error above: still let the last shard land (it is valid work)
-                try:
-                    sealing.result()
-                except Exception:  # noqa: BLE001 - the first error is the one to report
-                    log.warning("could not write the last %s shard", stage, exc_info=True)
+            _let_last_shard_land(sealing, stage)  # an error above: still let the last shard land (valid work)
     raise StagetuneError(f"{len(missing)} {stage} cache entries are still missing from {cache.prefix!r} "
                          f"in {cache.store.url} after three rounds of encoding")
+
+
+def _in_starting_order(units: dict[str, list[str]], missing: set[str], owner: str) -> list[str]:
+    """The units with a missing key, rotated by this replica's owner name.
+
+    Replicas start at different units, so they seldom contend for the same one.
+    """
+    pending = [unit for unit, keys in units.items() if any(k in missing for k in keys)]
+    offset = int(hashlib.blake2b(owner.encode(), digest_size=4).hexdigest(), 16) % len(pending)
+    return pending[offset:] + pending[:offset]
+
+
+def _timed_load(load: Callable[[], object], stats: EncodeStats) -> None:
+    """Load the encoder, counting the time apart: only a replica with something to encode pays for it."""
+    load_started = time.perf_counter()
+    load()
+    stats.load_seconds = time.perf_counter() - load_started
+
+
+def _seal_and_finish(leases: Leases, unit: str, seal: Callable[[], bool]) -> None:
+    """On the write thread: the unit is done only once its shard and index are written under the lease."""
+    if seal():
+        leases.finish(unit)
+
+
+def _forget_done(units: dict[str, list[str]], absent: set[str], leases: Leases) -> None:
+    """Clear the done marker of every unit with an absent key, so the next round claims it again."""
+    for unit, keys in units.items():
+        if any(k in absent for k in keys):
+            leases.forget_done(unit)
+
+
+def _let_last_shard_land(sealing: Future[None] | None, stage: str) -> None:
+    """Wait for the shard still being written after an error, without hiding that error."""
+    if sealing is not None:
+        try:
+            sealing.result()
+        except Exception:  # noqa: BLE001 - the first error is the one to report
+            log.warning("could not write the last %s shard", stage, exc_info=True)
 
 
 def _count_shared(stage: str, keys: list[str], missing: set[str], stats: EncodeStats,

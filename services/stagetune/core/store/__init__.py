@@ -102,6 +102,8 @@ def open_store(url: str | None = None) -> Store:
 
 
 def _open_s3(url: str, bucket: str, path: str, query: str, fragment: str) -> Store:
+    """The first problem is raised, checked in a fixed order (fragment, bucket, prefix, options, endpoint,
+    credentials, the other options' values), its message naming the URL with the secret hidden."""
     from stagetune.core.store.s3 import S3Store  # keeps minio/urllib3 off the import path of local users
 
     shown = redact_url(url)
@@ -111,6 +113,31 @@ def _open_s3(url: str, bucket: str, path: str, query: str, fragment: str) -> Sto
 
     if fragment:
         raise bad("unexpected '#' fragment")
+    prefix = _s3_prefix(bucket, path, bad)
+    opts = _s3_options(query, bad)
+    host, secure = _s3_endpoint(opts, _flag(opts, "secure", bad), bad)
+    access_key, secret_key, token = _credentials(opts, bad)
+    create_bucket = _flag(opts, "create_bucket", bad)
+    return S3Store(
+        host,
+        bucket,
+        prefix=prefix,
+        access_key=access_key,
+        secret_key=secret_key,
+        session_token=token,
+        region=opts.get("region") or None,
+        secure=secure,
+        create_bucket=True if create_bucket is None else create_bucket,
+        connect_timeout=_number(opts, "connect_timeout", float, 5.0, bad),
+        read_timeout=_number(opts, "read_timeout", float, 60.0, bad),
+        retries=int(_number(opts, "retries", int, 4, bad)),
+        part_size=int(_number(opts, "part_size", int, 0, bad)),
+        ca_bundle=opts.get("ca_bundle") or None,
+    )
+
+
+def _s3_prefix(bucket: str, path: str, bad: Callable[[str], ConfigError]) -> str:
+    """The key prefix under the bucket; both are checked now, so a bad name fails before any request."""
     if not _BUCKET_RE.match(bucket) or ".." in bucket:
         raise bad(f"bucket name {bucket!r} is not a valid S3 bucket name (3-63 chars, a-z 0-9 . -)")
     prefix = unquote(path).strip("/")
@@ -119,7 +146,11 @@ def _open_s3(url: str, bucket: str, path: str, query: str, fragment: str) -> Sto
             check_prefix(prefix + "/")
         except InvalidKeyError as exc:
             raise bad(f"prefix {prefix!r} is not a valid key prefix") from exc
+    return prefix
 
+
+def _s3_options(query: str, bad: Callable[[str], ConfigError]) -> dict[str, str]:
+    """Option → value; an unknown or repeated option is an error, never a silent default or a silent pick."""
     try:
         raw = parse_qs(query, keep_blank_values=True, strict_parsing=bool(query))
     except ValueError as exc:
@@ -130,30 +161,41 @@ def _open_s3(url: str, bucket: str, path: str, query: str, fragment: str) -> Sto
     twice = sorted(k for k, v in raw.items() if len(v) > 1)
     if twice:
         raise bad(f"option(s) given twice: {', '.join(twice)}")
-    opts = {k: v[0] for k, v in raw.items()}
+    return {k: v[0] for k, v in raw.items()}
 
-    def flag(name: str) -> bool | None:
-        if name not in opts:
-            return None
-        value = opts[name].lower()
-        if value in _TRUE:
-            return True
-        if value in _FALSE:
-            return False
-        raise bad(f"option {name}={opts[name]!r} must be true or false")
 
-    def number(name: str, kind: type[int] | type[float], default: float) -> float:
-        if name not in opts:
-            return default
-        try:
-            value = kind(opts[name])
-        except ValueError as exc:
-            raise bad(f"option {name}={opts[name]!r} must be a {kind.__name__}") from exc
-        if value < 0:
-            raise bad(f"option {name}={opts[name]!r} must not be negative")
-        return value
+def _flag(opts: dict[str, str], name: str, bad: Callable[[str], ConfigError]) -> bool | None:
+    """None when not given, so the caller can tell "unset" from "false"."""
+    if name not in opts:
+        return None
+    value = opts[name].lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise bad(f"option {name}={opts[name]!r} must be true or false")
 
-    secure = flag("secure")
+
+def _number(
+    opts: dict[str, str], name: str, kind: type[int] | type[float], default: float, bad: Callable[[str], ConfigError]
+) -> float:
+    """Timeouts, retries and part sizes: a negative one has no sensible meaning, so it is refused, not clamped."""
+    if name not in opts:
+        return default
+    try:
+        value = kind(opts[name])
+    except ValueError as exc:
+        raise bad(f"option {name}={opts[name]!r} must be a {kind.__name__}") from exc
+    if value < 0:
+        raise bad(f"option {name}={opts[name]!r} must not be negative")
+    return value
+
+
+def _s3_endpoint(
+    opts: dict[str, str], secure: bool | None, bad: Callable[[str], ConfigError]
+) -> tuple[str, bool]:
+    """(host[:port], TLS or not). An endpoint's scheme decides TLS, and must agree with `secure` when both are
+    given; without an endpoint it is AWS, over TLS unless `secure` says otherwise."""
     endpoint = opts.get("endpoint", "")
     if endpoint:
         ep = urlsplit(endpoint if "://" in endpoint else f"//{endpoint}")
@@ -174,25 +216,7 @@ def _open_s3(url: str, bucket: str, path: str, query: str, fragment: str) -> Sto
         host = "s3.amazonaws.com"
     if secure is None:
         secure = True
-
-    access_key, secret_key, token = _credentials(opts, bad)
-    create_bucket = flag("create_bucket")
-    return S3Store(
-        host,
-        bucket,
-        prefix=prefix,
-        access_key=access_key,
-        secret_key=secret_key,
-        session_token=token,
-        region=opts.get("region") or None,
-        secure=secure,
-        create_bucket=True if create_bucket is None else create_bucket,
-        connect_timeout=number("connect_timeout", float, 5.0),
-        read_timeout=number("read_timeout", float, 60.0),
-        retries=int(number("retries", int, 4)),
-        part_size=int(number("part_size", int, 0)),
-        ca_bundle=opts.get("ca_bundle") or None,
-    )
+    return host, secure
 
 
 def _credentials(
