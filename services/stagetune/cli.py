@@ -318,6 +318,18 @@ def build_parser() -> argparse.ArgumentParser:
                            "compute-bound on a CPU (256 px), for benchmarks")
     tiny.add_argument("--seed", type=int, default=0)
     tiny.set_defaults(func=cmd_tiny_model)
+    # `tiny-model sd3 --size compute OUT`: before Python 3.12, argparse matches the optional OUT (empty) together
+    # with `sd3`, so an OUT after an option would be refused; intermixed parsing takes it wherever it stands.
+    plain_parse = tiny.parse_known_args
+
+    def parse_intermixed(args=None, namespace=None):  # noqa: ANN001, ANN202 - argparse's own signature
+        tiny.parse_known_args = plain_parse  # what parse_known_intermixed_args calls back
+        try:
+            return tiny.parse_known_intermixed_args(args, namespace)
+        finally:
+            tiny.parse_known_args = parse_intermixed
+
+    tiny.parse_known_args = parse_intermixed
 
     example = sub.add_parser("example", help="write a ready-to-train example: tiny model, photos, configs")
     example.add_argument("family", choices=["sd3"])
