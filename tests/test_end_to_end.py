@@ -314,3 +314,15 @@ def test_regularisation_data_is_trained_towards_the_base_model(tmp_path: Path, t
         losses[regularisation] = seen
     assert losses[True] == [0.0, 0.0, 0.0]
     assert len(losses[False]) == 3 and min(losses[False]) > 0
+
+
+def test_debug_logging_cli_run_loads_models_while_libraries_import(tmp_path: Path, tiny_sd3_path: Path) -> None:
+    """At DEBUG the libraries are not imported up front: the vae and text stages load their models while the
+    warm-up thread still imports diffusers, which once raised "cannot import name 'AutoencoderKL'"."""
+    make_dataset(tmp_path / "data")
+    config = write_configs(tmp_path, tiny_sd3_path, steps=1, validation=False)
+    env = dict(os.environ, STAGETUNE_STORE=str(tmp_path / "store"))
+    done = subprocess.run([sys.executable, "-m", "stagetune.cli", "--log-level", "DEBUG", "train", "--config",
+                           str(config)], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    assert (tmp_path / "output" / "pytorch_lora_weights.safetensors").exists()

@@ -86,22 +86,6 @@ def _describe(result) -> str:  # noqa: ANN001
     return ""
 
 
-def _quiet_libraries(level: str) -> None:
-    """Our progress bars and messages only: the libraries' own bars and notices drown them."""
-    if level.upper() == "DEBUG":
-        return
-    import warnings
-
-    import diffusers
-    import transformers
-
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    diffusers.utils.logging.set_verbosity_error()
-    diffusers.utils.logging.disable_progress_bar()
-    warnings.filterwarnings("ignore", category=FutureWarning, module="diffusers")
-
-
 def _stop_cleanly_on_signals() -> None:
     """Ctrl-C and SIGTERM (what Kubernetes sends) both mean: save a checkpoint, then stop.
 
@@ -166,11 +150,10 @@ def _train(args: argparse.Namespace, plan: Any) -> int:
         logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     for warning in plan.cfg.warnings:
         print(f"warning: {warning}", file=sys.stderr)
-    warm_imports()  # overlaps the model libraries' import with ingest
+    warm_imports(plan.cfg.model_family, quiet=args.log_level.upper() != "DEBUG")  # overlaps ingest
     _stop_cleanly_on_signals()
     from stagetune.pipeline import run_training, start_embedded
 
-    _quiet_libraries(args.log_level)
     # Job messages reach the terminal as Watch events; the services' own log lines would repeat them.
     logging.getLogger("stagetune.core.jobs").setLevel(logging.ERROR)
     servers = start_embedded(plan.store, security=server_security)

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from stagetune.core.errors import NotFoundError
+from stagetune.models.loading import MODEL_LOAD_LOCK
 
 if TYPE_CHECKING:
     from transformers import CLIPTokenizer, T5Tokenizer
@@ -97,7 +98,8 @@ def build_clip_tokenizer(
     SD3's first tokenizer pads with ``<|endoftext|>``, its second (CLIP-G) with ``"!"`` (id 0): pass
     ``pad_token="!"`` for that one, since the pad id changes the hidden states after the end of text.
     """
-    from transformers import CLIPTokenizer
+    with MODEL_LOAD_LOCK:  # lazy library modules: one importing thread at a time (models/warmup.py)
+        from transformers import CLIPTokenizer
 
     write_clip_vocab(folder)
     return CLIPTokenizer.from_pretrained(str(folder), pad_token=pad_token, model_max_length=model_max_length)
@@ -184,7 +186,8 @@ def build_t5_tokenizer(folder: Path, *, vocab_size: int = 512, seed: int = 0) ->
 
     ``extra_ids=0``: SD3 never uses T5's sentinel tokens and they would only grow the embedding table.
     """
-    from transformers import T5Tokenizer
+    with MODEL_LOAD_LOCK:  # lazy library modules: one importing thread at a time (models/warmup.py)
+        from transformers import T5Tokenizer
 
     folder.mkdir(parents=True, exist_ok=True)
     model = train_sentencepiece(

@@ -2,7 +2,10 @@
 
 A fresh process spends seconds importing diffusers' and transformers' model classes; the encoder
 stages would pay that only when they first load a model. Starting the imports at once overlaps them
-with ingest and server start-up (Python's import lock makes the later real import wait, not repeat).
+with ingest and server start-up. The imports run under the model load lock, which every loader takes
+before its own `from diffusers import …`: the libraries' lazy modules are not safe to import from two
+threads at once ("cannot import name 'AutoencoderKL' from 'diffusers'"), so a loader waits for the
+warm-up instead of racing it.
 """
 
 from __future__ import annotations
@@ -10,6 +13,8 @@ from __future__ import annotations
 import importlib
 import logging
 import threading
+
+from stagetune.models.loading import MODEL_LOAD_LOCK
 
 log = logging.getLogger(__name__)
 
@@ -24,15 +29,34 @@ MODULES = {
 }
 
 
-def _import_all(names: tuple[str, ...]) -> None:
-    for name in names:
-        try:
-            importlib.import_module(name)
-        except Exception as exc:  # noqa: BLE001 - the real import later reports the error properly
-            log.debug("background import of %s failed: %s", name, exc)
+def _import_all(names: tuple[str, ...], quiet: bool) -> None:
+    with MODEL_LOAD_LOCK:
+        for name in names:
+            try:
+                importlib.import_module(name)
+            except Exception as exc:  # noqa: BLE001 - the real import later reports the error properly
+                log.debug("background import of %s failed: %s", name, exc)
+        if quiet:
+            quiet_libraries()
 
 
-def warm_imports(family: str = "sd3") -> threading.Thread:
-    thread = threading.Thread(target=_import_all, args=(MODULES.get(family, ()),), name="warm-imports", daemon=True)
+def quiet_libraries() -> None:
+    """Our progress bars and messages only: the libraries' own bars and notices drown them."""
+    import warnings
+
+    import diffusers
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    diffusers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=FutureWarning, module="diffusers")
+
+
+def warm_imports(family: str = "sd3", *, quiet: bool = False) -> threading.Thread:
+    """Start the imports (and, with `quiet`, silence the libraries once imported) on a daemon thread."""
+    thread = threading.Thread(target=_import_all, args=(MODULES.get(family, ()), quiet), name="warm-imports",
+                              daemon=True)
     thread.start()
     return thread

@@ -154,7 +154,8 @@ def load_transformer(
     subfolder: str = "transformer",
 ) -> SD3Transformer2DModel:
     """A fresh transformer on every call: it is trained, so no two callers may share its parameters."""
-    from diffusers import SD3Transformer2DModel
+    with MODEL_LOAD_LOCK:  # lazy library modules: one importing thread at a time (models/warmup.py)
+        from diffusers import SD3Transformer2DModel
 
     model = _from_pretrained(
         SD3Transformer2DModel.from_pretrained,
@@ -178,7 +179,8 @@ def load_vae(
     """The shared, frozen VAE. ``subfolder=None`` for a standalone VAE (SimpleTuner's
     ``pretrained_vae_model_name_or_path``)."""
     import torch
-    from diffusers import AutoencoderKL
+    with MODEL_LOAD_LOCK:  # lazy library modules: one importing thread at a time (models/warmup.py)
+        from diffusers import AutoencoderKL
 
     dtype = _dtype(dtype)
     key = (
@@ -210,7 +212,8 @@ def load_scheduler(
     name_or_path: str, *, revision: str | None = None, subfolder: str = "scheduler"
 ) -> FlowMatchEulerDiscreteScheduler:
     """A fresh scheduler per call: ``set_timesteps``/``step`` keep per-run state."""
-    from diffusers import FlowMatchEulerDiscreteScheduler
+    with MODEL_LOAD_LOCK:  # lazy library modules: one importing thread at a time (models/warmup.py)
+        from diffusers import FlowMatchEulerDiscreteScheduler
 
     return _from_pretrained(
         FlowMatchEulerDiscreteScheduler.from_pretrained, name_or_path, subfolder, revision=revision
@@ -221,7 +224,8 @@ def load_tokenizers(
     name_or_path: str, *, revision: str | None = None
 ) -> tuple[CLIPTokenizer, CLIPTokenizer, T5Tokenizer]:
     """SD3's three tokenizers, new objects on each call (see the module docstring on thread safety)."""
-    from transformers import CLIPTokenizer, T5Tokenizer
+    with MODEL_LOAD_LOCK:  # lazy library modules: one importing thread at a time (models/warmup.py)
+        from transformers import CLIPTokenizer, T5Tokenizer
 
     return (
         _from_pretrained(CLIPTokenizer.from_pretrained, name_or_path, "tokenizer", revision=revision),
@@ -249,7 +253,8 @@ def load_text_encoders(
     encoder is a different shared object from the full-precision one.
     """
     import torch
-    from transformers import CLIPTextModelWithProjection, T5EncoderModel
+    with MODEL_LOAD_LOCK:  # lazy library modules: one importing thread at a time (models/warmup.py)
+        from transformers import CLIPTextModelWithProjection, T5EncoderModel
 
     from stagetune.models.quantise import quantise
 

@@ -10,6 +10,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from stagetune.core.errors import Collector
+from stagetune.models.loading import MODEL_LOAD_LOCK
 from stagetune.models.sd3.components import TEXT_ENCODER_KEYS
 from stagetune.models.sd3.options import OPTION_KEYS, parse_sd3_options
 
@@ -72,7 +73,8 @@ class SD3Family:
         return SD3LatentEncoder.from_pretrained(name_or_path, revision=revision, dtype=dtype, load=False)
 
     def pipeline_class(self) -> type:
-        from diffusers import StableDiffusion3Pipeline
+        with MODEL_LOAD_LOCK:  # lazy library modules: one importing thread at a time (models/warmup.py)
+            from diffusers import StableDiffusion3Pipeline
 
         return StableDiffusion3Pipeline
 
@@ -93,14 +95,13 @@ class SD3Family:
         else madebyollin/taesd3 from the hub."""
         from pathlib import Path
 
-        from diffusers import AutoencoderTiny
-
-        from stagetune.models.loading import MODEL_LOAD_LOCK
         from stagetune.models.sd3.tiny import PREVIEW_FOLDER
 
         local = Path(name_or_path).expanduser() / PREVIEW_FOLDER
         source = str(local) if local.is_dir() else PREVIEW_HUB_ID
-        with MODEL_LOAD_LOCK:
+        with MODEL_LOAD_LOCK:  # lazy library modules and init_empty_weights: one thread at a time (loading.py)
+            from diffusers import AutoencoderTiny
+
             return AutoencoderTiny.from_pretrained(source).eval().requires_grad_(False)
 
     def preview_image(self, decoder: Any, latents: Any, max_edge: int = 256) -> Any:
