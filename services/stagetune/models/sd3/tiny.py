@@ -20,6 +20,7 @@ import shutil
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from stagetune.core.errors import InputError
 
@@ -122,18 +123,77 @@ def build_tiny_sd3(output_dir: Path, *, seed: int = 0, size: str = "tiny") -> Pa
     return output_dir
 
 
-def _build_into(folder: Path, *, seed: int, dims: TinySD3Dims, size: str) -> None:
-    import torch
-    from diffusers import (
-        AutoencoderKL,
-        AutoencoderTiny,
-        FlowMatchEulerDiscreteScheduler,
-        SD3Transformer2DModel,
-        StableDiffusion3Pipeline,
-    )
+def _text_encoders(dims: TinySD3Dims, seeded: Any) -> tuple[Any, Any, Any]:
+    """CLIP-L, CLIP-G and T5 in SD3's shapes, scaled down (seeds 1–3)."""
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
-    from stagetune.models.tokenizers import CLIP_VOCAB_SIZE, build_clip_tokenizer, build_t5_tokenizer
+    from stagetune.models.tokenizers import CLIP_VOCAB_SIZE
+
+    def clip(hidden: int, projection: int, act: str) -> Any:
+        config = CLIPTextConfig(
+            vocab_size=CLIP_VOCAB_SIZE,
+            hidden_size=hidden,
+            intermediate_size=hidden * 4,
+            projection_dim=projection,
+            num_hidden_layers=dims.clip_layers,
+            num_attention_heads=dims.clip_heads,
+            max_position_embeddings=77,
+            hidden_act=act,
+            bos_token_id=49406,
+            eos_token_id=49407,
+            pad_token_id=1,
+        )
+        return CLIPTextModelWithProjection(config)
+
+    seeded(1)
+    text_encoder = clip(dims.clip_l_hidden, dims.clip_l_projection, "quick_gelu")
+    seeded(2)
+    text_encoder_2 = clip(dims.clip_g_hidden, dims.clip_g_projection, "gelu")
+    seeded(3)
+    text_encoder_3 = T5EncoderModel(T5Config(
+        vocab_size=dims.t5_vocab_size, d_model=dims.t5_d_model, d_kv=16, d_ff=dims.t5_d_model * 2,
+        num_layers=dims.t5_layers, num_heads=dims.t5_heads, relative_attention_num_buckets=32,
+        feed_forward_proj="gated-gelu", tie_word_embeddings=False, pad_token_id=0, eos_token_id=1,
+        decoder_start_token_id=0,
+    ))
+    return text_encoder, text_encoder_2, text_encoder_3
+
+
+def _autoencoders(dims: TinySD3Dims, seeded: Any) -> tuple[Any, Any]:
+    """The VAE (seed 5) and a preview decoder in taesd3's shape (seed 6): ×8 upsampling of 16 channels."""
+    from diffusers import AutoencoderKL, AutoencoderTiny
+
+    seeded(5)
+    blocks = len(dims.vae_block_out_channels)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * blocks,
+        up_block_types=("UpDecoderBlock2D",) * blocks,
+        block_out_channels=dims.vae_block_out_channels,
+        layers_per_block=1,
+        latent_channels=dims.latent_channels,
+        norm_num_groups=8,
+        sample_size=64,
+        shift_factor=SD3_VAE_SHIFT_FACTOR,
+        scaling_factor=SD3_VAE_SCALING_FACTOR,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+    )
+    seeded(6)
+    preview = AutoencoderTiny(
+        in_channels=3, out_channels=3, encoder_block_out_channels=(16, 16, 16, 16),
+        decoder_block_out_channels=(16, 16, 16, 16), latent_channels=dims.latent_channels,
+        num_encoder_blocks=(1, 1, 1, 1), num_decoder_blocks=(1, 1, 1, 1), upsampling_scaling_factor=2,
+    )
+    return vae, preview
+
+
+def _build_into(folder: Path, *, seed: int, dims: TinySD3Dims, size: str) -> None:
+    import torch
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    from stagetune.models.tokenizers import build_clip_tokenizer, build_t5_tokenizer
 
     with tempfile.TemporaryDirectory(prefix="stagetune-tok-") as scratch:
         tokenizer = build_clip_tokenizer(Path(scratch) / "clip_l")
@@ -147,68 +207,10 @@ def _build_into(folder: Path, *, seed: int, dims: TinySD3Dims, size: str) -> Non
         def seeded(offset: int) -> None:
             torch.manual_seed(seed * 1000 + offset)
 
-        def clip(hidden: int, projection: int, act: str) -> CLIPTextModelWithProjection:
-            config = CLIPTextConfig(
-                vocab_size=CLIP_VOCAB_SIZE,
-                hidden_size=hidden,
-                intermediate_size=hidden * 4,
-                projection_dim=projection,
-                num_hidden_layers=dims.clip_layers,
-                num_attention_heads=dims.clip_heads,
-                max_position_embeddings=77,
-                hidden_act=act,
-                bos_token_id=49406,
-                eos_token_id=49407,
-                pad_token_id=1,
-            )
-            return CLIPTextModelWithProjection(config)
-
-        seeded(1)
-        text_encoder = clip(dims.clip_l_hidden, dims.clip_l_projection, "quick_gelu")
-        seeded(2)
-        text_encoder_2 = clip(dims.clip_g_hidden, dims.clip_g_projection, "gelu")
-        seeded(3)
-        text_encoder_3 = T5EncoderModel(
-            T5Config(
-                vocab_size=dims.t5_vocab_size,
-                d_model=dims.t5_d_model,
-                d_kv=16,
-                d_ff=dims.t5_d_model * 2,
-                num_layers=dims.t5_layers,
-                num_heads=dims.t5_heads,
-                relative_attention_num_buckets=32,
-                feed_forward_proj="gated-gelu",
-                tie_word_embeddings=False,
-                pad_token_id=0,
-                eos_token_id=1,
-                decoder_start_token_id=0,
-            )
-        )
+        text_encoder, text_encoder_2, text_encoder_3 = _text_encoders(dims, seeded)
         seeded(4)
         transformer = SD3Transformer2DModel(**transformer_config(dims))
-        seeded(5)
-        blocks = len(dims.vae_block_out_channels)
-        vae = AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            down_block_types=("DownEncoderBlock2D",) * blocks,
-            up_block_types=("UpDecoderBlock2D",) * blocks,
-            block_out_channels=dims.vae_block_out_channels,
-            layers_per_block=1,
-            latent_channels=dims.latent_channels,
-            norm_num_groups=8,
-            sample_size=64,
-            shift_factor=SD3_VAE_SHIFT_FACTOR,
-            scaling_factor=SD3_VAE_SCALING_FACTOR,
-            use_quant_conv=False,
-            use_post_quant_conv=False,
-        )
-        seeded(6)  # a tiny preview decoder in taesd3's shape (validation_preview): ×8 upsampling of 16 channels
-        preview = AutoencoderTiny(
-            in_channels=3, out_channels=3, encoder_block_out_channels=(16, 16, 16, 16),
-            decoder_block_out_channels=(16, 16, 16, 16), latent_channels=dims.latent_channels,
-            num_encoder_blocks=(1, 1, 1, 1), num_decoder_blocks=(1, 1, 1, 1), upsampling_scaling_factor=2,
-        )
+        vae, preview = _autoencoders(dims, seeded)
     scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=SD3_SCHEDULER_SHIFT)
 
     pipeline = StableDiffusion3Pipeline(
