@@ -36,7 +36,6 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -45,13 +44,11 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from bench_train_vs_simpletuner import (  # noqa: E402
-    HOOK,
-    Bench,
     RunResult,
     add_quiet_options,
+    bench_from_args,
     build_model,
     copy_pair,
-    stagetune_command,
     write_pair,
 )
 from bench_vs_simpletuner import make_data, simpletuner_ready, simpletuner_version  # noqa: E402
@@ -207,13 +204,7 @@ def main() -> None:
     large = cuda if args.large is None else args.large
     if args.simpletuner and not simpletuner_ready(args.simpletuner_venv):
         parser.error(f"no SimpleTuner venv at {args.simpletuner_venv} (benchmarks/simpletuner_setup.sh makes one)")
-    workdir = (args.workdir or Path(tempfile.mkdtemp(prefix="stagetune-memory-"))).resolve()
-    workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "hook").mkdir(exist_ok=True)
-    (workdir / "hook" / "sitecustomize.py").write_text(HOOK)
-    bench = Bench(workdir=workdir, venv=args.simpletuner_venv, warmup=args.warmup, timeout=args.timeout,
-                  hook=workdir / "hook", stagetune=stagetune_command(), quiet=args.quiet, max_wait=args.max_wait,
-                  retries=args.retries)
+    workdir, bench = bench_from_args(args, "stagetune-memory-")
     load = os.getloadavg()[0]
 
     # (model name, model folder, resolution, batch, steps, pristine data, FLOPs per step)

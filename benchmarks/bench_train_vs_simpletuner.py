@@ -511,6 +511,19 @@ def notes(cells: list[Cell]) -> list[str]:
     return out
 
 
+def bench_from_args(args: Any, prefix: str) -> tuple[Path, Bench]:
+    """The work folder (with the step-timing hook SimpleTuner's side loads) and the runner, from the options
+    both benchmark scripts share."""
+    workdir = (args.workdir or Path(tempfile.mkdtemp(prefix=prefix))).resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "hook").mkdir(exist_ok=True)
+    (workdir / "hook" / "sitecustomize.py").write_text(HOOK)
+    bench = Bench(workdir=workdir, venv=args.simpletuner_venv, warmup=args.warmup, timeout=args.timeout,
+                  hook=workdir / "hook", stagetune=stagetune_command(), quiet=args.quiet, max_wait=args.max_wait,
+                  retries=args.retries)
+    return workdir, bench
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
     parser.add_argument("--simpletuner-venv", type=Path, default=Path("/tmp/st-venv"))
@@ -536,13 +549,7 @@ def main() -> None:
                 parser.error(f"unknown {name} {value!r}; choose from {', '.join(known)}")
 
     ensure_simpletuner(args.simpletuner_venv)
-    workdir = (args.workdir or Path(tempfile.mkdtemp(prefix="stagetune-train-vs-st-"))).resolve()
-    workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "hook").mkdir(exist_ok=True)
-    (workdir / "hook" / "sitecustomize.py").write_text(HOOK)
-    bench = Bench(workdir=workdir, venv=args.simpletuner_venv, warmup=args.warmup, timeout=args.timeout,
-                  hook=workdir / "hook", stagetune=stagetune_command(), quiet=args.quiet, max_wait=args.max_wait,
-                  retries=args.retries)
+    workdir, bench = bench_from_args(args, "stagetune-train-vs-st-")
 
     import torch
 
