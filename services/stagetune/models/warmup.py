@@ -25,6 +25,7 @@ MODULES = {
         "transformers.models.clip.modeling_clip",
         "transformers.models.t5.modeling_t5",
         "diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3",
+        "peft",  # the trainer's: it imports transformers' generation code and accelerate
     ),
 }
 

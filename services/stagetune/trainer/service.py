@@ -25,7 +25,10 @@ def train_job(ctx: JobContext) -> dict[str, str]:
     from stagetune.core.config.train import config_from_json, load_train_config
     from stagetune.core.manifest import load_manifest, load_report
     from stagetune.models.family import get_family
-    from stagetune.trainer.loop import TrainData
+    from stagetune.models.loading import MODEL_LOAD_LOCK
+
+    with MODEL_LOAD_LOCK:  # peft, accelerate and diffusers: one importing thread at a time (models/warmup.py)
+        from stagetune.trainer.loop import TrainData
 
     req: trainer_pb2.StartTrainingRequest = ctx.request
     base_dir = Path(req.base_dir) if req.base_dir else None

@@ -31,7 +31,10 @@ def validation_job(ctx: JobContext) -> dict[str, str]:
     from stagetune.core.outputs import open_output
     from stagetune.models.dtypes import parse_dtype
     from stagetune.models.family import get_family
-    from stagetune.validation.sampling import Sampling, adapter, get_pipeline, sample
+    from stagetune.models.loading import MODEL_LOAD_LOCK
+
+    with MODEL_LOAD_LOCK:  # diffusers and peft: one importing thread at a time (models/warmup.py)
+        from stagetune.validation.sampling import Sampling, adapter, get_pipeline, sample
 
     req: validation_pb2.StartValidationRequest = ctx.request
     family = get_family(req.model.family or "sd3")
