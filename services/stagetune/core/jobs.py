@@ -50,6 +50,17 @@ class JobState(enum.Enum):
         return self in (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED)
 
 
+_ACTIVE = ("queued", "running")
+
+
+def _count_active(service: str, old: JobState, new: JobState) -> None:
+    """Move one job between the queued/running gauges (terminal states are counted by JOBS)."""
+    if old.value in _ACTIVE:
+        metrics.ACTIVE_JOBS.labels(service, old.value).dec()
+    if new.value in _ACTIVE:
+        metrics.ACTIVE_JOBS.labels(service, new.value).inc()
+
+
 class JobCancelled(Exception):
     """Raised inside a job's work function when the job was cancelled."""
 
@@ -268,6 +279,7 @@ class JobManager:
         # The record is saved before its event goes out: whoever sees the event and then reads the
         # record (from any process) reads the new state. A watcher never sees one without the other.
         with self._lock:
+            _count_active(self.service, record.state, state)
             record.state = state
             for name, value in changes.items():
                 setattr(record, name, value)
@@ -300,6 +312,7 @@ class JobManager:
             context = JobContext(self, record)
             self._contexts[job_id] = context
         self._persist(record)
+        metrics.ACTIVE_JOBS.labels(self.service, JobState.QUEUED.value).inc()
         self._emit(job_id, "job", dataclasses.replace(record))
         self._threads.submit(self._run, context)
         return record

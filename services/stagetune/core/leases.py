@@ -53,6 +53,7 @@ import threading
 import time
 import uuid
 
+from stagetune.core import metrics
 from stagetune.core.errors import ConfigError, NotFoundError
 from stagetune.core.store.base import Store
 
@@ -141,6 +142,9 @@ class Leases:
                  ttl: float | None = None) -> None:
         self.store = store
         self.prefix = f"{cache_prefix.strip('/')}/{LEASES}"
+        # A bounded metric label: cache/vae/<fingerprint> -> "vae"; the run lock (.stagetune) -> "run".
+        parts = cache_prefix.strip("/").split("/")
+        self._stage = parts[1] if parts[0] == "cache" and len(parts) > 1 else "run"
         self.owner = owner or new_owner_id()
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", self.owner):
             raise ValueError(f"lease owner {self.owner!r} must be letters, digits, '.', '_' or '-'")
@@ -239,6 +243,7 @@ class Leases:
                         log.warning("lease %s/%s: taking over from %s, silent for over %.1fs",
                                     self.prefix, unit, claim.owner, max(self.ttl, claim.ttl))
                         self.store.delete(self._claim_key(unit, claim.owner))
+                        metrics.LEASE_TAKEOVERS.labels(self._stage).inc()
                         stale = True
                     elif claim.state == _CHOOSING:
                         choosing = True  # it may yet take a ticket below mine: wait until it has one

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 
-from prometheus_client import REGISTRY, Counter, Histogram, start_http_server
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram, start_http_server
 
 from stagetune.core.errors import PortInUseError
 
@@ -28,6 +28,13 @@ GRPC_SECONDS = Histogram(
     buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 30, 120, 600, 3600),
 )
 JOBS = Counter("stagetune_jobs_total", "Jobs that reached a final state.", ["service", "state"])
+# Queue depth and what is running now: the "training stalled" alert needs a running trainer job to compare with.
+ACTIVE_JOBS = Gauge("stagetune_active_jobs", "Jobs queued or running now.", ["service", "state"])
+STORE_BYTES = Counter("stagetune_store_bytes_total", "Bytes written to and read from the S3 store.", ["direction"])
+STORE_ERRORS = Counter("stagetune_store_errors_total", "S3 store requests that failed after their retries.",
+                       ["operation"])
+LEASE_TAKEOVERS = Counter("stagetune_lease_takeovers_total",
+                          "Work units taken over from a replica whose lease expired.", ["stage"])
 ITEMS_ENCODED = Counter("stagetune_cache_items_encoded_total", "Cache entries computed.", ["stage"])
 CACHE_HITS = Counter("stagetune_cache_hits_total", "Cache entries found already computed.", ["stage"])
 CACHE_BYTES = Counter("stagetune_cache_written_bytes_total", "Bytes written to caches.", ["stage"])
@@ -54,6 +61,13 @@ TRAIN_LOSS = Histogram(
     "stagetune_train_loss", "Training loss per step.", ["model_family"],
     buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5),
 )
+
+TRAIN_SAMPLES = Counter("stagetune_train_samples_total", "Training samples consumed by optimizer steps.",
+                        ["model_family"])
+TRAIN_LEARNING_RATE = Gauge("stagetune_train_learning_rate", "Learning rate of the latest optimizer step.",
+                            ["model_family"])
+GPU_MEMORY_PEAK = Gauge("stagetune_gpu_memory_peak_bytes", "Peak GPU memory torch allocated in this process.",
+                        ["stage"])
 
 _http_lock = threading.Lock()
 _http_port: int | None = None

@@ -26,6 +26,7 @@ from minio.datatypes import Object
 from minio.deleteobjects import DeleteObject
 from minio.error import InvalidResponseError, MinioException, S3Error, ServerError
 
+from stagetune.core import metrics
 from stagetune.core.errors import ConfigError, NotFoundError, StagetuneError, StoreUnavailableError
 from stagetune.core.store.base import Store, check_key, check_prefix
 
@@ -130,6 +131,8 @@ class S3Store(Store):
                 return fn()
             except (MinioException, *_CONNECTION_ERRORS) as exc:
                 if attempt == self.retries or not _transient(exc):
+                    if not (isinstance(exc, S3Error) and exc.code in _NOT_FOUND_KEY):  # a miss is no error
+                        metrics.STORE_ERRORS.labels(what.split()[0]).inc()
                     raise self._error(what, key, exc, attempt + 1) from exc
                 sleep = delay * (1 + random.random() / 2)
                 log.warning("%s: %s failed (%s), retrying in %.2fs", self._where(), what, _reason(exc), sleep)
@@ -199,6 +202,7 @@ class S3Store(Store):
             )
 
         self._call("write", key, put)
+        metrics.STORE_BYTES.labels("write").inc(len(view))
 
     def put_file(self, key: str, path: Path) -> None:
         name = self._object(key)
@@ -211,6 +215,7 @@ class S3Store(Store):
             key,
             lambda: self._client.fput_object(self.bucket, name, str(source), part_size=self.part_size),
         )
+        metrics.STORE_BYTES.labels("write").inc(source.stat().st_size)
 
     # -- reads ----------------------------------------------------------------------------------
 
@@ -225,7 +230,9 @@ class S3Store(Store):
                 response.close()
                 response.release_conn()
 
-        return self._call("read", key, get)
+        data = self._call("read", key, get)
+        metrics.STORE_BYTES.labels("read").inc(len(data))
+        return data
 
     def get_file(self, key: str, path: Path) -> None:
         """Download through minio's `<file>.<etag>.part_minio` temp file, renamed when complete."""
@@ -233,6 +240,7 @@ class S3Store(Store):
         target = Path(path)
         target.parent.mkdir(parents=True, exist_ok=True)
         self._call("download", key, lambda: self._client.fget_object(self.bucket, name, str(target)))
+        metrics.STORE_BYTES.labels("read").inc(target.stat().st_size)
 
     def size(self, key: str) -> int | None:
         name = self._object(key)
