@@ -1,0 +1,228 @@
+"""Training runs as Kubernetes objects: the Indexed Job and headless Service validated against the Kubernetes
+schemas, and the client driven against a real HTTP server on loopback that answers the API paths it uses.
+
+Not tested here (no cluster): the API server's own behaviour (scheduling, the Job controller's index
+annotation and pod names, DNS for `<run>-<i>.<run>`) and torchrun's rendezvous; the fake server replays
+pod states as the API server reports them.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import pytest
+
+kubernetes = pytest.importorskip("kubernetes")
+kubernetes_validate = pytest.importorskip("kubernetes_validate")
+
+from stagetune.trainer.kube.client import TrainingJobError, run_training_job  # noqa: E402
+from stagetune.trainer.kube.objects import RDZV_PORT, image_for, training_objects  # noqa: E402
+from stagetune.trainer.kube.profiles import PROFILES, profile  # noqa: E402
+
+WORKER = ["python", "-m", "stagetune.trainer.worker", "--job", "j1"]
+
+
+def _objects(name: str = "h100", nodes: int = 2, gpus: int = 8) -> tuple[dict[str, Any], dict[str, Any]]:
+    p = profile(name)
+    return training_objects(run="run-1", namespace="ml", profile=p, nodes=nodes, gpus_per_node=gpus,
+                            image=image_for("ghcr.io/stagetune/stagetune", "0.1.0", p), worker=WORKER,
+                            store_url="s3://b?endpoint=http://s3:8333", secret_name="creds")
+
+
+@pytest.mark.parametrize("name", sorted(PROFILES))
+def test_objects_are_valid_and_pinned(name: str) -> None:
+    p = PROFILES[name]
+    job, service = _objects(name, nodes=3, gpus=0 if p.resource is None else 4)
+    for obj in (job, service):
+        for version in ("1.25.0", kubernetes_validate.latest_version()):
+            kubernetes_validate.validate(obj, version, strict=True)
+    spec = job["spec"]
+    assert (spec["completionMode"], spec["completions"], spec["parallelism"]) == ("Indexed", 3, 3)
+    pod = spec["template"]["spec"]
+    assert pod["subdomain"] == service["metadata"]["name"] == "run-1"
+    assert service["spec"]["clusterIP"] == "None" and service["spec"]["publishNotReadyAddresses"] is True
+    assert service["spec"]["selector"].items() <= spec["template"]["metadata"]["labels"].items()
+    (container,) = pod["containers"]
+    command = container["command"]
+    assert command[:2] == ["torchrun", "--nnodes=3"] and command[-len(WORKER):] == WORKER
+    assert f"--rdzv-endpoint=run-1-0.run-1:{RDZV_PORT}" in command and "--node-rank=$(JOB_COMPLETION_INDEX)" in command
+    env = {e["name"]: e for e in container["env"]}
+    assert "job-completion-index" in env["JOB_COMPLETION_INDEX"]["valueFrom"]["fieldRef"]["fieldPath"]
+    assert env["STAGETUNE_S3_SECRET_KEY"]["valueFrom"]["secretKeyRef"] == {"name": "creds", "key": "s3-secret-key"}
+    terms = pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
+    assert terms == [{"matchExpressions": p.node_expressions()}]
+    assert pod.get("tolerations", []) == [dict(t) for t in p.tolerations]
+    assert container["image"].endswith(f"-{p.image}")
+    if p.resource:
+        assert container["resources"]["limits"][p.resource] == "4"
+    assert {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "32Gi"}} in pod["volumes"]
+
+
+def test_bad_shapes_are_refused() -> None:
+    with pytest.raises(ValueError, match="need >= 1 node"):
+        _objects("b200", nodes=0)
+    with pytest.raises(ValueError, match="GPU per node"):
+        _objects("b200", gpus=0)
+    with pytest.raises(ValueError, match="unknown GPU profile 'a100'"):
+        profile("a100")
+
+
+# -- a loopback API server ------------------------------------------------------------------------------
+
+def _pod(rank: int, phase: str, *, waiting: str | None = None, terminated: str | None = None,
+         unschedulable: bool = False) -> dict[str, Any]:
+    status: dict[str, Any] = {"phase": phase}
+    if waiting or terminated:
+        state = ({"waiting": {"reason": waiting, "message": "back-off pulling image"}} if waiting
+                 else {"terminated": {"reason": terminated, "exitCode": 137 if terminated == "OOMKilled" else 0}})
+        status["containerStatuses"] = [{"name": "worker", "image": "ghcr.io/x:1-cuda", "imageID": "", "ready": False,
+                                        "restartCount": 0, "state": state}]
+    elif phase == "Running":
+        status["containerStatuses"] = [{"name": "worker", "image": "ghcr.io/x:1-cuda", "imageID": "", "ready": True,
+                                        "restartCount": 0, "state": {"running": {}}}]
+    if unschedulable:
+        status["conditions"] = [{"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+                                 "message": "0/4 nodes are available: 4 Insufficient nvidia.com/gpu."}]
+    return {"metadata": {"name": f"run-1-{rank}-abcde", "namespace": "ml",
+                         "annotations": {"batch.kubernetes.io/job-completion-index": str(rank)}},
+            "spec": {"containers": [{"name": "worker"}]}, "status": status}
+
+
+class FakeApi:
+    """Answers the paths the client uses; each pod list request returns the next frame of `frames`."""
+
+    def __init__(self, frames: list[list[dict[str, Any]]], complete_after: int | None = None,
+                 refuse_job: bool = False) -> None:
+        self.frames, self.complete_after, self.refuse_job = frames, complete_after, refuse_job
+        self.requests: list[tuple[str, str, dict[str, list[str]], Any]] = []
+        self.pod_lists = 0
+
+    def handle(self, method: str, url: str, body: Any) -> tuple[int, Any]:
+        parts = urlsplit(url)
+        query = parse_qs(parts.query)
+        self.requests.append((method, parts.path, query, body))
+        path = parts.path
+        if method == "POST" and path == "/api/v1/namespaces/ml/services":
+            return 201, body
+        if method == "POST" and path == "/apis/batch/v1/namespaces/ml/jobs":
+            if self.refuse_job:
+                return 409, {"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "AlreadyExists",
+                             "code": 409, "message": 'jobs.batch "run-1" already exists'}
+            return 201, body
+        if method == "GET" and path == "/api/v1/namespaces/ml/pods":
+            frame = self.frames[min(self.pod_lists, len(self.frames) - 1)]
+            self.pod_lists += 1
+            return 200, {"kind": "PodList", "apiVersion": "v1", "metadata": {}, "items": frame}
+        if method == "GET" and path == "/apis/batch/v1/namespaces/ml/jobs/run-1":
+            done = self.complete_after is not None and self.pod_lists >= self.complete_after
+            conditions = [{"type": "Complete", "status": "True"}] if done else []
+            return 200, {"kind": "Job", "apiVersion": "batch/v1", "metadata": {"name": "run-1"},
+                         "status": {"conditions": conditions}}
+        if method == "DELETE" and path == "/apis/batch/v1/namespaces/ml/jobs/run-1":
+            return 200, {"kind": "Status", "apiVersion": "v1", "status": "Success"}
+        if method == "DELETE" and path == "/api/v1/namespaces/ml/services/run-1":
+            return 200, {"kind": "Service", "apiVersion": "v1", "metadata": {"name": "run-1"}}  # as the API does
+        return 404, {"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 404, "reason": "NotFound"}
+
+    def calls(self, method: str) -> list[str]:
+        return [path for m, path, _, _ in self.requests if m == method]
+
+
+@pytest.fixture
+def serve() -> Iterator[Any]:
+    servers: list[ThreadingHTTPServer] = []
+
+    def start(api: FakeApi) -> Any:
+        class Handler(BaseHTTPRequestHandler):
+            def _answer(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                body = json.loads(self.rfile.read(length)) if length else None
+                code, reply = api.handle(self.command, self.path, body)
+                data = json.dumps(reply).encode()
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            do_GET = do_POST = do_DELETE = _answer
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        servers.append(server)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        config = kubernetes.client.Configuration(host=f"http://127.0.0.1:{server.server_port}")
+        return kubernetes.client.ApiClient(config)
+
+    yield start
+    for server in servers:
+        server.shutdown()
+        server.server_close()
+
+
+def _run(client: Any, **options: Any) -> Iterator[Any]:
+    return run_training_job(client, run="run-1", namespace="ml", profile="b200", nodes=2, gpus_per_node=8,
+                            image="ghcr.io/stagetune/stagetune:0.1.0-cuda", worker=WORKER,
+                            store_url="s3://b?endpoint=http://s3:8333", secret_name="creds", poll_s=0, **options)
+
+
+def test_a_run_streams_pod_states_and_cleans_up(serve) -> None:
+    frames = [[_pod(0, "Pending", unschedulable=True), _pod(1, "Pending", waiting="ContainerCreating")],
+              [_pod(0, "Running"), _pod(1, "Running")],
+              [_pod(0, "Running"), _pod(1, "Running")],
+              [_pod(0, "Succeeded", terminated="Completed"), _pod(1, "Succeeded", terminated="Completed")]]
+    api = FakeApi(frames, complete_after=4)
+    events = list(_run(serve(api)))
+    assert [(e.node_rank, e.phase, e.detail) for e in events] == [
+        (0, "Pending", "unschedulable: 0/4 nodes are available: 4 Insufficient nvidia.com/gpu."),
+        (1, "Pending", "waiting: ContainerCreating"),
+        (0, "Running", "running"), (1, "Running", "running"),
+        (0, "Succeeded", "terminated: Completed (exit 0)"), (1, "Succeeded", "terminated: Completed (exit 0)"),
+    ]
+    assert api.calls("POST") == ["/api/v1/namespaces/ml/services", "/apis/batch/v1/namespaces/ml/jobs"]
+    created = [body for m, p, _, body in api.requests if m == "POST" and p.endswith("/jobs")][0]
+    assert created["spec"]["completionMode"] == "Indexed" and created["spec"]["template"]["spec"]["containers"][0][
+        "resources"]["limits"]["nvidia.com/gpu"] == "8"
+    pod_queries = [q for m, p, q, _ in api.requests if p.endswith("/pods")]
+    assert pod_queries[0]["labelSelector"] == ["stagetune.io/training-run=run-1"]
+    assert api.calls("DELETE") == ["/apis/batch/v1/namespaces/ml/jobs/run-1", "/api/v1/namespaces/ml/services/run-1"]
+    deleted = [(q, body) for m, p, q, body in api.requests if m == "DELETE" and p.endswith("/jobs/run-1")][0]
+    # The pods go with the Job (the client sends the policy as a query parameter or in DeleteOptions).
+    assert deleted[0].get("propagationPolicy") == ["Background"] or (deleted[1] or {}).get(
+        "propagationPolicy") == "Background"
+
+
+@pytest.mark.parametrize("pod, reason, says", [
+    (_pod(1, "Failed", terminated="OOMKilled"), "OOMKilled", "more memory than its limit (OOMKilled)"),
+    (_pod(1, "Pending", waiting="ImagePullBackOff"), "ImagePull", "cannot pull its image ghcr.io/x:1-cuda"),
+    (_pod(1, "Pending", waiting="ErrImagePull"), "ImagePull", "ErrImagePull"),
+    (_pod(1, "Pending", unschedulable=True), "Unschedulable", "Insufficient nvidia.com/gpu"),
+])
+def test_pod_failures_become_clear_errors(serve, pod: dict[str, Any], reason: str, says: str) -> None:
+    api = FakeApi([[_pod(0, "Running"), pod]])
+    with pytest.raises(TrainingJobError) as caught:
+        list(_run(serve(api), unschedulable_limit=0))
+    assert caught.value.reason == reason and says in str(caught.value)
+    assert api.calls("DELETE") == ["/apis/batch/v1/namespaces/ml/jobs/run-1", "/api/v1/namespaces/ml/services/run-1"]
+
+
+def test_unschedulable_is_waited_out_for_a_while(serve) -> None:
+    """An autoscaler may be adding the node: Unschedulable is an error only after the limit."""
+    frames = [[_pod(0, "Pending", unschedulable=True)], [_pod(0, "Running")]]
+    api = FakeApi(frames, complete_after=2)
+    assert [e.phase for e in _run(serve(api), unschedulable_limit=600)] == ["Pending", "Running"]
+
+
+def test_a_refused_job_removes_the_service_it_created(serve) -> None:
+    api = FakeApi([[]], refuse_job=True)
+    with pytest.raises(kubernetes.client.exceptions.ApiException) as caught:
+        list(_run(serve(api)))
+    assert caught.value.status == 409
+    assert api.calls("DELETE") == ["/api/v1/namespaces/ml/services/run-1"]
