@@ -225,7 +225,6 @@ def test_invalid_values_are_config_errors_with_the_choices() -> None:
 @pytest.mark.parametrize(
     ("key", "value"),
     [
-        ("model_family", "sana"),
         ("model_family", "flux"),
         ("optimizer", "soap"),
         ("optimizer", "sdnq-adamw"),
@@ -594,20 +593,17 @@ def test_every_seed_config_block_loads_or_names_what_is_not_supported(tmp_path: 
                     assert problem.field in {normalise_key(k) for k in block}, (name, block, str(problem))
 
 
-def test_sana_guide_settings_are_named_as_not_supported_yet() -> None:
-    """The Sana guide (seed 003) sets these in its option list; each must say what is missing, not crash."""
+def test_sana_guide_settings_load() -> None:
+    """The Sana guide (seed 003) sets these in its option list; all of them load now."""
     text = seed_texts()["003_ecfc6d00628a8bf1.txt"]
-    settings = {"model_family": "sana"}
-    assert re.search(r"^- `optimizer` - .*`optimi-adamw`", text, re.M)
-    assert load({"optimizer": "optimi-adamw"}).optimizer == "optimi-adamw"  # this one works now
-    for key, value in settings.items():
+    for key, value in {"model_family": "sana", "model_type": "full", "optimizer": "optimi-adamw",
+                       "mixed_precision": "bf16", "use_ema": "true"}.items():
         assert re.search(rf"^- `{key}` - .*`{re.escape(value)}`", text, re.M), key
-        with pytest.raises(NotSupportedError) as err:
-            load({key: value})
-        assert err.value.field == key and value in str(err.value).lower()
-    # what the guide sets that stagetune does support
-    config = load({"mixed_precision": "bf16", "validation_num_inference_steps": 50, "train_batch_size": 6})
-    assert config.mixed_precision == "bf16" and config.validation_num_inference_steps == 50
+    config = load({"model_family": "sana", "model_type": "full", "optimizer": "optimi-adamw",
+                   "mixed_precision": "bf16", "use_ema": True, "validation_num_inference_steps": 50,
+                   "train_batch_size": 6, "gradient_checkpointing": True, "gradient_checkpointing_interval": 2})
+    assert config.model_family == "sana" and config.model_type == "full" and config.use_ema
+    assert config.family_options["sana_complex_human_instruction"]  # SimpleTuner's default instruction
 
 
 def test_old_vae_cache_preprocess_false_means_encode_during_training() -> None:

@@ -189,7 +189,11 @@ def _summary(plan: Any, run: Any) -> int:
     total = sum(p.seconds for p in run.phases)
     steps, new = trained.get("steps"), trained.get("steps_trained", trained.get("steps"))
     resumed = f" (resumed at step {int(steps) - int(new)}, {steps} in all)" if new != steps else ""
-    print(f"\ntrained {new} steps{resumed} in {total:.1f}s; LoRA: {output}/{trained.get('lora')}")
+    if plan.cfg.model_type == "full":
+        made = f"pipeline folder: {output} (diffusers from_pretrained)"
+    else:
+        made = f"{'LyCORIS' if plan.cfg.lora_type == 'lycoris' else 'LoRA'}: {output}/{trained.get('lora')}"
+    print(f"\ntrained {new} steps{resumed} in {total:.1f}s; {made}")
     if run.changed_settings:
         print("settings changed since the checkpoint it resumed: " + "; ".join(run.changed_settings))
     return 0
@@ -231,19 +235,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_tiny_model(args: argparse.Namespace) -> int:
-    from stagetune.core.errors import InputError, NotSupportedError
-    from stagetune.models.sd3.tiny import build_tiny_sd3
+    from stagetune.core.errors import InputError
+    from stagetune.models.tiny import build_tiny
 
-    if args.family != "sd3":
-        raise NotSupportedError(f"not supported yet: tiny-model {args.family}", field="family")
     if args.output and args.output_flag and args.output != args.output_flag:
         raise InputError(f"two output folders given: {args.output} and --output {args.output_flag}", field="output")
     output = args.output or args.output_flag
     if not output:
-        raise InputError("tiny-model needs an output folder: stagetune tiny-model sd3 [--size SIZE] OUT",
+        raise InputError(f"tiny-model needs an output folder: stagetune tiny-model {args.family} [--size SIZE] OUT",
                          field="output")
-    path = build_tiny_sd3(Path(output), seed=args.seed, size=args.size)
-    print(path)
+    print(build_tiny(args.family, Path(output), seed=args.seed, size=args.size))
     return 0
 
 
@@ -293,7 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(func=cmd_serve)
 
     tiny = sub.add_parser("tiny-model", help="write a tiny random-weight model in diffusers format")
-    tiny.add_argument("family", choices=["sd3"])
+    tiny.add_argument("family", choices=["sd3", "sana"])
     tiny.add_argument("output", nargs="?", default=None, help="the folder to write (must not exist or be empty)")
     tiny.add_argument("--output", dest="output_flag", default=None, help="the same, as an option")
     tiny.add_argument("--size", choices=["tiny", "compute"], default="tiny",
@@ -315,7 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.parse_known_args = parse_intermixed
 
     example = sub.add_parser("example", help="write a ready-to-train example: tiny model, photos, configs")
-    example.add_argument("family", choices=["sd3"])
+    example.add_argument("family", choices=["sd3", "sana"])
     example.add_argument("output")
     example.add_argument("--steps", type=int, default=20)
     example.set_defaults(func=cmd_example)

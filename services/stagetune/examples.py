@@ -58,10 +58,18 @@ def write_photos(folder: Path) -> int:
     return count
 
 
-def example_configs(root: Path, *, steps: int) -> tuple[dict, list]:
+#: What a family's example changes: Sana's is a full-rank fine-tune, as seed 003 (SimpleTuner's Sana quickstart).
+FAMILY_SETTINGS: dict[str, dict] = {
+    "sd3": {},
+    "sana": {"model_type": "full", "learning_rate": 1e-4, "lora_rank": None, "lora_alpha": None, "use_ema": True,
+             "ema_decay": 0.99, "ema_validation": "comparison"},
+}
+
+
+def example_configs(root: Path, *, steps: int, family: str = "sd3") -> tuple[dict, list]:
     config = {
         "model_type": "lora",
-        "model_family": "sd3",
+        "model_family": family,
         "pretrained_model_name_or_path": str(root / "model"),
         "output_dir": str(root / "output"),
         "data_backend_config": str(root / "multidatabackend.json"),
@@ -101,7 +109,7 @@ def example_configs(root: Path, *, steps: int) -> tuple[dict, list]:
             "maximum_image_size": 64,
             "target_downsample_size": 64,
             "resolution_type": "pixel_area",
-            "cache_dir_vae": "cache/vae/sd3/skimage-photos",
+            "cache_dir_vae": f"cache/vae/{family}/skimage-photos",
             "instance_data_dir": str(root / "datasets" / "photos"),
             "disabled": False,
             "skip_file_discovery": "",
@@ -113,25 +121,27 @@ def example_configs(root: Path, *, steps: int) -> tuple[dict, list]:
             "type": "local",
             "dataset_type": "text_embeds",
             "default": True,
-            "cache_dir": "cache/text/sd3/skimage-photos",
+            "cache_dir": f"cache/text/{family}/skimage-photos",
             "disabled": False,
             "write_batch_size": 128,
         },
     ]
-    return config, datasets
+    config.update(FAMILY_SETTINGS[family])
+    return {key: value for key, value in config.items() if value is not None}, datasets
 
 
 def write_example(family: str, output: Path, *, steps: int = 20) -> Path:
-    if family != "sd3":
-        raise InputError(f"no example for model family {family!r} yet", field="family")
-    from stagetune.models.sd3.tiny import build_tiny_sd3
+    if family not in FAMILY_SETTINGS:
+        raise InputError(f"no example for model family {family!r} (there are: {', '.join(FAMILY_SETTINGS)})",
+                         field="family")
+    from stagetune.models.tiny import build_tiny
 
     root = output.expanduser().resolve()
     root.mkdir(parents=True, exist_ok=True)
     if not (root / "model" / "model_index.json").exists():
-        build_tiny_sd3(root / "model")
+        build_tiny(family, root / "model")
     write_photos(root / "datasets" / "photos")
-    config, datasets = example_configs(root, steps=steps)
+    config, datasets = example_configs(root, steps=steps, family=family)
     (root / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     (root / "multidatabackend.json").write_text(json.dumps(datasets, indent=2) + "\n")
     return root / "config.json"

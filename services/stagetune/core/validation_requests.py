@@ -18,11 +18,16 @@ from stagetune.core.store.base import Store
 from stagetune.v1 import common_pb2, validation_pb2, validation_pb2_grpc
 
 
+def validation_prompts(cfg: Any) -> list[tuple[str, str]]:
+    """(name, prompt): `validation_prompt` when set, then the user prompt library's. As in SimpleTuner, a
+    library alone is enough to validate (seed 003 sets only `user_prompt_library`)."""
+    prompts = [("validation", cfg.validation_prompt)] if cfg.validation_prompt else []
+    return prompts + list((cfg.user_prompts or {}).items())
+
+
 def validation_request(cfg: Any, *, request_id: str, adapter_key: str, step: int, output_prefix: str
                        ) -> validation_pb2.StartValidationRequest:
-    prompts = [validation_pb2.ValidationPrompt(name="validation", prompt=cfg.validation_prompt)]
-    for name, prompt in (cfg.user_prompts or {}).items():
-        prompts.append(validation_pb2.ValidationPrompt(name=name, prompt=prompt))
+    prompts = [validation_pb2.ValidationPrompt(name=name, prompt=prompt) for name, prompt in validation_prompts(cfg)]
     sampling = validation_pb2.SamplingOptions(
         guidance_scale=cfg.validation_guidance,
         num_inference_steps=cfg.validation_num_inference_steps,

@@ -106,7 +106,14 @@ class ModelFamily(Protocol):
         """Tokens the transformer sees per sample (resolution-dependent shift)."""
         ...
 
-    def flow_shift_params(self, name_or_path: str, revision: str | None = None) -> dict[str, Any]: ...
+    def flow_schedule_overrides(self, name_or_path: str, revision: str | None = None) -> dict[str, Any]:
+        """`FlowSchedule` fields the family sets over the config's (the scheduler's dynamic-shift parameters;
+        Sana's σ table)."""
+        ...
+
+    def training_latents(self, latents: Any) -> Any:
+        """Cached latents → what the trainer noises (Sana halves them, as SimpleTuner does)."""
+        ...
 
     def preview_decoder(self, name_or_path: str, *, revision: str | None = None) -> Any:
         """The tiny decoder validation previews use (SD3: taesd3), loaded on the first preview."""
@@ -123,6 +130,7 @@ class ModelFamily(Protocol):
 
 #: family name → "module:Class" of its implementation (imported on first use, torch-free at import).
 FAMILIES: dict[str, str] = {
+    "sana": "stagetune.models.sana.family:SanaFamily",
     "sd3": "stagetune.models.sd3.family:SD3Family",
 }
 

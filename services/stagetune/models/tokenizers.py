@@ -2,7 +2,7 @@
 
 No tokenizer can be downloaded where the tests run, so the tiny model factories build them from local
 material: CLIP's real byte-level BPE (the vocabulary file that ``open-clip-torch`` ships, so token ids equal
-the real CLIP ids) and sentencepiece models trained on generated text (T5 now, Gemma for Sana later).
+the real CLIP ids) and sentencepiece models trained on generated text (T5 for SD3, Gemma for Sana).
 
 Every builder writes its files into a folder and loads the tokenizer back with ``from_pretrained(folder)``:
 transformers 5 silently builds an empty vocabulary when given bare file paths, and loading from a folder is
@@ -25,7 +25,7 @@ from stagetune.core.errors import NotFoundError
 from stagetune.models.loading import MODEL_LOAD_LOCK
 
 if TYPE_CHECKING:
-    from transformers import CLIPTokenizer, T5Tokenizer
+    from transformers import CLIPTokenizer, GemmaTokenizer, T5Tokenizer
 
 CLIP_BPE_FILENAME = "bpe_simple_vocab_16e6.txt.gz"
 # CLIP keeps the first 49152 - 256 - 2 merges of the file (openai/CLIP's SimpleTokenizer): with 2 × 256 byte
@@ -195,3 +195,26 @@ def build_t5_tokenizer(folder: Path, *, vocab_size: int = 512, seed: int = 0) ->
     )
     (folder / "spiece.model").write_bytes(model)
     return T5Tokenizer.from_pretrained(str(folder), extra_ids=0, model_max_length=512)
+
+
+GEMMA_SPECIAL_PIECES = (("pad", "<pad>"), ("eos", "<eos>"), ("bos", "<bos>"), ("unk", "<unk>"))
+#: Gemma's own tokenizer has no practical length limit; Sana's complex human instruction alone is hundreds of
+#: tokens, and a smaller limit only makes transformers warn about sequences the model does take.
+GEMMA_MODEL_MAX_LENGTH = 8192
+
+
+def build_gemma_tokenizer(folder: Path, *, vocab_size: int = 512, seed: int = 0) -> GemmaTokenizer:
+    """A Gemma tokenizer (``<pad>`` 0, ``<eos>`` 1, ``<bos>`` 2, ``<unk>`` 3) trained offline in ``folder``.
+
+    ``add_bos_token=True``: transformers 5 leaves ``<bos>`` out by default, and Sana keeps the first position
+    of every prompt's states (``select_index = [0] + …``) on the assumption that it holds ``<bos>``.
+    """
+    with MODEL_LOAD_LOCK:  # lazy library modules: one importing thread at a time (models/warmup.py)
+        from transformers import GemmaTokenizer
+
+    folder.mkdir(parents=True, exist_ok=True)
+    model = train_sentencepiece(
+        generated_sentences(seed=seed), vocab_size=vocab_size, special_pieces=GEMMA_SPECIAL_PIECES
+    )
+    (folder / "tokenizer.model").write_bytes(model)
+    return GemmaTokenizer.from_pretrained(str(folder), add_bos_token=True, model_max_length=GEMMA_MODEL_MAX_LENGTH)

@@ -27,6 +27,13 @@ MODULES = {
         "diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3",
         "peft",  # the trainer's: it imports transformers' generation code and accelerate
     ),
+    "sana": (
+        "diffusers.models.autoencoders.autoencoder_dc",
+        "diffusers.models.transformers.sana_transformer",
+        "transformers.models.gemma2.modeling_gemma2",
+        "diffusers.pipelines.sana.pipeline_sana",
+        "peft",
+    ),
 }
 
 

@@ -28,6 +28,8 @@ class FlowSchedule:
     max_seq_len: int = 4096
     base_shift: float = 0.5
     max_shift: float = 1.15
+    #: A family's own discrete σ table (Sana): σ is one of its entries, drawn uniformly; no shift applies.
+    sigma_table: tuple[float, ...] = ()
 
     def mu(self, seq_len: int) -> float:
         slope = (self.max_shift - self.base_shift) / (self.max_seq_len - self.base_seq_len)
@@ -40,6 +42,10 @@ class FlowSchedule:
 def sample_sigmas(schedule: FlowSchedule, generators: list[torch.Generator], seq_len: int) -> torch.Tensor:
     """σ in (0, 1), one per sample, each drawn from that sample's own generator: a sample's σ does not depend
     on which batch or process it lands in, and a resumed run draws what the uninterrupted one drew."""
+    if schedule.sigma_table:  # SimpleTuner's Sana: index = floor(u · N), clamped to the table
+        table = torch.tensor(schedule.sigma_table)
+        u = torch.cat([torch.rand(1, generator=g) for g in generators])
+        return table[(u * len(table)).long().clamp(max=len(table) - 1)]
     if schedule.use_beta:
         u = torch.cat([torch.rand(1, generator=g, dtype=torch.float64) for g in generators])
         alpha, beta_ = (torch.tensor(v, dtype=torch.float64) for v in (schedule.beta_alpha, schedule.beta_beta))

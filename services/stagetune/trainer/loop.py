@@ -144,12 +144,12 @@ class Trainer:
             raise PreconditionError(
                 f"no bucket holds a full batch of train_batch_size={cfg.train_batch_size}: "
                 "add images, raise repeats or lower train_batch_size", field="train_batch_size")
-        self.schedule = FlowSchedule(
+        self.schedule = dataclasses.replace(FlowSchedule(
             shift=cfg.flow_schedule_shift, auto_shift=bool(cfg.flow_schedule_auto_shift),
             use_uniform=bool(cfg.flow_use_uniform_schedule), use_beta=bool(cfg.flow_use_beta_schedule),
             beta_alpha=cfg.flow_beta_schedule_alpha, beta_beta=cfg.flow_beta_schedule_beta,
-            sigmoid_scale=cfg.flow_sigmoid_scale, **self.family.flow_shift_params(cfg.pretrained_model_name_or_path),
-        )
+            sigmoid_scale=cfg.flow_sigmoid_scale,
+        ), **self.family.flow_schedule_overrides(cfg.pretrained_model_name_or_path, cfg.revision))
         self.total_steps = self._total_steps()
         self.scheduler = build_scheduler(cfg, self.optimizer, self.total_steps)
         self.settings = {**config_settings(cfg), "data": data_settings(self.data.rows)}
@@ -221,7 +221,8 @@ class Trainer:
     def _micro_step(self) -> float:
         fetched = self.batches.next()
         self.consumed_state = fetched.state_after
-        latents = self._to_device(torch.stack([entry["latents"] for entry in fetched.latents]))
+        latents = self.family.training_latents(
+            self._to_device(torch.stack([entry["latents"] for entry in fetched.latents])))
         text = {k: self._to_device(v) for k, v in
                 self.family.collate_text(fetched.texts, self.cfg.family_options, fetched.empty).items()}
         noise, generators = self._noise(fetched, latents.shape)
@@ -230,7 +231,7 @@ class Trainer:
         noisy, target = noisy_input(latents, noise, sigmas)
         inputs = self.family.transformer_inputs(noisy, timesteps_for(sigmas), text)
         with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
-            if fetched.batch.plan.regularisation:
+            if fetched.batch.plan.regularisation and self.adapter.kind != "full":  # full: ordinary data
                 target = self._parent_prediction(inputs)
             pred = self.model(**inputs)[0]
         loss = masked_mse(pred.float(), target.float(), self._loss_mask(fetched))
@@ -318,7 +319,7 @@ class Trainer:
 
     def _validate(self, trained: bytes | None = None) -> None:
         """Validate the trained weights, the averaged ones, or both (SimpleTuner's `ema_validation`)."""
-        if self.report.validate is None or not self.cfg.validation_prompt:
+        if self.report.validate is None:  # no validator: validation off, or nothing to prompt
             return
         which = self.cfg.ema_validation if self.ema is not None else "none"
         if which in ("none", "comparison"):

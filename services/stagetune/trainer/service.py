@@ -62,12 +62,12 @@ def train_job(ctx: JobContext) -> dict[str, str]:
 
 def _train(ctx: JobContext, cfg: Any, data: Any, output: Any, family: Any, req: trainer_pb2.StartTrainingRequest
            ) -> dict[str, str]:
-    from stagetune.core.validation_requests import ValidationRequester
+    from stagetune.core.validation_requests import ValidationRequester, validation_prompts
     from stagetune.trainer.loop import Reporter, Trainer
 
     publisher = _publisher(ctx, cfg, output, family)
     validator = None
-    if req.validation_endpoint and cfg.validation_prompt and not cfg.validation_disable:
+    if req.validation_endpoint and validation_prompts(cfg) and not cfg.validation_disable:
         base = Path(req.base_dir) if req.base_dir else None
         validator = ValidationRequester(req.validation_endpoint, ctx.store, ctx.job_id, cfg,
                                         output_dir=output_location(cfg.output_dir, base))

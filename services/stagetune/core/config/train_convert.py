@@ -200,5 +200,5 @@ def family_options(fields: Mapping[str, Any], given: Mapping[str, Any], problems
     for key in sorted(set(given) - set(own)):
         warnings.append(f"{key} changes nothing for model_family={name}: it belongs to another model family")
     context = {key: fields.get(key, st_default(key))
-               for key in ("validation_guidance", "validation_num_inference_steps")}
+               for key in ("validation_guidance", "validation_num_inference_steps", "base_model_precision")}
     return family.parse_options(own, context=context, problems=problems, warnings=warnings)

@@ -15,15 +15,20 @@ torch and diffusers are imported inside the functions: config validation imports
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
-from stagetune.core.checks import is_hub_id
-from stagetune.core.errors import InputError, NotFoundError
-from stagetune.models.loading import MODEL_LOAD_LOCK
+from stagetune.models.loading import (
+    MODEL_FIELD,
+    MODEL_LOAD_LOCK,
+    clear_component_cache,  # noqa: F401 - re-exported: models.sd3 and tests use it from here
+    default_dtype,
+    freeze,
+    load_pretrained,
+    memoised,
+    source_key,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -50,13 +55,6 @@ DIFFUSERS_SD3_LORA_TARGET_MODULES: tuple[str, ...] = (
     "attn.to_add_out",
 )
 
-MODEL_FIELD = "pretrained_model_name_or_path"
-T = TypeVar("T")
-
-_memo: dict[tuple[str, ...], Any] = {}
-_memo_lock = threading.Lock()
-_key_locks: dict[tuple[str, ...], threading.Lock] = {}
-
 
 @dataclass(frozen=True)
 class SD3TextModels:
@@ -68,81 +66,6 @@ class SD3TextModels:
     text_encoder: CLIPTextModelWithProjection
     text_encoder_2: CLIPTextModelWithProjection
     text_encoder_3: T5EncoderModel
-
-
-def _dtype(dtype: torch.dtype | None) -> torch.dtype:
-    import torch
-
-    return torch.float32 if dtype is None else dtype
-
-
-def _source_key(name_or_path: str) -> str:
-    """Local folders are keyed by their resolved path, so ``./m`` and ``/abs/m`` share one load."""
-    if is_hub_id(name_or_path):
-        return name_or_path
-    return str(Path(name_or_path).expanduser().resolve())
-
-
-def check_model_source(name_or_path: str, subfolder: str | None, *, field: str = MODEL_FIELD) -> None:
-    """Fail with the path in the message before ``from_pretrained`` would try the network for a bad path."""
-    if is_hub_id(name_or_path):
-        return
-    root = Path(name_or_path).expanduser()
-    if not root.is_dir():
-        raise NotFoundError(f"model folder {name_or_path} does not exist", field=field)
-    if subfolder and not (root / subfolder).is_dir():
-        raise NotFoundError(f"model folder {name_or_path} has no subfolder {subfolder!r}", field=field)
-
-
-def _from_pretrained(
-    loader: Callable[..., T],
-    name_or_path: str,
-    subfolder: str | None,
-    *,
-    field: str = MODEL_FIELD,
-    **kwargs: Any,
-) -> T:
-    """Call ``loader`` and turn its OSErrors (missing files, unknown hub id) into errors naming the input."""
-    check_model_source(name_or_path, subfolder, field=field)
-    where = f"{name_or_path}/{subfolder}" if subfolder else name_or_path
-    try:
-        with MODEL_LOAD_LOCK:
-            if subfolder:
-                return loader(name_or_path, subfolder=subfolder, **kwargs)
-            return loader(name_or_path, **kwargs)
-    except OSError as exc:
-        if is_hub_id(name_or_path):
-            raise NotFoundError(f"cannot load {where} from the Hugging Face hub: {exc}", field=field) from exc
-        raise InputError(f"cannot load {where}: {exc}", field=field) from exc
-
-
-def _memoised(key: tuple[str, ...], load: Callable[[], T]) -> T:
-    """Load once per key; concurrent callers of one key wait for the first load instead of repeating it."""
-    with _memo_lock:
-        if key in _memo:
-            return _memo[key]
-        key_lock = _key_locks.setdefault(key, threading.Lock())
-    with key_lock:
-        with _memo_lock:
-            if key in _memo:
-                return _memo[key]
-        value = load()
-        with _memo_lock:
-            _memo[key] = value
-            _key_locks.pop(key, None)
-    return value
-
-
-def clear_component_cache() -> None:
-    """Forget the shared frozen models (tests, or to free memory once a stage is done with them)."""
-    with _memo_lock:
-        _memo.clear()
-
-
-def _freeze(module: T) -> T:
-    module.requires_grad_(False)  # type: ignore[attr-defined]
-    module.eval()  # type: ignore[attr-defined]
-    return module
 
 
 def load_transformer(
@@ -157,12 +80,12 @@ def load_transformer(
     with MODEL_LOAD_LOCK:  # lazy library modules: one importing thread at a time (models/warmup.py)
         from diffusers import SD3Transformer2DModel
 
-    model = _from_pretrained(
+    model = load_pretrained(
         SD3Transformer2DModel.from_pretrained,
         name_or_path,
         subfolder,
         revision=revision,
-        torch_dtype=_dtype(dtype),
+        torch_dtype=default_dtype(dtype),
     )
     return model.to(device)
 
@@ -182,10 +105,10 @@ def load_vae(
     with MODEL_LOAD_LOCK:  # lazy library modules: one importing thread at a time (models/warmup.py)
         from diffusers import AutoencoderKL
 
-    dtype = _dtype(dtype)
+    dtype = default_dtype(dtype)
     key = (
         "vae",
-        _source_key(name_or_path),
+        source_key(name_or_path),
         revision or "",
         subfolder or "",
         str(dtype),
@@ -193,7 +116,7 @@ def load_vae(
     )
 
     def load() -> AutoencoderKL:
-        vae = _from_pretrained(
+        vae = load_pretrained(
             AutoencoderKL.from_pretrained,
             name_or_path,
             subfolder,
@@ -203,9 +126,9 @@ def load_vae(
         )
         # NHWC: oneDNN (CPU) and cuDNN run the VAE's convolutions without reordering every activation;
         # 1.6x faster on CPU at 256 px (benchmarks/README.md). Results differ from NCHW by ~1e-5.
-        return _freeze(vae.to(device).to(memory_format=torch.channels_last))
+        return freeze(vae.to(device).to(memory_format=torch.channels_last))
 
-    return _memoised(key, load)
+    return memoised(key, load)
 
 
 def load_scheduler(
@@ -215,7 +138,7 @@ def load_scheduler(
     with MODEL_LOAD_LOCK:  # lazy library modules: one importing thread at a time (models/warmup.py)
         from diffusers import FlowMatchEulerDiscreteScheduler
 
-    return _from_pretrained(
+    return load_pretrained(
         FlowMatchEulerDiscreteScheduler.from_pretrained, name_or_path, subfolder, revision=revision
     )
 
@@ -228,9 +151,9 @@ def load_tokenizers(
         from transformers import CLIPTokenizer, T5Tokenizer
 
     return (
-        _from_pretrained(CLIPTokenizer.from_pretrained, name_or_path, "tokenizer", revision=revision),
-        _from_pretrained(CLIPTokenizer.from_pretrained, name_or_path, "tokenizer_2", revision=revision),
-        _from_pretrained(T5Tokenizer.from_pretrained, name_or_path, "tokenizer_3", revision=revision),
+        load_pretrained(CLIPTokenizer.from_pretrained, name_or_path, "tokenizer", revision=revision),
+        load_pretrained(CLIPTokenizer.from_pretrained, name_or_path, "tokenizer_2", revision=revision),
+        load_pretrained(T5Tokenizer.from_pretrained, name_or_path, "tokenizer_3", revision=revision),
     )
 
 
@@ -258,8 +181,8 @@ def load_text_encoders(
 
     from stagetune.models.quantise import quantise
 
-    dtype = _dtype(dtype)
-    source = _source_key(name_or_path)
+    dtype = default_dtype(dtype)
+    source = source_key(name_or_path)
     precision_of = {TEXT_ENCODER_KEYS[key]: (key, value) for key, value in (quantisation or {}).items()}
 
     def encoder(cls: Any, subfolder: str) -> Any:
@@ -267,13 +190,13 @@ def load_text_encoders(
         key = ("text", source, revision or "", subfolder, str(dtype), str(torch.device(device)), precision)
 
         def load() -> Any:
-            model = _from_pretrained(
+            model = load_pretrained(
                 cls.from_pretrained, name_or_path, subfolder, revision=revision, dtype=dtype
             )
             quantise(model, precision, exclude=(), key=f"{key_name}_precision")
-            return _freeze(model.to(device))
+            return freeze(model.to(device))
 
-        return _memoised(key, load)
+        return memoised(key, load)
 
     tokenizer, tokenizer_2, tokenizer_3 = load_tokenizers(name_or_path, revision=revision)
     return SD3TextModels(

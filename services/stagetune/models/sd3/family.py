@@ -78,8 +78,8 @@ class SD3Family:
 
         return StableDiffusion3Pipeline
 
-    def flow_shift_params(self, name_or_path: str, revision: str | None = None) -> dict[str, Any]:
-        """Auto-shift parameters from the model's own scheduler config."""
+    def flow_schedule_overrides(self, name_or_path: str, revision: str | None = None) -> dict[str, Any]:
+        """Auto-shift parameters from the model's own scheduler config (the shift options stay the user's)."""
         from stagetune.models.sd3.components import load_scheduler
 
         config = load_scheduler(name_or_path, revision=revision).config
@@ -105,21 +105,15 @@ class SD3Family:
             return AutoencoderTiny.from_pretrained(source).eval().requires_grad_(False)
 
     def preview_image(self, decoder: Any, latents: Any, max_edge: int = 256) -> Any:
-        """A preview at most `max_edge` pixels wide: larger latents are averaged down first (a preview shows
-        where sampling is going; decoding 1024 px every step would cost more than the sampling)."""
-        import torch
-        from PIL import Image
-
+        """A preview through taesd3 (×8 upsampling) of the unscaled latents."""
+        from stagetune.models.previews import preview_from_latents
         from stagetune.models.sd3.tiny import SD3_VAE_SCALING_FACTOR, SD3_VAE_SHIFT_FACTOR
 
-        with torch.no_grad():
-            z = latents.float() / SD3_VAE_SCALING_FACTOR + SD3_VAE_SHIFT_FACTOR
-            factor = -(-max(z.shape[-2:]) * 8 // max_edge)  # ceil: the VAE upsamples ×8
-            if factor > 1:
-                z = torch.nn.functional.avg_pool2d(z, factor, ceil_mode=True)
-            pixels = decoder.decode(z.to(decoder.dtype)).sample[0].float().clamp(-1, 1)
-        array = ((pixels.permute(1, 2, 0) + 1) * 127.5).round().to(torch.uint8).cpu().numpy()
-        return Image.fromarray(array)
+        z = latents.float() / SD3_VAE_SCALING_FACTOR + SD3_VAE_SHIFT_FACTOR
+        return preview_from_latents(decoder, z, upsample=8, max_edge=max_edge)
+
+    def training_latents(self, latents: Any) -> Any:
+        return latents
 
     # -- training ---------------------------------------------------------------------------------------
     def collate_text(self, entries: Sequence[Mapping[str, Any]], options: Mapping[str, Any],

@@ -16,13 +16,12 @@ Two sizes (``SIZES``):
 from __future__ import annotations
 
 import json
-import shutil
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from stagetune.core.errors import InputError
+from stagetune.models.tiny import pick_size, write_model_folder
 
 # Real SD3 values: the VAE's latent normalisation and the scheduler's static shift.
 SD3_VAE_SHIFT_FACTOR = 0.0609
@@ -70,12 +69,7 @@ SIZES: dict[str, TinySD3Dims] = {"tiny": TINY_SD3, "compute": COMPUTE_SD3}
 
 
 def dims_for(size: str) -> TinySD3Dims:
-    """The widths of one of `SIZES`; an unknown size is an `InputError` naming the choices."""
-    try:
-        return SIZES[size]
-    except KeyError:
-        raise InputError(f"unknown tiny model size {size!r}; choose one of: {', '.join(SIZES)}",
-                         field="size") from None
+    return pick_size(SIZES, size)
 
 
 def transformer_config(dims: TinySD3Dims) -> dict[str, object]:
@@ -107,20 +101,8 @@ def build_tiny_sd3(output_dir: Path, *, seed: int = 0, size: str = "tiny") -> Pa
     across runs. The folder is assembled beside ``output_dir`` and renamed into place, so a crashed build
     never leaves a half-written model that loads; ``output_dir`` must not exist or be empty.
     """
-    output_dir = Path(output_dir)
     dims = dims_for(size)
-    if output_dir.exists() and (not output_dir.is_dir() or any(output_dir.iterdir())):
-        raise InputError(f"{output_dir} already exists and is not an empty folder", field="output")
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", suffix=".tmp", dir=output_dir.parent))
-    try:
-        _build_into(staging / "model", seed=seed, dims=dims, size=size)
-        if output_dir.exists():
-            output_dir.rmdir()
-        (staging / "model").rename(output_dir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return output_dir
+    return write_model_folder(Path(output_dir), lambda folder: _build_into(folder, seed=seed, dims=dims, size=size))
 
 
 def _text_encoders(dims: TinySD3Dims, seeded: Any) -> tuple[Any, Any, Any]:

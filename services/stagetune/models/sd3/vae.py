@@ -11,8 +11,8 @@ from typing import Any
 
 import torch
 
-from stagetune.core.errors import InputError
 from stagetune.models.fingerprint import digest
+from stagetune.models.pixels import check_pixels
 from stagetune.models.pretrained import PretrainedEncoder
 from stagetune.models.sd3.components import load_vae
 
@@ -62,22 +62,10 @@ class SD3LatentEncoder(PretrainedEncoder):
         """Cache key of a latent: the key of its pixels (image bytes, crop, size) under this VAE."""
         return digest("sd3-latent-v1", pixel_key, self.fingerprint)
 
-    def _check_pixels(self, pixels: torch.Tensor) -> None:
-        if pixels.ndim != 4 or pixels.shape[1] != 3:
-            raise InputError(f"pixels must be [B, 3, H, W], got {list(pixels.shape)}", field="pixels")
-        height, width = pixels.shape[-2:]
-        if height % self.downsample or width % self.downsample:
-            raise InputError(
-                f"image size {width}×{height} is not a multiple of the VAE's {self.downsample}",
-                field="pixels",
-            )
-
     @torch.no_grad()
     def encode(self, pixels: torch.Tensor, seeds: list[int]) -> torch.Tensor:
         """Pixels in [-1, 1], one seed per sample → float32 latents [B, C, H/8, W/8], already scaled."""
-        self._check_pixels(pixels)
-        if len(seeds) != pixels.shape[0]:
-            raise InputError(f"{pixels.shape[0]} images but {len(seeds)} seeds", field="seeds")
+        check_pixels(pixels, self.downsample, seeds)
         pixels = pixels.to(device=self.device, dtype=self.dtype, memory_format=torch.channels_last)
         posterior = self.vae.encode(pixels).latent_dist
         mean = posterior.mean.float()
