@@ -200,7 +200,8 @@ def _drive(plan: RunPlan, stages: _Stages, endpoints: dict[str, str]) -> Trainin
         request_id=f"{run_id}-ingest", data_backend_config_json=plan.backends_json,
         dataset_defaults_json=json.dumps(cfg.dataset_defaults(), default=str), base_dir=str(plan.base_dir),
         train_batch_size=cfg.train_batch_size, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-        world_size=1, seed=cfg.seed or 0, allow_dataset_oversubscription=cfg.allow_dataset_oversubscription,
+        world_size=cfg.num_processes, seed=cfg.seed or 0,
+        allow_dataset_oversubscription=cfg.allow_dataset_oversubscription,
     ))
     run.phases.append(ingested)
     finished = _check_data(plan, ingested.outputs)

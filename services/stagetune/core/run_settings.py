@@ -61,6 +61,8 @@ NOT_COMPARED = frozenset({
     # the dataset defaults shape the manifest rows, which the data digest covers
     "resolution", "resolution_type", "crop", "crop_style", "crop_aspect", "minimum_image_size", "maximum_image_size",
     "target_downsample_size", "caption_strategy", "instance_prompt",
+    # how many processes train: the weights are the same up to float rounding (trainer/distributed.py)
+    "num_processes", "num_machines", "machine_rank", "main_process_ip", "main_process_port",
     # bookkeeping
     "base_dir", "source_path", "explicit_keys", "warnings", "no_effect", "family_options",
 })

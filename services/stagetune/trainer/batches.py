@@ -48,12 +48,14 @@ Reader = Callable[[int, int], dict[str, torch.Tensor]]  # (row, epoch) → laten
 
 
 def fetch(sampler: TrainingSampler, rows: Any, latent_entry: Reader, text_entry: Callable[[str], dict],
-          seed: int, dropout: float) -> Fetched:
-    """The sampler's next micro-batch, read: captions chosen from each sample's own seed."""
+          seed: int, dropout: float, share: Callable[[list], list] = list) -> Fetched:
+    """The sampler's next micro-batch, read: captions chosen from each sample's own seed. `share` picks this
+    process's part of a global batch (trainer/distributed.py); a sample's seed is the same on any rank."""
     batch, epoch = sampler.next_batch()
-    seeds = [sample_seed(seed, epoch, ref) for ref in batch.samples]
+    samples = share(list(batch.samples))
+    seeds = [sample_seed(seed, epoch, ref) for ref in samples]
     latents, texts, empty = [], [], []
-    for ref, sample in zip(batch.samples, seeds, strict=True):
+    for ref, sample in zip(samples, seeds, strict=True):
         choose = random.Random(sample)
         captions = rows[ref.row].captions or [""]
         caption = captions[choose.randrange(len(captions))] if len(captions) > 1 else captions[0]

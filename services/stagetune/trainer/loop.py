@@ -31,6 +31,7 @@ from stagetune.models.checkpointing import checkpoint_every
 from stagetune.models.quantise import quantise
 from stagetune.trainer.adapters import make_adapter
 from stagetune.trainer.batches import BatchSource, Fetched, fetch
+from stagetune.trainer.distributed import World
 from stagetune.trainer.ema import EMA_FILE, EMA_FOLDER, Ema
 from stagetune.trainer.flow import FlowSchedule, masked_mse, noisy_input, sample_sigmas, timesteps_for
 from stagetune.trainer.optimizers import OPTIMIZERS, build_optimizer
@@ -92,13 +93,16 @@ def check_bf16(device: torch.device, mixed_precision: str, warn: Callable[[str],
 
 
 class Trainer:
-    def __init__(self, cfg: Any, family: Any, data: TrainData, output: Store, reporter: Reporter) -> None:
+    def __init__(self, cfg: Any, family: Any, data: TrainData, output: Store, reporter: Reporter,
+                 world: World | None = None) -> None:
         self.cfg = cfg
+        #: This process's place among the run's workers: rank 0 alone writes checkpoints, outputs and reports.
+        self.world = world or World()
         self.family = family
         self.data = data
         self.output = output
         self.report = reporter
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = self.world.device
         self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(str(cfg.mixed_precision))
         self.global_step = 0
         self.resumed_from = 0
@@ -138,7 +142,10 @@ class Trainer:
             self.optimizer.train()
         self.ema = Ema(self.params, cfg, self.device) if cfg.use_ema else None
         samples = expand_repeats(self.data.rows)
-        self.plans: dict[str, DatasetPlan] = plans_for(self.data.rows, self.data.report, cfg.train_batch_size)
+        # one optimizer step takes a global batch of train_batch_size × processes; each rank trains its slice
+        self.plans: dict[str, DatasetPlan] = {
+            name: dataclasses.replace(plan, batch_size=plan.batch_size * self.world.size)
+            for name, plan in plans_for(self.data.rows, self.data.report, cfg.train_batch_size).items()}
         self.sampler = TrainingSampler(samples, self.plans, cfg.seed or 0, cfg.gradient_accumulation_steps)
         if len(self.sampler) == 0:
             raise PreconditionError(
@@ -204,7 +211,7 @@ class Trainer:
     def _read_batch(self) -> Fetched:
         return fetch(self.sampler, self.data.rows, lambda row, epoch: self.data.latents.get(
             self.data.latent_key(row, epoch)), lambda caption: self.data.texts.get(self.data.text_key(caption)),
-            int(self.cfg.seed or 0), self.cfg.caption_dropout_probability)
+            int(self.cfg.seed or 0), self.cfg.caption_dropout_probability, share=self.world.slice)
 
     def _noise(self, fetched: Fetched, shape: torch.Size) -> tuple[torch.Tensor, list[torch.Generator]]:
         """Each sample's noise (and noise offset) from its own generator, which then draws its σ."""
@@ -262,6 +269,7 @@ class Trainer:
     def step(self) -> float:
         """One optimizer step over `gradient_accumulation_steps` micro-batches; returns the mean loss."""
         losses = [self._micro_step() for _ in range(self.cfg.gradient_accumulation_steps)]
+        self.world.average_gradients(self.params)  # every rank steps with the global batch's mean gradient
         if self.cfg.max_grad_norm and self.cfg.max_grad_norm > 0:
             if self.cfg.grad_clip_method == "value":
                 torch.nn.utils.clip_grad_value_(self.params, self.cfg.max_grad_norm)
@@ -273,7 +281,7 @@ class Trainer:
         self.global_step += 1
         if self.ema is not None:
             self.ema.step(self.global_step)
-        return sum(losses) / len(losses)
+        return self.world.mean(sum(losses) / len(losses))
 
     # -- outputs -----------------------------------------------------------------------------
     def validation_bytes(self) -> bytes:
@@ -295,6 +303,9 @@ class Trainer:
             self.optimizer.train()
 
     def save_checkpoint(self) -> None:
+        if not self.world.is_main:  # every rank holds the same weights and state: rank 0 writes them
+            return
+
         def tensor_bytes(obj: Any) -> bytes:
             buffer = io.BytesIO()
             torch.save(obj, buffer)
@@ -340,7 +351,7 @@ class Trainer:
         if self.already_finished is not None:
             return {"lora": self.adapter.file, "steps": str(self.already_finished), "steps_trained": "0",
                     "already_finished": str(self.already_finished)}
-        if self.global_step < self.total_steps:  # no longer finished, whatever an earlier run wrote
+        if self.global_step < self.total_steps and self.world.is_main:  # no longer finished, whatever was written
             run_settings.write_record(self.output, state="running", step=self.global_step,
                                       total_steps=self.total_steps, settings=self.settings, changes=self.changes)
         self.consumed_state = dataclasses.replace(self.sampler.state)
@@ -356,6 +367,15 @@ class Trainer:
         finally:
             self.batches.close()
         self.data.flush()
+        if self.world.is_main:
+            self._write_outputs()
+        outputs = {"lora": self.adapter.file, "steps": str(self.global_step),
+                   "steps_trained": str(self.global_step - self.resumed_from)}
+        if self.changes:
+            outputs["changed_settings"] = "; ".join(str(c) for c in self.changes)
+        return outputs
+
+    def _write_outputs(self) -> None:
         with self._weights_to_keep():
             written = self.adapter.export(self.output)
             if self.ema is not None:
@@ -365,11 +385,6 @@ class Trainer:
                                   settings=self.settings, changes=self.changes)
         self.report.log(f"wrote {', '.join(written)} after {self.global_step} steps")
         self._validate()
-        outputs = {"lora": self.adapter.file, "steps": str(self.global_step),
-                   "steps_trained": str(self.global_step - self.resumed_from)}
-        if self.changes:
-            outputs["changed_settings"] = "; ".join(str(c) for c in self.changes)
-        return outputs
 
     def _report_step(self, family: str, loss: float, elapsed: float) -> None:
         """One step's numbers: job events, Prometheus, and the trackers (SimpleTuner's names)."""
@@ -391,7 +406,7 @@ class Trainer:
         family = self.family.name
         self.report.progress(self.global_step, self.total_steps)
         while self.global_step < self.total_steps:
-            if self.report.cancelled():
+            if self.world.any(self.report.cancelled()):  # every rank stops at the same step
                 raise JobCancelled("training cancelled")
             started = time.perf_counter()
             loss = self.step()
@@ -399,5 +414,5 @@ class Trainer:
             if cfg.checkpointing_steps and self.global_step % cfg.checkpointing_steps == 0:
                 self.save_checkpoint()
             if cfg.validation_steps and self.global_step % cfg.validation_steps == 0 \
-                    and self.global_step < self.total_steps:
+                    and self.global_step < self.total_steps and self.world.is_main:
                 self._validate()

@@ -21,20 +21,37 @@ SERVICE = "trainer"
 
 
 def train_job(ctx: JobContext) -> dict[str, str]:
-    from stagetune.core.cache import ShardedCache
     from stagetune.core.config.train import config_from_json, load_train_config
+
+    req: trainer_pb2.StartTrainingRequest = ctx.request
+    base_dir = Path(req.base_dir) if req.base_dir else None
+    cfg = load_train_config(config_from_json(req.config_json), base_dir=base_dir)
+    output = open_output(cfg.output_dir, base_dir)
+    with RunLock(output, owner=req.run_lock_owner or None).adopt_or_acquire():
+        if cfg.num_processes > 1:  # worker processes this job supervises (trainer/workers.py)
+            from stagetune.trainer.workers import run_workers
+
+            return run_workers(ctx, cfg)
+        return train_in_process(ctx, cfg)
+
+
+def train_in_process(ctx: Any, cfg: Any, world: Any = None) -> dict[str, str]:
+    """Train in this process: the whole run, or (with `world`) one rank of it. `ctx` is the job's context,
+    or a worker's stand-in that relays the same calls (trainer/worker.py)."""
+    from stagetune.core.cache import ShardedCache
     from stagetune.core.manifest import load_manifest, load_report
     from stagetune.models.family import get_family
     from stagetune.models.loading import MODEL_LOAD_LOCK
 
     with MODEL_LOAD_LOCK:  # peft, accelerate and diffusers: one importing thread at a time (models/warmup.py)
+        from stagetune.trainer.distributed import World
         from stagetune.trainer.loop import TrainData
 
     req: trainer_pb2.StartTrainingRequest = ctx.request
-    base_dir = Path(req.base_dir) if req.base_dir else None
-    cfg = load_train_config(config_from_json(req.config_json), base_dir=base_dir)
-    for warning in getattr(cfg, "warnings", []):
-        ctx.log(warning, "warning")
+    world = world or World()
+    if world.is_main:
+        for warning in getattr(cfg, "warnings", []):
+            ctx.log(warning, "warning")
     store = ctx.store
     rows = load_manifest(store, req.manifest_id)
     report = load_report(store, req.manifest_id)
@@ -55,16 +72,19 @@ def train_job(ctx: JobContext) -> dict[str, str]:
     )
     data.latents.refresh()
     data.texts.refresh()
-    output = open_output(cfg.output_dir, base_dir)
-    with RunLock(output, owner=req.run_lock_owner or None).adopt_or_acquire():
-        return _train(ctx, cfg, data, output, family, req)
+    output = open_output(cfg.output_dir, Path(req.base_dir) if req.base_dir else None)
+    return _train(ctx, cfg, data, output, family, req, world)
 
 
-def _train(ctx: JobContext, cfg: Any, data: Any, output: Any, family: Any, req: trainer_pb2.StartTrainingRequest
-           ) -> dict[str, str]:
+def _train(ctx: Any, cfg: Any, data: Any, output: Any, family: Any, req: trainer_pb2.StartTrainingRequest,
+           world: Any) -> dict[str, str]:
     from stagetune.core.validation_requests import ValidationRequester, validation_prompts
     from stagetune.trainer.loop import Reporter, Trainer
 
+    if not world.is_main:  # the other ranks train in step and report nothing (rank 0 speaks for the run)
+        trainer = Trainer(cfg, family, data, output, Reporter(cancelled=ctx.cancelled.is_set), world)
+        trainer.setup()
+        return trainer.train()
     publisher = _publisher(ctx, cfg, output, family)
     validator = None
     if req.validation_endpoint and validation_prompts(cfg) and not cfg.validation_disable:
@@ -78,7 +98,7 @@ def _train(ctx: JobContext, cfg: Any, data: Any, output: Any, family: Any, req: 
         validate=validator.request if validator else None,
         cancelled=ctx.cancelled.is_set,
     )
-    trainer = Trainer(cfg, family, data, output, reporter)
+    trainer = Trainer(cfg, family, data, output, reporter, world)
     ctx.progress("loading model", 0, 1)
     trainer.setup()
     trackers = _start_trackers(cfg, output, trainer, reporter, validator)

@@ -140,6 +140,13 @@ class TrainConfig(BaseModel):
     lycoris_config: Path = Path(st_default("lycoris_config"))  # read only with lora_type lycoris
     lycoris: dict[str, Any] = Field(default_factory=dict)  # the lycoris_config file's settings, loaded
 
+    # processes (SimpleTuner's accelerate keys; torchrun semantics: num_processes counts every machine's)
+    num_processes: int = Field(st_default("num_processes"), ge=1)
+    num_machines: int = Field(st_default("num_machines"), ge=1)
+    machine_rank: int = Field(st_default("machine_rank"), ge=0)
+    main_process_ip: str = st_default("main_process_ip")
+    main_process_port: int = Field(st_default("main_process_port"), ge=1, le=65535)
+
     # checkpoints
     checkpointing_steps: int = Field(st_default("checkpointing_steps"), ge=0)
     checkpoints_total_limit: int | None = st_default("checkpoints_total_limit")

@@ -65,6 +65,7 @@ def cross_check(fields: dict[str, Any], explicit: frozenset[str], warnings: list
                                 "pip install sageattention, or use diffusers", field="attention_mechanism")
 
     _check_precisions(fields, warnings)
+    _check_processes(fields)
     report_to = fields.get("report_to", st_default("report_to"))
     if (line := tracker_warning(report_to)) is not None:
         warnings.append(line)
@@ -103,3 +104,15 @@ def _check_precisions(fields: dict[str, Any], warnings: list[str]) -> None:
             fields[key] = "no_change"
         elif precision in NEEDS_COMPILER:
             check_precision(precision, key, cuda=False)
+
+
+def _check_processes(fields: dict[str, Any]) -> None:
+    """accelerate's rules: num_processes counts all machines' processes, spread evenly; ranks exist."""
+    processes = fields.get("num_processes", 1)
+    machines = fields.get("num_machines", 1)
+    rank = fields.get("machine_rank", 0)
+    if processes % machines:
+        raise ConfigError(f"num_processes={processes} does not spread evenly over num_machines={machines} "
+                          "(num_processes counts every machine's processes)", field="num_processes")
+    if rank >= machines:
+        raise ConfigError(f"machine_rank={rank} must be below num_machines={machines}", field="machine_rank")

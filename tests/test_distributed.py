@@ -1,0 +1,111 @@
+"""Several training processes: N processes at batch b train the weights 1 process trains at batch N·b, and a
+killed worker fails the run clearly, after which the same command resumes."""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+from safetensors.torch import load_file
+from test_end_to_end import make_dataset, train_embedded, write_configs
+
+from stagetune.core.client import JobFailed
+from stagetune.trainer.distributed import World
+
+LORA = "pytorch_lora_weights.safetensors"
+
+
+def _configs(root: Path, model: Path, data: Path, *, processes: int, batch: int, steps: int, **extra: object) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    config = write_configs(root, model, steps=steps, validation=False, num_processes=processes,
+                           train_batch_size=batch, lora_dropout=0.0, **{"checkpointing_steps": 0, **extra})
+    datasets = json.loads((root / "multidatabackend.json").read_text())
+    datasets[0]["instance_data_dir"] = str(data)
+    (root / "multidatabackend.json").write_text(json.dumps(datasets))
+    return config
+
+
+def test_a_global_batch_splits_into_equal_contiguous_shares() -> None:
+    items = list(range(6))
+    assert [World(rank=r, size=3).slice(items) for r in range(3)] == [[0, 1], [2, 3], [4, 5]]
+    assert World().slice(items) == items
+    with pytest.raises(ValueError, match="does not split over 4"):
+        World(rank=0, size=4).slice(items)
+
+
+def test_two_processes_train_what_one_process_trains_at_twice_the_batch(tmp_path: Path, tiny_sd3_path: Path) -> None:
+    data = tmp_path / "data"
+    make_dataset(data)
+    store = str(tmp_path / "store")
+    runs = {}
+    for name, processes, batch in (("one", 1, 4), ("two", 2, 2)):
+        config = _configs(tmp_path / name, tiny_sd3_path, data, processes=processes, batch=batch, steps=3)
+        outputs = train_embedded(config, store).phase("trainer").outputs
+        assert outputs["steps"] == "3"
+        runs[name] = load_file(tmp_path / name / "output" / LORA)
+    one, two = runs["one"], runs["two"]
+    assert one.keys() == two.keys()
+    moved = max(float(one[k].abs().max()) for k in one if "lora_B" in k)  # lora_B starts at zero
+    assert moved > 1e-3, "training moved the weights"
+    for key in one:  # equal up to float rounding (other reduction order and thread count), far below the update
+        scale = max(float(one[key].abs().max()), 1e-12)
+        assert float((one[key] - two[key]).abs().max()) / scale < 1e-3, key
+
+
+def _workers() -> list[psutil.Process]:
+    return [p for p in psutil.Process().children(recursive=True)
+            if "stagetune.trainer.worker" in " ".join(p.cmdline())]
+
+
+def test_a_killed_worker_fails_the_run_clearly_and_the_next_run_resumes(tmp_path: Path, tiny_sd3_path: Path) -> None:
+    data = tmp_path / "data"
+    make_dataset(data)
+    config = _configs(tmp_path, tiny_sd3_path, data, processes=2, batch=1, steps=400, checkpointing_steps=5)
+    output = tmp_path / "output"
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            train_embedded(config, str(tmp_path / "store"))
+        except BaseException as exc:  # noqa: BLE001 - the test reads it below
+            failure.append(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    deadline = time.time() + 300
+    while not list(output.glob("checkpoint-*/training_state.json")) and time.time() < deadline and thread.is_alive():
+        time.sleep(0.05)
+    (rank_1,) = [p for p in _workers() if p.environ().get("RANK") == "1"]
+    rank_1.send_signal(signal.SIGKILL)  # as the kernel's OOM killer would
+    thread.join(timeout=300)
+    assert failure and isinstance(failure[0], JobFailed), failure
+    message = str(failure[0])
+    assert "training process rank 1" in message and "SIGKILL" in message and "resumes" in message, message
+    assert not _workers(), "no worker outlives its job"
+    saved = sorted(int(p.name.split("-")[1]) for p in output.glob("checkpoint-*"))
+    assert saved and saved[-1] < 400
+
+    config = _configs(tmp_path, tiny_sd3_path, data, processes=2, batch=1, steps=saved[-1] + 2, checkpointing_steps=5)
+    outputs = train_embedded(config, str(tmp_path / "store")).phase("trainer").outputs
+    assert outputs["steps"] == str(saved[-1] + 2) and outputs["steps_trained"] == "2"
+    assert (output / LORA).exists()
+
+
+def test_process_counts_follow_accelerates_rules() -> None:
+    from stagetune.core.config.train import load_train_config
+    from stagetune.core.errors import ConfigError
+
+    base = {"model_family": "sd3", "model_type": "lora", "pretrained_model_name_or_path": "x", "max_train_steps": 1}
+    assert load_train_config({**base, "num_processes": 4, "num_machines": 2, "machine_rank": 1}).num_processes == 4
+    with pytest.raises(ConfigError) as err:
+        load_train_config({**base, "num_processes": 3, "num_machines": 2, "machine_rank": 2})
+    assert {p.field for p in err.value.problems} >= {"num_processes"}
+    with pytest.raises(ConfigError, match="machine_rank=2 must be below num_machines=2"):
+        load_train_config({**base, "num_processes": 4, "num_machines": 2, "machine_rank": 2})
+    with pytest.raises(ConfigError, match="num_processes"):
+        load_train_config({**base, "num_processes": 0})
