@@ -109,3 +109,19 @@ def test_process_counts_follow_accelerates_rules() -> None:
         load_train_config({**base, "num_processes": 4, "num_machines": 2, "machine_rank": 2})
     with pytest.raises(ConfigError, match="num_processes"):
         load_train_config({**base, "num_processes": 0})
+
+
+def test_the_job_serves_its_workers_step_metrics(tmp_path: Path, tiny_sd3_path: Path) -> None:
+    """Prometheus scrapes the trainer service, not its workers: rank 0's step metrics are relayed to it."""
+    from prometheus_client import REGISTRY
+
+    def value(name: str) -> float:
+        return REGISTRY.get_sample_value(name, {"model_family": "sd3"}) or 0.0
+
+    data = tmp_path / "data"
+    make_dataset(data)
+    before = value("stagetune_train_samples_total"), value("stagetune_train_steps_total")
+    train_embedded(_configs(tmp_path, tiny_sd3_path, data, processes=2, batch=1, steps=3), str(tmp_path / "store"))
+    assert value("stagetune_train_samples_total") - before[0] == 6  # 3 steps × 2 processes × batch 1
+    assert value("stagetune_train_steps_total") - before[1] == 3
+    assert value("stagetune_train_learning_rate") == pytest.approx(1e-3)

@@ -86,3 +86,16 @@ def serve_metrics(port: int, host: str = "127.0.0.1") -> int:
                     "free port, or 0 for any)", field="metrics_port") from None
             _http_port = server.server_port
         return _http_port
+
+
+def record_train_step(family: str, seconds: float, loss: float, data_wait: float, lr: float, samples: int,
+                      gpu_peak_bytes: float | None = None) -> None:
+    """One optimizer step in the training metrics (the trainer's own, or relayed from its rank-0 worker)."""
+    TRAIN_STEPS.labels(family).inc()
+    TRAIN_STEP_SECONDS.labels(family).observe(seconds)
+    TRAIN_LOSS.labels(family).observe(loss)
+    TRAIN_DATA_WAIT_SECONDS.labels(family).observe(data_wait)
+    TRAIN_SAMPLES.labels(family).inc(samples)
+    TRAIN_LEARNING_RATE.labels(family).set(lr)
+    if gpu_peak_bytes is not None:
+        GPU_MEMORY_PEAK.labels("trainer").set(gpu_peak_bytes)

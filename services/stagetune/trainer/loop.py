@@ -77,6 +77,8 @@ class Reporter:
     cancelled: Callable[[], bool] = lambda: False
     track: Callable[[dict[str, float], int], None] = lambda values, step: None  # report_to's trackers, per step
     checkpointed: Callable[[int], None] = lambda step: None
+    #: Prometheus' step metrics: recorded here, or relayed by a worker to the job that serves /metrics.
+    record_step: Callable[..., None] = metrics.record_train_step
 
 
 def check_bf16(device: torch.device, mixed_precision: str, warn: Callable[[str], None]) -> None:
@@ -390,10 +392,10 @@ class Trainer:
         """One step's numbers: job events, Prometheus, and the trackers (SimpleTuner's names)."""
         waited = self.batches.take_wait()
         lr = self.scheduler.get_last_lr()[0]
-        metrics.TRAIN_STEPS.labels(family).inc()
-        metrics.TRAIN_STEP_SECONDS.labels(family).observe(elapsed)
-        metrics.TRAIN_LOSS.labels(family).observe(loss)
-        metrics.TRAIN_DATA_WAIT_SECONDS.labels(family).observe(waited)
+        gpu_peak = float(torch.cuda.max_memory_allocated(self.device)) if self.device.type == "cuda" else None
+        # samples of the global batch (every rank's), as the step counter counts the run's steps
+        samples = self.cfg.train_batch_size * self.cfg.gradient_accumulation_steps * self.world.size
+        self.report.record_step(family, elapsed, loss, waited, lr, samples, gpu_peak)
         self.report.metric("data_wait_seconds", waited, self.global_step)
         self.report.metric("loss", loss, self.global_step)
         self.report.metric("lr", lr, self.global_step)

@@ -98,6 +98,8 @@ def _train(ctx: Any, cfg: Any, data: Any, output: Any, family: Any, req: trainer
         validate=validator.request if validator else None,
         cancelled=ctx.cancelled.is_set,
     )
+    if hasattr(ctx, "record_step"):  # a worker: its job records the step metrics (trainer/workers.py)
+        reporter.record_step = ctx.record_step
     trainer = Trainer(cfg, family, data, output, reporter, world)
     ctx.progress("loading model", 0, 1)
     trainer.setup()

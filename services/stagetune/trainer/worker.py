@@ -58,6 +58,11 @@ class WorkerContext:
         if self._speaks:
             self.send("metric", name, value, step)
 
+    def record_step(self, *values: Any) -> None:
+        """Prometheus' step metrics, for the job whose /metrics Prometheus scrapes."""
+        if self._speaks:
+            self.send("step", *values)
+
     def preview(self, name: str, png: bytes, step: int = 0, key: str = "") -> None:
         """The trainer sends no previews (validation does)."""
 

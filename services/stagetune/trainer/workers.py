@@ -135,6 +135,10 @@ def _relay(ctx: Any, kind: str, values: list[Any]) -> None:
         ctx.progress(str(values[0]), int(values[1]), int(values[2]), str(values[3]))
     elif kind == "metric":
         ctx.metric(str(values[0]), float(values[1]), int(values[2]))
+    elif kind == "step":
+        from stagetune.core.metrics import record_train_step
+
+        record_train_step(*values)
     elif kind == "log" and values[1] != "debug":
         ctx.log(str(values[0]), str(values[1]))
 
