@@ -110,13 +110,63 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     # Everything that can be wrong with the config pair, paths, model, store or output_dir is found here,
     # before torch is imported or a service starts: a typo is answered in about a second.
-    store = _store(args.store)
+    remote = _remote(args)
+    store = None if remote else _store(args.store)
     plan = prepare_run(Path(args.config), store=store, data_backend_config=args.data_backend_config,
-                       lock=not args.check)
+                       lock=not args.check, remote=remote is not None)
     try:
-        return _report_check(plan) if args.check else _train(args, plan)
+        if remote is not None:
+            from stagetune.pipeline import check_endpoints
+
+            check_endpoints(*remote)
+        if args.check:
+            return _report_check(plan)
+        return _train_remote(plan, *remote) if remote is not None else _train(args, plan)
     finally:
         plan.close()
+
+
+def _remote(args: argparse.Namespace) -> tuple[dict[str, str], Any] | None:
+    """--endpoint/--endpoints: the deployment's stage addresses and how to call them; None: embedded."""
+    if not args.endpoint and not args.endpoints:
+        return None
+    from stagetune.core.errors import InputError
+
+    if args.store:
+        raise InputError("--store does not apply with --endpoint: a remote deployment uses its own store "
+                         "(the chart's S3)", field="store")
+    from stagetune.core import security
+    from stagetune.pipeline import resolve_endpoints
+
+    env = dict(os.environ)
+    for flag, name in (("token_file", security.ENV_TOKEN_FILE), ("tls_ca", security.ENV_TLS_CA),
+                       ("tls_client_cert", security.ENV_TLS_CLIENT_CERT),
+                       ("tls_client_key", security.ENV_TLS_CLIENT_KEY),
+                       ("tls_server_name", security.ENV_TLS_SERVER_NAME)):
+        if getattr(args, flag):
+            env[name] = getattr(args, flag)
+    if args.token_file:
+        env.pop(security.ENV_TOKEN, None)  # the flag wins over a token in the environment
+    return resolve_endpoints(args.endpoint, args.endpoints), security.ChannelSecurity.from_env(env)
+
+
+def _train_remote(plan: Any, endpoints: dict[str, str], channel_security: Any) -> int:
+    """Drive a deployment's services as the embedded mode drives loopback; nothing heavy is imported here."""
+    for warning in plan.cfg.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    print("services: " + ", ".join(f"{name} {address}" for name, address in endpoints.items()), file=sys.stderr)
+    _stop_cleanly_on_signals()
+    from stagetune.pipeline import run_training
+
+    try:
+        bars = _Bars(already_said=plan.cfg.warnings)
+        run = run_training(plan, endpoints, on_event=bars.event, on_phase=bars.phase_done,
+                           channel_options=channel_security)
+    except KeyboardInterrupt:
+        print("interrupted: the deployment's jobs were cancelled (the trainer after a checkpoint); run the same "
+              "command again to resume", file=sys.stderr)
+        return INTERRUPTED
+    return _summary(plan, run)
 
 
 def _report_check(plan: Any) -> int:
@@ -262,12 +312,18 @@ environment: STAGETUNE_STORE, STAGETUNE_API_TOKEN[_FILE], STAGETUNE_TLS_CERT/_KE
   STAGETUNE_TLS_CA, STAGETUNE_TLS_CLIENT_CERT/_KEY, STAGETUNE_TLS_SERVER_NAME"""
 
 
+TRAIN_EPILOG = """with --endpoint the services of a deployment do the work: every dataset must be in S3
+(type: aws) and output_dir an s3:// URL this machine and the cluster both reach; the model is a hub id or
+a path on the cluster."""
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="stagetune", description=__doc__.split(".")[0] if __doc__ else None)
     parser.add_argument("--log-level", default="WARNING", help="Python logging level (default: WARNING)")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    train = sub.add_parser("train", help="train on one machine: all five services on loopback")
+    train = sub.add_parser("train", help="train: all five services on loopback, or a deployment's (--endpoint)",
+                           epilog=TRAIN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     train.add_argument("--config", required=True, help="SimpleTuner config.json")
     train.add_argument("--data_backend_config", "--data-backend-config", default=None,
                        help="multidatabackend.json (default: the config's data_backend_config)")
@@ -276,6 +332,18 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--check", action="store_true",
                        help="check the config pair, paths, model, store and output_dir; report every problem and "
                             "what a run would do, without training")
+    remote = train.add_argument_group("a remote deployment (the Helm chart's services)")
+    remote.add_argument("--endpoint", default=None, metavar="HOST[:PORT]",
+                        help="the deployment's host: ingest at PORT (default 50051), vae, text and trainer on the "
+                             "next three ports, as the chart serves them")
+    remote.add_argument("--endpoints", default=None, metavar="STAGE=HOST:PORT,…",
+                        help="stages at other addresses (ingest, vae, text, trainer; validation=… is passed to the "
+                             "trainer, which otherwise uses its own STAGETUNE_VALIDATION_ENDPOINT)")
+    remote.add_argument("--token-file", default=None, help="send this bearer token (or STAGETUNE_API_TOKEN[_FILE])")
+    remote.add_argument("--tls-ca", default=None, help="speak TLS, trusting this CA (or STAGETUNE_TLS_CA)")
+    remote.add_argument("--tls-client-cert", default=None, help="client certificate for mutual TLS")
+    remote.add_argument("--tls-client-key", default=None, help="… and its key")
+    remote.add_argument("--tls-server-name", default=None, help="the name expected in the servers' certificates")
     train.set_defaults(func=cmd_train)
 
     serve = sub.add_parser("serve", help="run one service", epilog=SERVE_EPILOG,

@@ -54,6 +54,86 @@ DEFAULT_PORTS: dict[str, tuple[int, int]] = {
     "validation": (50055, 9475),
 }
 
+#: The stages `stagetune train` calls itself; validation is called by the trainer, from where the trainer runs.
+CLIENT_STAGES = ("ingest", "vae", "text", "trainer")
+
+
+def resolve_endpoints(endpoint: str | None, overrides: str | None = None) -> dict[str, str]:
+    """The stages' addresses for `stagetune train --endpoint HOST[:PORT] [--endpoints stage=HOST:PORT,…]`.
+
+    The chart gives each stage its own Service on its own port (50051–50054 for the four a client calls),
+    and one host reaching them all (a LoadBalancer, an ingress, or `kubectl port-forward` of the four) keeps
+    that order: ingest at PORT, vae PORT+1, text PORT+2, trainer PORT+3. `--endpoints` names stages that live
+    elsewhere; `validation=HOST:PORT` is passed to the trainer as it must reach validation (by default the
+    trainer uses its own STAGETUNE_VALIDATION_ENDPOINT, which the chart sets).
+    """
+    out: dict[str, str] = {}
+    if endpoint:
+        host, port = _host_port(endpoint, "endpoint", default_port=DEFAULT_PORTS["ingest"][0])
+        out = {name: f"{host}:{port + i}" for i, name in enumerate(CLIENT_STAGES)}
+    for item in (overrides or "").split(","):
+        if not item.strip():
+            continue
+        name, sep, address = item.strip().partition("=")
+        if not sep or name not in SERVICES:
+            raise InputError(f"--endpoints takes stage=HOST:PORT pairs (stages {', '.join(SERVICES)}), got "
+                             f"{item.strip()!r}", field="endpoints")
+        host, port = _host_port(address, f"endpoints {name}", default_port=None)
+        out[name] = f"{host}:{port}"
+    missing = [name for name in CLIENT_STAGES if name not in out]
+    if missing:
+        raise InputError(f"no address for {', '.join(missing)}: give --endpoint HOST[:PORT] or name each in "
+                         "--endpoints", field="endpoints")
+    return out
+
+
+def _host_port(text: str, what: str, default_port: int | None) -> tuple[str, int]:
+    if "/" in text or not text.strip():
+        raise InputError(f"--{what}: {text!r} is not HOST[:PORT] (a host name, not a URL)", field="endpoints")
+    host, sep, port_text = text.strip().rpartition(":")
+    if not sep or host.endswith(":"):  # no port (or a bare IPv6 address): the default, if there is one
+        host, port_text = text.strip(), ""
+    if not port_text:
+        if default_port is None:
+            raise InputError(f"--{what}: {text!r} has no port: give HOST:PORT", field="endpoints")
+        return host, default_port
+    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise InputError(f"--{what}: port {port_text!r} in {text!r} is not a port number", field="endpoints")
+    return host, int(port_text)
+
+
+def check_endpoints(endpoints: dict[str, str], security: ChannelSecurity, timeout_s: float = 10.0) -> None:
+    """Each stage the client calls answers, and takes our token, before anything starts: a wrong address,
+    a missing token or TLS mismatch is said for every stage at once, not after ingest has run."""
+    stubs = {"ingest": ingest_pb2_grpc.IngestServiceStub, "vae": vae_pb2_grpc.VaeServiceStub,
+             "text": text_pb2_grpc.TextServiceStub, "trainer": trainer_pb2_grpc.TrainerServiceStub}
+    problems = errors.Collector()
+    channels = {name: security.channel(endpoints[name]) for name in stubs}
+    try:  # all at once: an address that drops packets costs one timeout, not four
+        calls = {name: make(channels[name]).List.future(common_pb2.ListJobsRequest(page_size=1), timeout=timeout_s)
+                 for name, make in stubs.items()}
+        for name, pending in calls.items():
+            try:
+                pending.result()
+            except grpc.RpcError as exc:
+                problems.add(_endpoint_problem(name, endpoints[name], exc))
+    finally:
+        for channel in channels.values():
+            channel.close()
+    problems.raise_if_any()
+
+
+def _endpoint_problem(name: str, address: str, exc: grpc.RpcError) -> errors.StagetuneError:
+    code = exc.code()
+    if code == grpc.StatusCode.UNAUTHENTICATED:
+        return errors.UnauthenticatedError(
+            f"{name} at {address} refused the call: {exc.details()} (give --token-file, or set "
+            "STAGETUNE_API_TOKEN / STAGETUNE_API_TOKEN_FILE)", field="token_file")
+    return errors.UnavailableError(
+        f"{name} at {address} does not answer ({code.name}: {exc.details() or code.name}); check the address, "
+        "the port and TLS (--tls-ca for a deployment that serves TLS)", field="endpoints")
+
+
 def service_binding(name: str, store: Store) -> Any:
     if name not in SERVICES:
         raise InputError(f"unknown service {name!r}: choose one of {', '.join(SERVICES)}", field="service")

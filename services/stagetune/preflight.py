@@ -74,8 +74,12 @@ def find_data_backend_config(raw: dict[str, Any], explicit: str | None, config_p
 
 
 def prepare_run(config_path: Path | str, *, store: Store | None, data_backend_config: str | None = None,
-                base_dir: Path | None = None, lock: bool = True) -> RunPlan:
-    """Check the whole config pair, paths, model, store and output_dir; take the output_dir's run lock."""
+                base_dir: Path | None = None, lock: bool = True, remote: bool = False) -> RunPlan:
+    """Check the whole config pair, paths, model, store and output_dir; take the output_dir's run lock.
+
+    `remote`: the services run elsewhere (`stagetune train --endpoint`) and read nothing from this machine,
+    so every dataset must be in S3 and output_dir an s3:// URL; the model is the services' to check.
+    """
     config_path = Path(config_path)
     base = Path(base_dir) if base_dir is not None else Path(os.getcwd())
     problems = Collector()
@@ -93,23 +97,45 @@ def prepare_run(config_path: Path | str, *, store: Store | None, data_backend_co
     # The model is checked even when config.json has other problems: all of them are reported in one go.
     given = {normalise_key(k): v for k, v in raw.items()}
     model = cfg.pretrained_model_name_or_path if cfg is not None else given.get("pretrained_model_name_or_path")
-    if isinstance(model, str) and model.strip() and "{env:" not in model:
+    if isinstance(model, str) and model.strip() and "{env:" not in model and not remote:
         with problems.check():
             checks.check_model_source(model, revision=cfg.revision if cfg is not None else None)
-    for dataset in backends.read if backends is not None else ():
+    if remote:
+        for problem in remote_problems(cfg, backends):
+            problems.add(problem)
+    for dataset in backends.read if backends is not None and not remote else ():
         if dataset.instance_data_dir is not None:
             with problems.check():
                 checks.check_dataset_folder(dataset.id, dataset.instance_data_dir)
     if store is not None:  # None: the services' store is not ours to reach (they check it themselves)
         with problems.check():
             checks.probe_store(store)
-    if cfg is not None and "://" not in str(cfg.output_dir):
+    if cfg is not None and "://" not in str(cfg.output_dir) and not remote:
         with problems.check():
             checks.check_local_output(Path(cfg.output_dir))
     problems.raise_if_any()
     assert cfg is not None and backends is not None and backends_json is not None
     output, run_lock, state, decision = open_checked_output(cfg, base, take_lock=lock)
     return RunPlan(config_path, raw, cfg, backends, backends_json, base, store, output, run_lock, state, decision)
+
+
+def remote_problems(cfg: TrainConfig | None, backends: DataBackends | None) -> list[StagetuneError]:
+    """What a remote deployment could not read or write: local datasets, a local output_dir. Its pods see
+    neither this machine's folders nor its paths, so each is refused by name before anything starts."""
+    problems: list[StagetuneError] = []
+    for dataset in backends.read if backends is not None else ():
+        if dataset.type != "aws":
+            problems.append(ConfigError(
+                f"dataset {dataset.id!r} is a local folder ({dataset.instance_data_dir}), which the services of a "
+                "remote deployment cannot read: datasets on a cluster live in S3. Upload it and set type: aws with "
+                "aws_bucket_name, aws_data_prefix (and aws_endpoint_url, aws_* credentials) in multidatabackend.json",
+                field="instance_data_dir"))
+    if cfg is not None and not str(cfg.output_dir).startswith("s3://"):
+        problems.append(ConfigError(
+            f"output_dir {cfg.output_dir} is not an s3:// URL: a remote deployment writes checkpoints and weights "
+            "to S3. Give s3://bucket/prefix?endpoint=… that both this machine (it holds the run's lock) and the "
+            "cluster reach", field="output_dir"))
+    return problems
 
 
 def open_checked_output(cfg: TrainConfig, base_dir: Path, *, take_lock: bool = True

@@ -4,6 +4,7 @@ from adapter snapshots without waiting for it."""
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -87,9 +88,10 @@ def _train(ctx: Any, cfg: Any, data: Any, output: Any, family: Any, req: trainer
         return trainer.train()
     publisher = _publisher(ctx, cfg, output, family)
     validator = None
-    if req.validation_endpoint and validation_prompts(cfg) and not cfg.validation_disable:
+    endpoint = validation_endpoint(req)
+    if endpoint and validation_prompts(cfg) and not cfg.validation_disable:
         base = Path(req.base_dir) if req.base_dir else None
-        validator = ValidationRequester(req.validation_endpoint, ctx.store, ctx.job_id, cfg,
+        validator = ValidationRequester(endpoint, ctx.store, ctx.job_id, cfg,
                                         output_dir=output_location(cfg.output_dir, base))
     reporter = Reporter(
         progress=lambda step, total: ctx.progress("training", step, total, "steps"),
@@ -123,6 +125,15 @@ def _train(ctx: Any, cfg: Any, data: Any, output: Any, family: Any, req: trainer
         ctx.log(f"pushed step {outputs['steps']} to {publisher.repo_id}: {outputs['hub_commit']}")
     outputs["output"] = output.url
     return outputs
+
+
+#: Where this trainer reaches validation when a request names none: a remote client (`stagetune train
+#: --endpoint`) cannot know the cluster's own address of it, so the chart sets this on the trainer.
+ENV_VALIDATION_ENDPOINT = "STAGETUNE_VALIDATION_ENDPOINT"
+
+
+def validation_endpoint(req: trainer_pb2.StartTrainingRequest) -> str:
+    return req.validation_endpoint or os.environ.get(ENV_VALIDATION_ENDPOINT, "").strip()
 
 
 def _publisher(ctx: JobContext, cfg: Any, output: Any, family: Any) -> Any:
