@@ -405,3 +405,17 @@ def test_monitoring_objects(rendered, chart) -> None:
         ((key, text),) = cm["data"].items()
         assert json.loads(text) == json.loads((CHART / "files" / "dashboards" / key).read_text())
     assert not find(rendered["defaults"], "ServiceMonitor") and not find(rendered["defaults"], "PrometheusRule")
+
+
+def test_the_trainer_reaches_validation_by_its_service(rendered, chart) -> None:
+    """`stagetune train --endpoint` cannot name validation's in-cluster address: the chart gives it the trainer."""
+    (container,) = pod(rendered["defaults"], "trainer")["containers"]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    (service,) = find(rendered["defaults"], "Service", "st-stagetune-validation")
+    grpc_port = next(p["port"] for p in service["spec"]["ports"] if p["name"] == "grpc")
+    assert env["STAGETUNE_VALIDATION_ENDPOINT"] == f"st-stagetune-validation:{grpc_port}"
+    for stage in ("ingest", "vae", "text", "validation"):
+        (other,) = pod(rendered["defaults"], stage)["containers"]
+        assert "STAGETUNE_VALIDATION_ENDPOINT" not in {e["name"] for e in other["env"]}
+    (alone,) = pod(render(chart, {"validation": {"enabled": False}}), "trainer")["containers"]
+    assert "STAGETUNE_VALIDATION_ENDPOINT" not in {e["name"] for e in alone["env"]}
