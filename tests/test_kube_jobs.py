@@ -97,8 +97,9 @@ class FakeApi:
     """Answers the paths the client uses; each pod list request returns the next frame of `frames`."""
 
     def __init__(self, frames: list[list[dict[str, Any]]], complete_after: int | None = None,
-                 refuse_job: bool = False) -> None:
+                 refuse_job: bool = False, run: str = "run-1", fail_after: int | None = None) -> None:
         self.frames, self.complete_after, self.refuse_job = frames, complete_after, refuse_job
+        self.run, self.fail_after = run, fail_after
         self.requests: list[tuple[str, str, dict[str, list[str]], Any]] = []
         self.pod_lists = 0
 
@@ -118,15 +119,18 @@ class FakeApi:
             frame = self.frames[min(self.pod_lists, len(self.frames) - 1)]
             self.pod_lists += 1
             return 200, {"kind": "PodList", "apiVersion": "v1", "metadata": {}, "items": frame}
-        if method == "GET" and path == "/apis/batch/v1/namespaces/ml/jobs/run-1":
+        if method == "GET" and path == f"/apis/batch/v1/namespaces/ml/jobs/{self.run}":
             done = self.complete_after is not None and self.pod_lists >= self.complete_after
-            conditions = [{"type": "Complete", "status": "True"}] if done else []
-            return 200, {"kind": "Job", "apiVersion": "batch/v1", "metadata": {"name": "run-1"},
+            failed = self.fail_after is not None and self.pod_lists >= self.fail_after
+            conditions = ([{"type": "Complete", "status": "True"}] if done else
+                          [{"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded",
+                            "message": "Job has reached the specified backoff limit"}] if failed else [])
+            return 200, {"kind": "Job", "apiVersion": "batch/v1", "metadata": {"name": self.run},
                          "status": {"conditions": conditions}}
-        if method == "DELETE" and path == "/apis/batch/v1/namespaces/ml/jobs/run-1":
+        if method == "DELETE" and path == f"/apis/batch/v1/namespaces/ml/jobs/{self.run}":
             return 200, {"kind": "Status", "apiVersion": "v1", "status": "Success"}
-        if method == "DELETE" and path == "/api/v1/namespaces/ml/services/run-1":
-            return 200, {"kind": "Service", "apiVersion": "v1", "metadata": {"name": "run-1"}}  # as the API does
+        if method == "DELETE" and path == f"/api/v1/namespaces/ml/services/{self.run}":
+            return 200, {"kind": "Service", "apiVersion": "v1", "metadata": {"name": self.run}}  # as the API does
         return 404, {"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 404, "reason": "NotFound"}
 
     def calls(self, method: str) -> list[str]:

@@ -29,8 +29,15 @@ def train_job(ctx: JobContext) -> dict[str, str]:
     cfg = load_train_config(config_from_json(req.config_json), base_dir=base_dir)
     output = open_output(cfg.output_dir, base_dir)
     with RunLock(output, owner=req.run_lock_owner or None).adopt_or_acquire():
-        if cfg.num_processes > 1:  # worker processes this job supervises (trainer/workers.py)
-            from stagetune.trainer.workers import run_workers
+        if cfg.num_processes > 1:
+            from stagetune.trainer.kube.launcher import launcher_for
+
+            cluster = launcher_for(cfg)
+            if cluster is not None:  # more than this pod holds: a Kubernetes run (trainer/kube/launcher.py)
+                from stagetune.trainer.kube.launcher import run_on_cluster
+
+                return run_on_cluster(ctx, cfg, cluster)
+            from stagetune.trainer.workers import run_workers  # worker processes this job supervises
 
             return run_workers(ctx, cfg)
         return train_in_process(ctx, cfg)

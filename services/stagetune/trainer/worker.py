@@ -1,6 +1,8 @@
-"""One training process of a multi-process run: `python -m stagetune.trainer.worker SPEC.json`.
+"""One training process of a multi-process run: `python -m stagetune.trainer.worker SPEC`.
 
-The trainer service starts these (trainer/workers.py) with torchrun's variables set; a cluster's launcher can
+SPEC is a file (`SPEC.json`, as trainer/workers.py writes it) or `store:KEY`, an object in the store that
+`STAGETUNE_STORE` names: pods of a Kubernetes training run (trainer/kube/launcher.py) share no disk with the
+trainer, only the store. The trainer service starts these with torchrun's variables set; a cluster's launcher can
 start them the same way. A worker trains its rank of the run in-process (`train_in_process`) with a stand-in
 for the job context: rank 0's progress, log lines and metrics go to stdout as one JSON object per line, which
 the supervising job relays as its own events; every worker's last line says how it ended.
@@ -73,29 +75,68 @@ class WorkerContext:
             raise JobCancelled("training cancelled")
 
 
+#: A spec argument naming a store key rather than a file.
+STORE_SPEC = "store:"
+
+
+def spec_bytes(*, request: Any, store_url: str, job_id: str) -> bytes:
+    return json.dumps({"request": base64.b64encode(request.SerializeToString()).decode(),
+                       "store": store_url, "job_id": job_id}).encode()
+
+
 def write_spec(path: Path, *, request: Any, store_url: str, job_id: str) -> Path:
-    path.write_text(json.dumps({"request": base64.b64encode(request.SerializeToString()).decode(),
-                                "store": store_url, "job_id": job_id}))
+    path.write_bytes(spec_bytes(request=request, store_url=store_url, job_id=job_id))
     return path
+
+
+def spec_key(job_id: str) -> str:
+    """Where a cluster run's spec lives, beside its job's record."""
+    return f"jobs/{job_id}/worker-spec.json"
+
+
+def result_key(job_id: str) -> str:
+    """Where rank 0 of a cluster run leaves how it ended: its launcher cannot read the pod's stdout."""
+    return f"jobs/{job_id}/worker-result.json"
+
+
+def load_spec(arg: str) -> tuple[Any, Any, str, bool]:
+    """(request, store, job_id, from_store) from a spec file or a `store:KEY`. A store spec is read from, and
+    its run written to, the store the pod's STAGETUNE_STORE names (the trainer's store URL may carry another
+    host name or credentials than the pod's)."""
+    from stagetune.core.errors import NotFoundError
+    from stagetune.core.store import open_store
+    from stagetune.v1 import trainer_pb2
+
+    from_store = arg.startswith(STORE_SPEC)
+    if from_store:
+        store = open_store()
+        key = arg[len(STORE_SPEC):]
+        if not store.exists(key):
+            raise NotFoundError(f"no worker spec {key} in {store.url}", field="spec")
+        spec = json.loads(store.get_bytes(key))
+    else:
+        spec = json.loads(Path(arg).read_text())
+        store = open_store(spec["store"])
+    request = trainer_pb2.StartTrainingRequest.FromString(base64.b64decode(spec["request"]))
+    return request, store, str(spec["job_id"]), from_store
 
 
 def main(argv: list[str] | None = None) -> int:
     from stagetune.core.config.train import config_from_json, load_train_config
     from stagetune.core.errors import StagetuneError
     from stagetune.core.jobs import JobCancelled
-    from stagetune.core.store import open_store
     from stagetune.trainer.distributed import World
     from stagetune.trainer.service import train_in_process
-    from stagetune.v1 import trainer_pb2
 
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:
-        print("usage: python -m stagetune.trainer.worker SPEC.json", file=sys.stderr)
+        print("usage: python -m stagetune.trainer.worker SPEC.json|store:KEY", file=sys.stderr)
         return 2
-    spec = json.loads(Path(args[0]).read_text())
-    request = trainer_pb2.StartTrainingRequest.FromString(base64.b64decode(spec["request"]))
+    request, store, job_id, from_store = load_spec(args[0])
     world = World.from_env()
-    ctx = WorkerContext(request, open_store(spec["store"]), spec["job_id"], speaks=world.is_main)
+    ctx = WorkerContext(request, store, job_id, speaks=world.is_main)
+    record = (lambda ended: store.put_bytes(result_key(job_id), json.dumps(ended, default=str).encode())
+              ) if from_store and world.is_main else (lambda ended: None)
     for signum in (signal.SIGTERM, signal.SIGINT):  # stop at the next step, all ranks together, checkpointed
         signal.signal(signum, lambda *_: ctx.cancelled.set())
     try:
@@ -105,13 +146,20 @@ def main(argv: list[str] | None = None) -> int:
         outputs = train_in_process(ctx, cfg, world)
     except JobCancelled:
         ctx.send("cancelled")
+        record({"cancelled": True})
         return CANCELLED_EXIT
     except StagetuneError as exc:
-        ctx.send("error", type(exc).__name__, str(exc), getattr(exc, "field", "") or "")
+        error = [type(exc).__name__, str(exc), getattr(exc, "field", "") or ""]
+        ctx.send("error", *error)
+        record({"error": error})
         return 1
+    except Exception as exc:  # a bug or a library's error: its launcher says it, the traceback is the pod's log
+        record({"error": ["StagetuneError", f"{type(exc).__name__}: {exc}", ""]})
+        raise
     finally:
         world.stop()
     ctx.send("outputs", outputs)
+    record({"outputs": outputs})
     return 0
 
 

@@ -113,12 +113,17 @@ class TrainingJobs:
                 raise
 
     def follow(self, run: str, *, poll_s: float = 5.0, unschedulable_limit: float = 600.0,
-               timeout: float | None = None) -> Iterator[PodEvent]:
-        """Yield each pod state change until the Job completes; raise `TrainingJobError` on a failure."""
+               timeout: float | None = None, cancelled: Callable[[], bool] = lambda: False) -> Iterator[PodEvent]:
+        """Yield each pod state change until the Job completes; raise `TrainingJobError` on a failure, and
+        `JobCancelled` once `cancelled()` says so (checked every poll, not only when a pod changes)."""
+        from stagetune.core.jobs import JobCancelled
+
         last: dict[str, PodEvent] = {}
         pending_since: dict[str, float] = {}
         started = self._clock()
         while True:
+            if cancelled():
+                raise JobCancelled(f"training run {run} cancelled")
             now = self._clock()
             pods = self._core.list_namespaced_pod(self.namespace, label_selector=f"{RUN_LABEL}={run}").items
             for pod in sorted(pods, key=lambda p: p.metadata.name):
@@ -149,15 +154,15 @@ class TrainingJobs:
 def run_training_job(api_client: Any, *, run: str, namespace: str, profile: str, nodes: int, gpus_per_node: int,
                      image: str, worker: list[str], store_url: str, secret_name: str,
                      poll_s: float = 5.0, unschedulable_limit: float = 600.0,
-                     **options: Any) -> Iterator[PodEvent]:
-    """The entry point for the trainer service (not wired in yet): start a run on `profile`'s nodes, yield
-    its pod events, and remove its objects however it ends (success, failure, or the caller stopping)."""
+                     cancelled: Callable[[], bool] = lambda: False, **options: Any) -> Iterator[PodEvent]:
+    """Start a run on `profile`'s nodes, yield its pod events, and remove its objects however it ends
+    (success, failure, cancellation, or the caller stopping). The trainer's entry is kube/launcher.py."""
     job, service = training_objects(run=run, namespace=namespace, profile=get_profile(profile), nodes=nodes,
                                     gpus_per_node=gpus_per_node, image=image, worker=worker,
                                     store_url=store_url, secret_name=secret_name, **options)
     jobs = TrainingJobs(api_client, namespace)
     jobs.create(job, service)
     try:
-        yield from jobs.follow(run, poll_s=poll_s, unschedulable_limit=unschedulable_limit)
+        yield from jobs.follow(run, poll_s=poll_s, unschedulable_limit=unschedulable_limit, cancelled=cancelled)
     finally:
         jobs.delete(run)

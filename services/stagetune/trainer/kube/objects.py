@@ -13,6 +13,8 @@ from stagetune.trainer.kube.profiles import GpuProfile
 
 RDZV_PORT = 29400
 RUN_LABEL = "stagetune.io/training-run"
+#: The component label of training pods: the chart's NetworkPolicies select them by it.
+TRAINING_COMPONENT = "training-run"
 
 
 def image_for(repository: str, tag: str, profile: GpuProfile) -> str:
@@ -29,15 +31,20 @@ def torchrun_command(run: str, nodes: int, gpus_per_node: int, worker: list[str]
 
 def training_objects(*, run: str, namespace: str, profile: GpuProfile, nodes: int, gpus_per_node: int,
                      image: str, worker: list[str], store_url: str, secret_name: str,
-                     env: dict[str, str] | None = None, memory: str = "64Gi", shm_size: str = "32Gi",
+                     env: dict[str, str] | None = None, secret_env: dict[str, str] | None = None,
+                     memory: str = "64Gi", shm_size: str = "32Gi",
                      service_account: str | None = None, uid: int = 10001) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(Job, headless Service) for `nodes` pods of `gpus_per_node` GPUs each on `profile`'s nodes."""
+    """(Job, headless Service) for `nodes` pods of `gpus_per_node` GPUs each on `profile`'s nodes.
+
+    `secret_env` maps variables to keys of `secret_name` (the API token rank 0 calls validation with), so no
+    secret is ever written into the Job's spec."""
     if nodes < 1 or gpus_per_node < (0 if profile.resource is None else 1):
         raise ValueError(f"{nodes} node(s) x {gpus_per_node} GPU(s) on {profile.name}: need >= 1 node and, "
                          "on a GPU profile, >= 1 GPU per node")
     if not worker:
         raise ValueError("the worker command is empty")
-    labels = {"app.kubernetes.io/name": "stagetune", "app.kubernetes.io/component": "training-run", RUN_LABEL: run}
+    labels = {"app.kubernetes.io/name": "stagetune", "app.kubernetes.io/component": TRAINING_COMPONENT,
+              RUN_LABEL: run}
     limits: dict[str, str] = {"memory": memory}
     if profile.resource:
         limits[profile.resource] = str(gpus_per_node)  # a quantity: the API client insists on a string
@@ -53,6 +60,8 @@ def training_objects(*, run: str, namespace: str, profile: GpuProfile, nodes: in
         {"name": "HOME", "value": "/cache"}, {"name": "XDG_CACHE_HOME", "value": "/cache"},
         {"name": "HF_HOME", "value": "/cache/huggingface"}, {"name": "TMPDIR", "value": "/tmp"},
         *({"name": k, "value": v} for k, v in sorted((env or {}).items())),
+        *({"name": k, "valueFrom": {"secretKeyRef": {"name": secret_name, "key": key}}}
+          for k, key in sorted((secret_env or {}).items())),
     ]
     pod_spec: dict[str, Any] = {
         "subdomain": run,  # <run>-<i>.<run> resolves through the headless Service
