@@ -18,7 +18,8 @@ import pytest
 kubernetes = pytest.importorskip("kubernetes")
 kubernetes_validate = pytest.importorskip("kubernetes_validate")
 
-from test_kube_jobs import FakeApi, _pod, serve  # noqa: E402, F401 - serve is a fixture
+import test_kube_jobs  # noqa: E402
+from test_kube_jobs import FakeApi, _pod  # noqa: E402
 
 from stagetune.core.errors import ConfigError, NotFoundError  # noqa: E402
 from stagetune.core.jobs import JobCancelled  # noqa: E402
@@ -28,6 +29,7 @@ from stagetune.trainer.kube.launcher import LauncherSettings, launcher_for, run_
 from stagetune.trainer.worker import load_spec, result_key, spec_key, write_spec  # noqa: E402
 from stagetune.v1 import trainer_pb2  # noqa: E402
 
+serve = test_kube_jobs.serve  # the loopback API server fixture, shared
 JOB_ID = "trainer-0123456789abcdef"
 RUN = run_name(JOB_ID)
 ENV = {"STAGETUNE_TRAINER_LAUNCHER": "kubernetes", "STAGETUNE_KUBE_IMAGE": "ghcr.io/stagetune/stagetune:1-cuda",
