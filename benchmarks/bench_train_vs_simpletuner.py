@@ -61,7 +61,7 @@ def _record(entry):
 
 
 def _after_step(optimizer, args, kwargs):
-    entry = {"step": time.time()}
+    entry = {"step": time.time(), "rank": os.environ.get("RANK", "0")}  # workers of a multi-process run too
     torch = sys.modules.get("torch")
     if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
         entry["cuda_max_allocated"] = torch.cuda.max_memory_allocated()
@@ -73,6 +73,15 @@ def _patch(module):
         module.register_optimizer_step_post_hook(_after_step)
     elif module.__name__ == "torch" and os.environ.get("BENCH_NO_PIN_MEMORY"):
         module.Tensor.pin_memory = lambda self, *a, **k: self
+    elif module.__name__ == "simpletuner.helpers.models.sana.model":
+        # SimpleTuner 4.10.1 builds its Sana text-encoding pipeline without a scheduler and fails
+        # ("SanaPipeline.__init__() missing ... 'scheduler'"); give it the model's own, as from_pretrained would.
+        # Only prompt encoding uses that pipeline: the training maths is untouched.
+        def _scheduler(self, pipeline_type):
+            from diffusers import DPMSolverMultistepScheduler
+            return DPMSolverMultistepScheduler.from_pretrained(self.config.pretrained_model_name_or_path,
+                                                               subfolder="scheduler")
+        module.Sana._load_scheduler_for_pipeline = _scheduler
 
 
 class _Loader(importlib.abc.Loader):
@@ -89,7 +98,7 @@ class _Loader(importlib.abc.Loader):
 
 class _Finder(importlib.abc.MetaPathFinder):
     def find_spec(self, fullname, path, target=None):
-        if fullname not in ("torch", "torch.optim.optimizer"):
+        if fullname not in ("torch", "torch.optim.optimizer", "simpletuner.helpers.models.sana.model"):
             return None
         sys.meta_path.remove(self)
         try:
@@ -128,6 +137,14 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "lycoris": {"lora_type": "lycoris"},  # + lycoris_config, a path (written beside config.json)
     "int8": {"lora_type": "standard", "lora_rank": 16, "lora_alpha": 16, "base_model_precision": "int8-quanto",
              "base_model_default_dtype": "fp32"},
+    # seed 003's Sana full-rank fine-tune (its complex human instruction on, SimpleTuner's default), and a LoRA.
+    # Batch 1 and no caption dropout on both sides: SimpleTuner 4.10.1 caches each Sana caption's embedding at its
+    # own length and fails to collate two of different lengths ("Expected size 39 but got size 37"; the empty
+    # caption of dropout likewise).
+    "sana-full": {"model_family": "sana", "model_type": "full", "caption_dropout_probability": 0.0,
+                  "train_batch_size": 1},
+    "sana-lora": {"model_family": "sana", "lora_type": "standard", "lora_rank": 16, "lora_alpha": 16,
+                  "caption_dropout_probability": 0.0, "train_batch_size": 1},
 }
 
 #: Per model size: resolution, images, default steps.
@@ -327,7 +344,7 @@ def run_one(side: str, command: list[str], env: dict[str, str], cwd: Path, log: 
             memory.stop()
     ended = time.time()
     entries = [json.loads(line) for line in steps_file.read_text().splitlines()] if steps_file.exists() else []
-    steps = [e["step"] for e in entries if "step" in e]
+    steps = [e["step"] for e in entries if "step" in e and e.get("rank", "0") == "0"]  # rank 0's steps
     exits = [e for e in entries if "exit" in e]
     result = RunResult(side=side, ok=rc == 0 and bool(steps), steps=len(steps), wall_s=ended - started,
                        processes=memory.max_processes, log=str(log),
@@ -436,13 +453,13 @@ def stagetune_command() -> list[str]:
     return [found] if found else [sys.executable, "-m", "stagetune.cli"]
 
 
-def build_model(workdir: Path, size: str) -> Path:
-    from stagetune.models.sd3.tiny import build_tiny_sd3
+def build_model(workdir: Path, size: str, family: str = "sd3") -> Path:
+    from stagetune.models.tiny import build_tiny
 
-    model = workdir / "models" / size
+    model = workdir / "models" / (size if family == "sd3" else f"{family}-{size}")
     if not (model / "model_index.json").exists():
         shutil.rmtree(model, ignore_errors=True)
-        build_tiny_sd3(model, size=size)
+        build_tiny(family, model, size=size)
     return model
 
 
@@ -561,11 +578,11 @@ def main() -> None:
         capture_output=True, text=True, check=False).stdout.strip() or "unknown"
     cells: list[Cell] = []
     for size in sizes:
-        model = build_model(workdir, size)
         pristine = workdir / "data" / size
         if not pristine.exists():
             make_data(pristine, args.images)
         for variant in variants:
+            model = build_model(workdir, size, VARIANTS[variant].get("model_family", "sd3"))
             steps = args.steps or SIZES[size]["steps"]
             cell = Cell(size, variant)
             cells.append(cell)

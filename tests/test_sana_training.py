@@ -41,6 +41,8 @@ def test_full_rank_output_is_a_pipeline_folder_with_ema(tmp_path: Path, tiny_san
     assert len(changed) > len(trained) // 2, "full-rank training changes (nearly) every tensor"
     assert any(not torch.equal(ema[k], trained[k]) for k in changed), "EMA weights are their own average"
     SanaPipeline.from_pretrained(output / "ema")  # the averaged weights load the same way
+    checkpoint = SanaTransformer2DModel.from_pretrained(output / "checkpoint-4", subfolder="transformer")
+    assert all(torch.equal(checkpoint.state_dict()[k], trained[k]) for k in trained)
     images = sorted(p.name for p in (output / "validation_images").rglob("*.png"))
     assert any("ema" in name for name in images) and any("ema" not in name for name in images), images
 

@@ -48,6 +48,10 @@ class Adapter(Protocol):
 
     def state_bytes(self) -> bytes: ...
 
+    def checkpoint_extras(self) -> dict[str, bytes]:
+        """Files a checkpoint holds beside `file` so users' tools read it (a full model's config.json)."""
+        ...
+
     def load_bytes(self, data: bytes) -> None: ...
 
     def validation_bytes(self) -> bytes:
@@ -95,6 +99,9 @@ class LoraAdapter:
     def state_bytes(self) -> bytes:
         assert self.model is not None
         return lora_file_bytes(self.model, self.pipeline_cls)
+
+    def checkpoint_extras(self) -> dict[str, bytes]:
+        return {}
 
     def load_bytes(self, data: bytes) -> None:
         assert self.model is not None
@@ -163,6 +170,9 @@ class LycorisAdapter:
             return path.read_bytes()
         finally:
             shutil.rmtree(path.parent, ignore_errors=True)
+
+    def checkpoint_extras(self) -> dict[str, bytes]:
+        return {}
 
     def load_bytes(self, data: bytes) -> None:
         path = self._lycoris_file()
@@ -252,6 +262,11 @@ class FullAdapter:
         assert self.model is not None
         return save_safetensors({k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()},
                                 metadata={"format": "pt"})
+
+    def checkpoint_extras(self) -> dict[str, bytes]:
+        """checkpoint-N/transformer/ is a model folder: `from_pretrained(checkpoint-N, subfolder="transformer")`."""
+        assert self.model is not None
+        return {"transformer/config.json": self.model.to_json_string().encode()}
 
     def load_bytes(self, data: bytes) -> None:
         assert self.model is not None

@@ -320,6 +320,7 @@ class Trainer:
                 "scheduler.pt": tensor_bytes(self.scheduler.state_dict()),
                 "random_states.pt": tensor_bytes({"torch": torch.get_rng_state()}),
             }
+            files.update(self.adapter.checkpoint_extras())
             if self.ema is not None:
                 files[EMA_FILE] = self.ema.state_bytes()
         state = {"sampler": dataclasses.asdict(self.consumed_state), "settings": self.settings,
