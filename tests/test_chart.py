@@ -82,6 +82,8 @@ COMBOS: dict[str, dict[str, Any]] = {
                           "text": {"enabled": False}, "nodeSelector": {"zone": "a"},
                           "imagePullSecrets": [{"name": "regcred"}], "config": {"extraEnv": {"HF_ENDPOINT": "http://hub"}},
                           "trainer": {"affinity": {"podAntiAffinity": {}}}},
+    "launcher": {"trainer": {"gpu": {"profile": "h200", "count": 8},
+                             "launcher": {"enabled": True, "profile": "gb200", "serviceAccount": "st-runs"}}},
 }
 
 
@@ -353,7 +355,9 @@ def test_hardening(rendered) -> None:
         for doc in find(docs, "Deployment") + find(docs, "Job"):
             spec = doc["spec"]["template"]["spec"]
             assert spec["securityContext"]["runAsNonRoot"] is True and spec["securityContext"]["runAsUser"] > 0
-            assert spec["automountServiceAccountToken"] is False
+            # Only a trainer that launches Kubernetes runs holds an API token (test_the_launcher_gets_…).
+            launches = combo == "launcher" and doc["metadata"]["name"] == "st-stagetune-trainer"
+            assert spec["automountServiceAccountToken"] is launches, (combo, doc["metadata"]["name"])
             emptydirs = {v["name"] for v in spec.get("volumes", []) if "emptyDir" in v}
             for container in spec["containers"]:
                 sc = container["securityContext"]
@@ -419,3 +423,50 @@ def test_the_trainer_reaches_validation_by_its_service(rendered, chart) -> None:
         assert "STAGETUNE_VALIDATION_ENDPOINT" not in {e["name"] for e in other["env"]}
     (alone,) = pod(render(chart, {"validation": {"enabled": False}}), "trainer")["containers"]
     assert "STAGETUNE_VALIDATION_ENDPOINT" not in {e["name"] for e in alone["env"]}
+
+
+def test_the_launcher_gets_its_settings_rbac_and_network(rendered) -> None:
+    """With trainer.launcher on, the trainer's environment is what LauncherSettings reads, its service account
+    may do what the client calls, and the training pods (as objects.py labels them) reach each other, the
+    bundled S3 and validation."""
+    from stagetune.trainer.kube.launcher import LauncherSettings
+    from stagetune.trainer.kube.objects import image_for, training_objects
+
+    docs = rendered["launcher"]
+    trainer = pod(docs, "trainer")
+    assert trainer["automountServiceAccountToken"] is True
+    assert all(pod(docs, s)["automountServiceAccountToken"] is False for s in ("ingest", "vae", "validation"))
+    (container,) = trainer["containers"]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    namespace_ref = next(e for e in container["env"] if e["name"] == "STAGETUNE_KUBE_NAMESPACE")
+    assert namespace_ref["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.namespace"}}
+    settings = LauncherSettings.from_env({**{k: v for k, v in env.items() if v is not None},
+                                          "STAGETUNE_KUBE_NAMESPACE": "ml"})
+    assert settings == LauncherSettings(image=image_for("ghcr.io/stagetune/stagetune", "0.1.0", PROFILES["gb200"]),
+                                        profile="gb200", namespace="ml", secret="st-stagetune-auth",
+                                        service_account="st-runs", local_gpus=8)
+    (role,) = find(docs, "Role")
+    verbs = {(r["apiGroups"][0], res): set(r["verbs"]) for r in role["rules"] for res in r["resources"]}
+    assert {"create", "get", "delete"} <= verbs[("batch", "jobs")]
+    assert {"create", "delete"} <= verbs[("", "services")] and {"list", "get"} <= verbs[("", "pods")]
+    (binding,) = find(docs, "RoleBinding")
+    assert binding["roleRef"]["name"] == role["metadata"]["name"]
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": trainer["serviceAccountName"], "namespace": "ml"}]
+
+    job, _ = training_objects(run="st-x", namespace="ml", profile=PROFILES["gb200"], nodes=2, gpus_per_node=4,
+                              image="i", worker=["-m", "w"], store_url="s3://b", secret_name="s")
+    labels = job["spec"]["template"]["metadata"]["labels"]
+    (runs,) = find(docs, "NetworkPolicy", "st-stagetune-training-runs")
+    assert runs["spec"]["podSelector"]["matchLabels"].items() <= labels.items()
+    assert runs["spec"]["ingress"] == [{"from": [{"podSelector": runs["spec"]["podSelector"]}]}]  # any port
+    for name in ("st-stagetune-services", "st-stagetune-s3"):
+        (policy,) = find(docs, "NetworkPolicy", name)
+        peers = policy["spec"]["ingress"][0]["from"]
+        assert any(p.get("podSelector", {}).get("matchLabels", {}).items() <= labels.items()
+                   and p["podSelector"]["matchLabels"] for p in peers), name
+
+    defaults = rendered["defaults"]
+    assert not find(defaults, "Role") and not find(defaults, "RoleBinding")
+    assert not find(defaults, "NetworkPolicy", "st-stagetune-training-runs")
+    (plain,) = pod(defaults, "trainer")["containers"]
+    assert not {e["name"] for e in plain["env"]} & {"STAGETUNE_TRAINER_LAUNCHER", "STAGETUNE_KUBE_IMAGE"}

@@ -50,6 +50,12 @@ app.kubernetes.io/component: {{ .component }}
 app.kubernetes.io/component: {{ .component }}
 {{- end -}}
 
+{{/* The pods of the trainer's Kubernetes runs, labelled by stagetune.trainer.kube.objects (not by release). */}}
+{{- define "stagetune.trainingPods" -}}
+app.kubernetes.io/name: stagetune
+app.kubernetes.io/component: training-run
+{{- end -}}
+
 {{- define "stagetune.serviceAccountName" -}}
 {{- if .Values.serviceAccount.create -}}
 {{- default (include "stagetune.fullname" .) .Values.serviceAccount.name -}}
