@@ -66,6 +66,9 @@ def training_objects(*, run: str, namespace: str, profile: GpuProfile, nodes: in
     pod_spec: dict[str, Any] = {
         "subdomain": run,  # <run>-<i>.<run> resolves through the headless Service
         "restartPolicy": "Never",
+        # Cancel deletes the Job: SIGTERM makes every rank stop at the same step and rank 0 save a checkpoint,
+        # which needs as long as the trainer's own (the chart's trainer.terminationGracePeriodSeconds).
+        "terminationGracePeriodSeconds": 900,
         "automountServiceAccountToken": False,
         "securityContext": {"runAsUser": uid, "runAsGroup": uid, "fsGroup": uid, "runAsNonRoot": True,
                             "seccompProfile": {"type": "RuntimeDefault"}},
