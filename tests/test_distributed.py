@@ -11,6 +11,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+import torch
 from safetensors.torch import load_file
 from test_end_to_end import make_dataset, train_embedded, write_configs
 
@@ -125,3 +126,57 @@ def test_the_job_serves_its_workers_step_metrics(tmp_path: Path, tiny_sd3_path: 
     assert value("stagetune_train_samples_total") - before[0] == 6  # 3 steps × 2 processes × batch 1
     assert value("stagetune_train_steps_total") - before[1] == 3
     assert value("stagetune_train_learning_rate") == pytest.approx(1e-3)
+
+
+FULL = "transformer/diffusion_pytorch_model.safetensors"
+
+
+def test_fsdp_shards_full_rank_training_and_resumes_bit_for_bit(tmp_path: Path, tiny_sd3_path: Path) -> None:
+    """FSDP2 over 2 processes trains the weights 1 process trains at twice the batch; its checkpoints and
+    outputs are whole files (diffusers loads them), and a resumed run ends where an uninterrupted one does."""
+    from diffusers import SD3Transformer2DModel
+
+    data = tmp_path / "data"
+    make_dataset(data)
+    store = str(tmp_path / "store")
+    full = {"model_type": "full", "learning_rate": 1e-4, "checkpointing_steps": 2}
+    train_embedded(_configs(tmp_path / "one", tiny_sd3_path, data, processes=1, batch=4, steps=4, **full), store)
+    train_embedded(_configs(tmp_path / "fsdp", tiny_sd3_path, data, processes=2, batch=2, steps=4,
+                            fsdp_enable=True, **full), store)
+    one = load_file(tmp_path / "one" / "output" / FULL)
+    sharded = load_file(tmp_path / "fsdp" / "output" / FULL)
+    base = SD3Transformer2DModel.from_pretrained(tiny_sd3_path, subfolder="transformer").state_dict()
+    assert one.keys() == sharded.keys() == base.keys()
+    for key in one:
+        moved = float((one[key] - base[key]).abs().max())
+        assert float((one[key] - sharded[key]).abs().max()) <= max(1e-3 * moved, 1e-7), key
+    loaded = SD3Transformer2DModel.from_pretrained(tmp_path / "fsdp" / "output", subfolder="transformer")
+    assert all(torch.equal(loaded.state_dict()[k], sharded[k]) for k in sharded)
+
+    # the same sharded run stopped at its step-2 checkpoint and continued by a new run
+    resumed = tmp_path / "resumed"
+    train_embedded(_configs(resumed, tiny_sd3_path, data, processes=2, batch=2, steps=2, fsdp_enable=True, **full),
+                   store)
+    outputs = train_embedded(_configs(resumed, tiny_sd3_path, data, processes=2, batch=2, steps=4, fsdp_enable=True,
+                                      **full), store).phase("trainer").outputs
+    assert outputs["steps_trained"] == "2"
+    again = load_file(resumed / "output" / FULL)
+    for key in sharded:
+        assert torch.equal(again[key], sharded[key]), f"{key} differs after resume"
+
+
+def test_fsdp_settings_it_cannot_honour_are_refused_by_name() -> None:
+    from stagetune.core.config.train import load_train_config
+    from stagetune.core.errors import ConfigError, NotSupportedError
+
+    base = {"model_family": "sd3", "model_type": "full", "pretrained_model_name_or_path": "x", "max_train_steps": 1,
+            "num_processes": 2, "fsdp_enable": True}
+    assert load_train_config(base).fsdp_reshard_after_forward is True  # SimpleTuner's default
+    for extra, field in (({"fsdp_version": 1}, "fsdp_version"), ({"model_type": "lora"}, "fsdp_enable"),
+                         ({"use_ema": True}, "use_ema"), ({"base_model_precision": "int8-quanto"},
+                                                          "base_model_precision")):
+        with pytest.raises(NotSupportedError) as err:
+            load_train_config({**base, **extra})
+        assert err.value.field == field or field in {p.field for p in getattr(err.value, "problems", [])}
+    with pytest.raises(ConfigError, match="set num_processes to 2 or more"):
+        load_train_config({**base, "num_processes": 1})

@@ -63,6 +63,7 @@ NOT_COMPARED = frozenset({
     "target_downsample_size", "caption_strategy", "instance_prompt",
     # how many processes train: the weights are the same up to float rounding (trainer/distributed.py)
     "num_processes", "num_machines", "machine_rank", "main_process_ip", "main_process_port",
+    "fsdp_enable", "fsdp_version", "fsdp_reshard_after_forward", "fsdp_cpu_offload", "fsdp_state_dict_type",
     # bookkeeping
     "base_dir", "source_path", "explicit_keys", "warnings", "no_effect", "family_options",
 })

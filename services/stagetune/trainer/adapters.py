@@ -252,16 +252,27 @@ class FullAdapter:
     def __init__(self, cfg: Any) -> None:
         self.cfg = cfg
         self.model: torch.nn.Module | None = None
+        #: Set when FSDP shards the model over these ranks (trainer/distributed.py): saving then gathers the
+        #: whole weights on rank 0, a collective every rank calls; the files stay whole and loadable anywhere.
+        self.sharded_over: Any = None
 
     def attach(self, model: torch.nn.Module) -> list[torch.nn.Parameter]:
         self.model = model
         model.requires_grad_(True)
         return [p for p in model.parameters() if p.requires_grad]
 
-    def state_bytes(self) -> bytes:
+    def _whole_state(self) -> dict[str, torch.Tensor]:
+        """The whole weights (on rank 0; empty on the other ranks of a sharded model)."""
         assert self.model is not None
-        return save_safetensors({k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()},
-                                metadata={"format": "pt"})
+        if self.sharded_over is not None:
+            from stagetune.trainer.distributed import whole_model_state
+
+            return whole_model_state(self.model)
+        return {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
+
+    def state_bytes(self) -> bytes:
+        state = self._whole_state()
+        return save_safetensors({k: v.contiguous() for k, v in state.items()}, metadata={"format": "pt"})
 
     def checkpoint_extras(self) -> dict[str, bytes]:
         """checkpoint-N/transformer/ is a model folder: `from_pretrained(checkpoint-N, subfolder="transformer")`."""
@@ -270,18 +281,32 @@ class FullAdapter:
 
     def load_bytes(self, data: bytes) -> None:
         assert self.model is not None
+        if self.sharded_over is not None:  # every rank reads the same whole file and keeps its shards
+            from stagetune.trainer.distributed import load_whole_model_state
+
+            load_whole_model_state(self.model, load_safetensors(data))
+            return
         self.model.load_state_dict(load_safetensors(data), strict=True)
 
     def validation_bytes(self) -> bytes:
         return self.state_bytes()
 
     def export(self, output: Store, *, folder: str = "") -> list[str]:
-        """A diffusers pipeline folder: the trained transformer, and the base model's other parts as they are."""
+        """A diffusers pipeline folder: the trained transformer, and the base model's other parts as they are.
+        Sharded, every rank gathers and rank 0 writes."""
         assert self.model is not None
         prefix = f"{folder}/" if folder else ""
         written = []
         with tempfile.TemporaryDirectory(prefix="stagetune-full-") as tmp:
-            self.model.save_pretrained(Path(tmp) / "transformer", safe_serialization=True)
+            if self.sharded_over is not None:
+                weights = self.state_bytes()
+                if not self.sharded_over.is_main:
+                    return []
+                (Path(tmp) / "transformer").mkdir()
+                (Path(tmp) / "transformer" / "diffusion_pytorch_model.safetensors").write_bytes(weights)
+                (Path(tmp) / "transformer" / "config.json").write_text(self.model.to_json_string())
+            else:
+                self.model.save_pretrained(Path(tmp) / "transformer", safe_serialization=True)
             for path in sorted((Path(tmp) / "transformer").iterdir()):
                 output.put_file(f"{prefix}transformer/{path.name}", path)
                 written.append(f"{prefix}transformer/{path.name}")

@@ -109,3 +109,62 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as probe:
         probe.bind((host, 0))
         return int(probe.getsockname()[1])
+
+
+# -- FSDP2 (fsdp_enable): a full-rank model sharded over the ranks ---------------------------------------------
+#
+# Checkpoints and outputs stay whole files that any tool loads: the shards are gathered on rank 0 when they are
+# written (a collective: every rank takes part) and spread again on resume from the same whole files.
+
+
+def shard_model(model: torch.nn.Module, *, reshard_after_forward: bool = True, cpu_offload: bool = False) -> None:
+    """FSDP2 over the model's own block classes (diffusers' `_no_split_modules`: SD3's JointTransformerBlock,
+    Sana's SanaTransformerBlock), then the root, so one block's weights are gathered at a time."""
+    from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
+
+    policy = CPUOffloadPolicy() if cpu_offload else OffloadPolicy()
+    blocks = set(getattr(model, "_no_split_modules", None) or ())
+    for module in list(model.modules())[1:]:
+        if type(module).__name__ in blocks:
+            fully_shard(module, reshard_after_forward=reshard_after_forward, offload_policy=policy)
+    fully_shard(model, reshard_after_forward=reshard_after_forward, offload_policy=policy)
+
+
+def _whole() -> object:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def whole_model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The sharded model's whole state dict on rank 0 (empty elsewhere); every rank must call it."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    return get_model_state_dict(model, options=_whole())
+
+
+def _from_rank0() -> object:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+
+
+def load_whole_model_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Rank 0's whole state dict, sent to every rank, each keeping its shards (a collective: torch's loader
+    scatters from rank 0, so the other ranks' copies of the same file are not read)."""
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict
+
+    set_model_state_dict(model, state if torch.distributed.get_rank() == 0 else {}, options=_from_rank0())
+
+
+def whole_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    return get_optimizer_state_dict(model, optimizer, options=_whole())
+
+
+def load_whole_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
+    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+    set_optimizer_state_dict(model, optimizer, state if torch.distributed.get_rank() == 0 else {},
+                             options=_from_rank0())

@@ -31,7 +31,12 @@ from stagetune.models.checkpointing import checkpoint_every
 from stagetune.models.quantise import quantise
 from stagetune.trainer.adapters import make_adapter
 from stagetune.trainer.batches import BatchSource, Fetched, fetch
-from stagetune.trainer.distributed import World
+from stagetune.trainer.distributed import (
+    World,
+    load_whole_optimizer_state,
+    shard_model,
+    whole_optimizer_state,
+)
 from stagetune.trainer.ema import EMA_FILE, EMA_FOLDER, Ema
 from stagetune.trainer.flow import FlowSchedule, masked_mse, noisy_input, sample_sigmas, timesteps_for
 from stagetune.trainer.optimizers import OPTIMIZERS, build_optimizer
@@ -100,6 +105,11 @@ class Trainer:
         self.cfg = cfg
         #: This process's place among the run's workers: rank 0 alone writes checkpoints, outputs and reports.
         self.world = world or World()
+        #: FSDP2 (fsdp_enable over several processes): the full-rank model sharded over the ranks.
+        self.sharded = bool(getattr(cfg, "fsdp_enable", False)) and self.world.distributed
+        #: Whether this run validates at all, known on every rank: gathering sharded weights for validation
+        #: is a collective the other ranks must join (set by the service; rank 0 holds the validator).
+        self.validates = False
         self.family = family
         self.data = data
         self.output = output
@@ -138,6 +148,11 @@ class Trainer:
                 param.data = param.data.to(torch.bfloat16)
         if spec.bf16_weights and cfg.model_type == "full" and self.autocast_dtype is None:
             self.autocast_dtype = torch.bfloat16  # a bf16 transformer takes bf16 activations
+        if self.sharded:
+            shard_model(self.model, reshard_after_forward=cfg.fsdp_reshard_after_forward,
+                        cpu_offload=cfg.fsdp_cpu_offload)
+            self.adapter.sharded_over = self.world
+            self.params = [p for p in self.model.parameters() if p.requires_grad]  # the sharded parameters
         self.optimizer = build_optimizer(cfg.optimizer, self.params, cfg, warn=self.report.log)
         self.schedule_free = spec.schedule_free
         if self.schedule_free:
@@ -196,7 +211,11 @@ class Trainer:
         except (RuntimeError, KeyError, ValueError) as exc:
             raise RunMismatchError(f"checkpoint-{step} in {store.url} does not fit this model and adapter: "
                                    f"{str(exc).splitlines()[0]}", field="resume_from_checkpoint") from None
-        self.optimizer.load_state_dict(torch.load(io.BytesIO(files["optimizer.pt"]), weights_only=True))
+        optimizer_state = torch.load(io.BytesIO(files["optimizer.pt"]), weights_only=True)
+        if self.sharded:
+            load_whole_optimizer_state(self.model, self.optimizer, optimizer_state)
+        else:
+            self.optimizer.load_state_dict(optimizer_state)
         if self.schedule_free:  # saved with its averaged (eval) weights: back to the training point
             self.optimizer.train()
         self.scheduler.load_state_dict(torch.load(io.BytesIO(files["scheduler.pt"]), weights_only=True))
@@ -271,7 +290,8 @@ class Trainer:
     def step(self) -> float:
         """One optimizer step over `gradient_accumulation_steps` micro-batches; returns the mean loss."""
         losses = [self._micro_step() for _ in range(self.cfg.gradient_accumulation_steps)]
-        self.world.average_gradients(self.params)  # every rank steps with the global batch's mean gradient
+        if not self.sharded:  # FSDP reduce-scatters the mean gradient itself
+            self.world.average_gradients(self.params)  # every rank steps with the global batch's mean gradient
         if self.cfg.max_grad_norm and self.cfg.max_grad_norm > 0:
             if self.cfg.grad_clip_method == "value":
                 torch.nn.utils.clip_grad_value_(self.params, self.cfg.max_grad_norm)
@@ -286,6 +306,11 @@ class Trainer:
         return self.world.mean(sum(losses) / len(losses))
 
     # -- outputs -----------------------------------------------------------------------------
+    def _optimizer_state(self) -> dict:
+        if self.sharded:
+            return whole_optimizer_state(self.model, self.optimizer)
+        return self.optimizer.state_dict()
+
     def validation_bytes(self) -> bytes:
         """The adapter as validation loads it, at the weights that are kept (see _weights_to_keep)."""
         with self._weights_to_keep():
@@ -305,7 +330,9 @@ class Trainer:
             self.optimizer.train()
 
     def save_checkpoint(self) -> None:
-        if not self.world.is_main:  # every rank holds the same weights and state: rank 0 writes them
+        # every rank holds the same weights and state and rank 0 writes them; sharded, every rank first
+        # takes part in gathering them
+        if not self.world.is_main and not self.sharded:
             return
 
         def tensor_bytes(obj: Any) -> bytes:
@@ -316,13 +343,15 @@ class Trainer:
         with self._weights_to_keep():  # weights and optimizer state from the same (eval) point
             files = {
                 self.adapter.file: self.adapter.state_bytes(),
-                "optimizer.pt": tensor_bytes(self.optimizer.state_dict()),
+                "optimizer.pt": tensor_bytes(self._optimizer_state()),
                 "scheduler.pt": tensor_bytes(self.scheduler.state_dict()),
                 "random_states.pt": tensor_bytes({"torch": torch.get_rng_state()}),
             }
             files.update(self.adapter.checkpoint_extras())
             if self.ema is not None:
                 files[EMA_FILE] = self.ema.state_bytes()
+        if not self.world.is_main:
+            return
         state = {"sampler": dataclasses.asdict(self.consumed_state), "settings": self.settings,
                  "total_steps": self.total_steps}
         self.data.flush()
@@ -333,6 +362,10 @@ class Trainer:
 
     def _validate(self, trained: bytes | None = None) -> None:
         """Validate the trained weights, the averaged ones, or both (SimpleTuner's `ema_validation`)."""
+        if self.sharded and not self.world.is_main:
+            if self.validates:
+                self.validation_bytes()  # take part in gathering the weights rank 0 sends
+            return
         if self.report.validate is None:  # no validator: validation off, or nothing to prompt
             return
         which = self.cfg.ema_validation if self.ema is not None else "none"
@@ -370,7 +403,7 @@ class Trainer:
         finally:
             self.batches.close()
         self.data.flush()
-        if self.world.is_main:
+        if self.world.is_main or self.sharded:  # sharded, every rank takes part in gathering the weights
             self._write_outputs()
         outputs = {"lora": self.adapter.file, "steps": str(self.global_step),
                    "steps_trained": str(self.global_step - self.resumed_from)}
@@ -384,9 +417,10 @@ class Trainer:
             if self.ema is not None:
                 with self.ema.applied():
                     written += self.adapter.export(self.output, folder=EMA_FOLDER)
-        run_settings.write_record(self.output, state="finished", step=self.global_step, total_steps=self.total_steps,
-                                  settings=self.settings, changes=self.changes)
-        self.report.log(f"wrote {', '.join(written)} after {self.global_step} steps")
+        if self.world.is_main:
+            run_settings.write_record(self.output, state="finished", step=self.global_step,
+                                      total_steps=self.total_steps, settings=self.settings, changes=self.changes)
+            self.report.log(f"wrote {', '.join(written)} after {self.global_step} steps")
         self._validate()
 
     def _report_step(self, family: str, loss: float, elapsed: float) -> None:
@@ -417,5 +451,5 @@ class Trainer:
             if cfg.checkpointing_steps and self.global_step % cfg.checkpointing_steps == 0:
                 self.save_checkpoint()
             if cfg.validation_steps and self.global_step % cfg.validation_steps == 0 \
-                    and self.global_step < self.total_steps and self.world.is_main:
+                    and self.global_step < self.total_steps and (self.world.is_main or self.sharded):
                 self._validate()

@@ -89,14 +89,16 @@ def _train(ctx: Any, cfg: Any, data: Any, output: Any, family: Any, req: trainer
     from stagetune.core.validation_requests import ValidationRequester, validation_prompts
     from stagetune.trainer.loop import Reporter, Trainer
 
+    endpoint = validation_endpoint(req)
+    validates = bool(endpoint and validation_prompts(cfg) and not cfg.validation_disable)
     if not world.is_main:  # the other ranks train in step and report nothing (rank 0 speaks for the run)
         trainer = Trainer(cfg, family, data, output, Reporter(cancelled=ctx.cancelled.is_set), world)
+        trainer.validates = validates  # sharded weights are gathered for validation by every rank
         trainer.setup()
         return trainer.train()
     publisher = _publisher(ctx, cfg, output, family)
     validator = None
-    endpoint = validation_endpoint(req)
-    if endpoint and validation_prompts(cfg) and not cfg.validation_disable:
+    if validates:
         base = Path(req.base_dir) if req.base_dir else None
         validator = ValidationRequester(endpoint, ctx.store, ctx.job_id, cfg,
                                         output_dir=output_location(cfg.output_dir, base))
@@ -110,6 +112,7 @@ def _train(ctx: Any, cfg: Any, data: Any, output: Any, family: Any, req: trainer
     if hasattr(ctx, "record_step"):  # a worker: its job records the step metrics (trainer/workers.py)
         reporter.record_step = ctx.record_step
     trainer = Trainer(cfg, family, data, output, reporter, world)
+    trainer.validates = validates
     ctx.progress("loading model", 0, 1)
     trainer.setup()
     trackers = _start_trackers(cfg, output, trainer, reporter, validator)

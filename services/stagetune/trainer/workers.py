@@ -31,6 +31,8 @@ from stagetune.trainer.worker import CANCELLED_EXIT, parse_event, write_spec
 #: After one worker fails, how long the others get to stop on SIGTERM before they are killed.
 STOP_GRACE_S = 10.0
 STDERR_TAIL_LINES = 20
+#: A folder that keeps every worker's stderr (else they go with the job's scratch folder).
+LOG_DIR_ENV = "STAGETUNE_WORKER_LOG_DIR"
 
 
 @dataclass
@@ -47,6 +49,21 @@ class Worker:
         except OSError:
             return ""
         return "\n".join(lines[-STDERR_TAIL_LINES:])
+
+    def reported_error(self) -> str | None:
+        """The error a worker named before it exited (its "error" line), when it had one."""
+        if self.ended:
+            ended = dict(self.ended)
+            return str(ended["error"][1]) if "error" in ended else None
+        try:
+            lines = self.stderr_path.with_suffix(".stdout").read_text(errors="replace").splitlines()
+        except OSError:
+            return None
+        for line in reversed(lines):
+            parsed = parse_event(line)
+            if parsed and parsed[0] == "error":
+                return str(parsed[1][1])
+        return None
 
 
 def worker_env(cfg: Any, *, rank: int, local_rank: int, local_size: int, addr: str, port: int) -> dict[str, str]:
@@ -93,12 +110,16 @@ def _started(ctx: Any, cfg: Any, folder: Path, local_size: int, addr: str, port:
     try:
         for local_rank in range(local_size):
             rank = cfg.machine_rank * local_size + local_rank
-            stderr_path = folder / f"rank-{rank}.stderr"
-            with open(stderr_path, "wb") as stderr:
+            logs = Path(os.environ.get(LOG_DIR_ENV) or folder)  # kept where the operator asks, for post-mortems
+            logs.mkdir(parents=True, exist_ok=True)
+            stderr_path = logs / f"{ctx.job_id}-rank-{rank}.stderr"
+            # local rank 0's events are relayed; the others' (their ending lines) are kept for the post-mortem
+            stdout_path = stderr_path.with_suffix(".stdout")
+            with open(stderr_path, "wb") as stderr, open(stdout_path, "wb") as stdout_file:
                 process = subprocess.Popen(
                     [sys.executable, "-m", "stagetune.trainer.worker", str(spec)],
                     env=worker_env(cfg, rank=rank, local_rank=local_rank, local_size=local_size, addr=addr, port=port),
-                    stdout=subprocess.PIPE if local_rank == 0 else subprocess.DEVNULL, stderr=stderr, text=True,
+                    stdout=subprocess.PIPE if local_rank == 0 else stdout_file, stderr=stderr, text=True,
                 )
             workers.append(Worker(rank, local_rank, process, stderr_path))
         yield workers
@@ -160,7 +181,7 @@ def _supervise(ctx: Any, workers: list[Worker], events: queue.Queue) -> Worker |
             signalled = True
         failed = [w for w in workers if w.process.poll() not in (None, 0, CANCELLED_EXIT)]
         if failed and not signalled:
-            first_failed = failed[0]
+            first_failed = _culprit(failed)
             _stop(workers, signal.SIGTERM)
             signalled = True
             deadline = time.monotonic() + STOP_GRACE_S
@@ -168,7 +189,19 @@ def _supervise(ctx: Any, workers: list[Worker], events: queue.Queue) -> Worker |
                 time.sleep(0.1)
             _stop(workers, signal.SIGKILL)
     failed = [w for w in workers if w.process.returncode not in (0, CANCELLED_EXIT)]
-    return first_failed or (failed[0] if failed else None)
+    return first_failed or (_culprit(failed) if failed else None)
+
+
+#: What a rank says when another rank died under it: not the cause.
+PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "remote worker crashing")
+
+
+def _culprit(failed: list[Worker]) -> Worker:
+    """Of workers that failed together, the one that did not just lose its peer."""
+    def lost_peer(worker: Worker) -> bool:
+        return any(m in (worker.reported_error() or worker.stderr_tail()) for m in PEER_LOST)
+
+    return next((w for w in failed if not lost_peer(w)), failed[0])
 
 
 def _stop(workers: list[Worker], signum: int) -> None:
@@ -181,11 +214,12 @@ def _stop(workers: list[Worker], signum: int) -> None:
 
 
 def _outcome(workers: list[Worker], first_failed: Worker | None) -> dict[str, str]:
-    """The run's outputs, or the first failure: rank 0's own error, else the worker that died, by name."""
+    """The run's outputs, or its failure: the error of the worker that failed first (rank 0's own error class
+    when it is the one), by rank, with its last lines."""
     first = workers[0]
     ended = dict(first.ended)
     codes = {w.rank: w.process.returncode for w in workers}
-    if "error" in ended:
+    if "error" in ended and first_failed in (None, first):
         name, message, field_name = ended["error"]
         cls = getattr(errors, name, StagetuneError)
         raise (cls if isinstance(cls, type) and issubclass(cls, StagetuneError) else StagetuneError)(
@@ -193,9 +227,10 @@ def _outcome(workers: list[Worker], first_failed: Worker | None) -> dict[str, st
     if first_failed is not None:
         worker = first_failed
         tail = worker.stderr_tail()
+        said = worker.reported_error() or (tail.splitlines()[-1] if tail else "")
         raise errors.UnavailableError(
             f"training process rank {worker.rank} (pid {worker.process.pid}) {_how(worker.process.returncode)}"
-            f"{': ' + tail.splitlines()[-1] if tail else ''}; the next run resumes from the last checkpoint"
+            f"{': ' + said if said else ''}; the next run resumes from the last checkpoint"
             + (f"\n{tail}" if tail else ""), field="num_processes")
     if "cancelled" in ended or CANCELLED_EXIT in codes.values():
         raise JobCancelled("training cancelled")

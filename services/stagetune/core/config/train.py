@@ -146,6 +146,13 @@ class TrainConfig(BaseModel):
     machine_rank: int = Field(st_default("machine_rank"), ge=0)
     main_process_ip: str = st_default("main_process_ip")
     main_process_port: int = Field(st_default("main_process_port"), ge=1, le=65535)
+    # FSDP2: full-rank weights, gradients and optimizer state sharded over the processes
+    fsdp_enable: bool = st_default("fsdp_enable")
+    fsdp_version: int = st_default("fsdp_version")
+    fsdp_reshard_after_forward: bool = st_default("fsdp_reshard_after_forward")
+    fsdp_cpu_offload: bool = st_default("fsdp_cpu_offload")
+    # checkpoints and outputs are always whole files (loadable anywhere); either value is accepted
+    fsdp_state_dict_type: Literal["SHARDED_STATE_DICT", "FULL_STATE_DICT"] = st_default("fsdp_state_dict_type")
 
     # checkpoints
     checkpointing_steps: int = Field(st_default("checkpointing_steps"), ge=0)

@@ -12,7 +12,7 @@ from typing import Any
 
 from stagetune.core.config.trackers import check_trackers, tracker_warning
 from stagetune.core.config.train_defaults import WHERE, st_default
-from stagetune.core.errors import Collector, ConfigError, PreconditionError
+from stagetune.core.errors import Collector, ConfigError, NotSupportedError, PreconditionError
 from stagetune.models.family import family_names, get_family
 from stagetune.models.quantise import NEEDS_COMPILER, check_precision
 
@@ -116,3 +116,23 @@ def _check_processes(fields: dict[str, Any]) -> None:
                           "(num_processes counts every machine's processes)", field="num_processes")
     if rank >= machines:
         raise ConfigError(f"machine_rank={rank} must be below num_machines={machines}", field="machine_rank")
+    if fields.get("fsdp_enable"):
+        _check_fsdp(fields, processes)
+
+
+def _check_fsdp(fields: dict[str, Any], processes: int) -> None:
+    """FSDP2 shards a full-rank model; what it cannot do yet is refused by name, never ignored."""
+    if fields.get("fsdp_version", 2) != 2:
+        raise NotSupportedError(f"not supported yet: fsdp_version={fields['fsdp_version']} (stagetune uses FSDP2)",
+                                field="fsdp_version")
+    if fields.get("model_type", st_default("model_type")) != "full":
+        raise NotSupportedError("not supported yet: fsdp_enable with model_type lora (adapters are small: every "
+                                "process holds them whole)", field="fsdp_enable")
+    if fields.get("use_ema"):
+        raise NotSupportedError("not supported yet: use_ema with fsdp_enable", field="use_ema")
+    if fields.get("base_model_precision", "no_change") != "no_change":
+        raise NotSupportedError("not supported yet: a quantised base_model_precision with fsdp_enable",
+                                field="base_model_precision")
+    if processes < 2:
+        raise ConfigError("fsdp_enable shards the model over processes: set num_processes to 2 or more",
+                          field="fsdp_enable")
