@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 import torch
@@ -41,15 +42,21 @@ def _randomise(params: list[torch.nn.Parameter]) -> None:
             param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
 
 
-def _ours(model_path: Path, model_type: str) -> tuple[float, dict[str, torch.Tensor]]:
-    family = get_family("sd3")
+def _trainable(name: str, model_path: Path, model_type: str) -> tuple[Any, Any, list]:
+    """(family, transformer with our adapter attached, its trained parameters by name), randomised."""
+    family = get_family(name)
     cfg = SimpleNamespace(model_type=model_type, lora_type="standard", lora_rank=4, lora_alpha=4, lora_dropout=0.0,
                           lora_init_type="default", init_lora=None, family_options={}, lycoris={})
     model = family.load_transformer(str(model_path))
-    adapter = make_adapter(cfg, family, family.pipeline_class())
-    params = adapter.attach(model)
+    params = make_adapter(cfg, family, family.pipeline_class()).attach(model)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    assert len(params) == len(named)
     _randomise([p for _, p in named])
+    return family, model, named
+
+
+def _ours(model_path: Path, model_type: str) -> tuple[float, dict[str, torch.Tensor]]:
+    family, model, named = _trainable("sd3", model_path, model_type)
     batch = _batch(model.config)
     text = family.collate_text([{"prompt_embeds": e, "pooled_prompt_embeds": p}
                                 for e, p in zip(batch["prompt_embeds"], batch["pooled"], strict=True)],
@@ -58,7 +65,6 @@ def _ours(model_path: Path, model_type: str) -> tuple[float, dict[str, torch.Ten
     pred = model(**family.transformer_inputs(noisy, timesteps_for(batch["sigmas"]), text))[0]
     loss = torch.nn.functional.mse_loss(pred.float(), target.float())
     loss.backward()
-    assert len(params) == len(named)
     return float(loss), {n: p.grad.clone() for n, p in named}
 
 
@@ -115,14 +121,7 @@ def _sana_batch(config: object) -> dict[str, torch.Tensor]:
 
 
 def _sana_ours(model_path: Path, model_type: str) -> tuple[float, dict[str, torch.Tensor]]:
-    family = get_family("sana")
-    cfg = SimpleNamespace(model_type=model_type, lora_type="standard", lora_rank=4, lora_alpha=4, lora_dropout=0.0,
-                          lora_init_type="default", init_lora=None, family_options={}, lycoris={})
-    model = family.load_transformer(str(model_path))
-    adapter = make_adapter(cfg, family, family.pipeline_class())
-    adapter.attach(model)
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    _randomise([p for _, p in named])
+    family, model, named = _trainable("sana", model_path, model_type)
     batch = _sana_batch(model.config)
     text = family.collate_text([{"prompt_embeds": e, "prompt_attention_mask": m}
                                 for e, m in zip(batch["prompt_embeds"], batch["mask"], strict=True)], {}, [False] * 2)

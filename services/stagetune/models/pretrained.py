@@ -73,3 +73,29 @@ class PretrainedEncoder:
         if self.quantisation:  # absent when unquantised, so full-precision caches keep their keys
             extra["quantisation"] = self.quantisation
         return model_fingerprint(self.name_or_path, self.subfolders(), revision=self.revision, extra=extra)
+
+
+class PretrainedAutoencoder(PretrainedEncoder):
+    """A family's VAE (or DC-AE): one subfolder of the model (`None`: a standalone repository, files at the
+    top), and the latent scale from its config. Families add `load`, `downsample`, `latent_key`, `encode`."""
+
+    component = "vae"
+
+    def __init__(self, loaded: Any = None, *, subfolder: str | None = "vae", **kwargs: Any) -> None:
+        super().__init__(loaded, **kwargs)
+        self.subfolder = subfolder
+
+    @property
+    def vae(self) -> Any:
+        return self.model
+
+    def subfolders(self) -> list[str]:
+        return [self.subfolder or ""]
+
+    @property
+    def scaling_factor(self) -> float:
+        return float(self.vae.config.scaling_factor)
+
+    @property
+    def latent_channels(self) -> int:
+        return int(self.vae.config.latent_channels)

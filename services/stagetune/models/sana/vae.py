@@ -6,43 +6,20 @@ nothing here; the cached latent is `z · scaling_factor`, what `SanaPipeline` de
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
 from stagetune.models.fingerprint import digest
 from stagetune.models.pixels import check_pixels
-from stagetune.models.pretrained import PretrainedEncoder
+from stagetune.models.pretrained import PretrainedAutoencoder
 from stagetune.models.sana.components import load_vae
 
 
-class SanaLatentEncoder(PretrainedEncoder):
+class SanaLatentEncoder(PretrainedAutoencoder):
     family = "sana"
-    component = "vae"
-
-    def __init__(self, loaded: torch.nn.Module | None = None, *, subfolder: str | None = "vae",
-                 **kwargs: Any) -> None:
-        super().__init__(loaded, **kwargs)
-        self.subfolder = subfolder
-
-    @property
-    def vae(self) -> torch.nn.Module:
-        return self.model
 
     def load(self) -> torch.nn.Module:
         return load_vae(self.name_or_path, revision=self.revision, dtype=self.dtype, device=self.device,
                         subfolder=self.subfolder)
-
-    def subfolders(self) -> list[str]:
-        return [self.subfolder or ""]
-
-    @property
-    def scaling_factor(self) -> float:
-        return float(self.vae.config.scaling_factor)
-
-    @property
-    def latent_channels(self) -> int:
-        return int(self.vae.config.latent_channels)
 
     @property
     def downsample(self) -> int:
