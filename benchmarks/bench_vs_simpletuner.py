@@ -172,8 +172,9 @@ class Measured:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def make_data(folder: Path, images: int) -> None:
-    """Random-pixel JPEGs in 8 sizes/aspects, each with a distinct `.txt` caption."""
+def make_data(folder: Path, images: int, seed: int = 0) -> None:
+    """Random-pixel JPEGs in 8 sizes/aspects, each with a distinct `.txt` caption; another `seed` gives other
+    pixels and captions (nothing a cache already holds)."""
     import numpy as np
     from PIL import Image
 
@@ -182,11 +183,13 @@ def make_data(folder: Path, images: int) -> None:
         return
     for old in folder.iterdir():
         old.unlink()
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
+    take = f", take {seed}" if seed else ""
     for i in range(images):
         w, h = SHAPES[i % len(SHAPES)]
         Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(folder / f"img_{i:05d}.jpg", quality=90)
-        (folder / f"img_{i:05d}.txt").write_text(f"a photo number {i} of a scene with {i % 7} things, style {i % 5}")
+        (folder / f"img_{i:05d}.txt").write_text(
+            f"a photo number {i} of a scene with {i % 7} things, style {i % 5}{take}")
 
 
 def dataset_entry(instance_dir: Path, resolution: int) -> dict[str, Any]:
