@@ -139,17 +139,27 @@ def test_fsdp_shards_full_rank_training_and_resumes_bit_for_bit(tmp_path: Path, 
     data = tmp_path / "data"
     make_dataset(data)
     store = str(tmp_path / "store")
-    full = {"model_type": "full", "learning_rate": 1e-4, "checkpointing_steps": 2}
+    full = {"model_type": "full", "learning_rate": 1e-4, "checkpointing_steps": 2, "use_ema": True,
+            "ema_decay": 0.9}
+    validation = {"validation_steps": 2, "validation_prompt": "a red square", "validation_resolution": "64x64",
+                  "validation_num_inference_steps": 2, "ema_validation": "comparison"}
     train_embedded(_configs(tmp_path / "one", tiny_sd3_path, data, processes=1, batch=4, steps=4, **full), store)
-    train_embedded(_configs(tmp_path / "fsdp", tiny_sd3_path, data, processes=2, batch=2, steps=4,
-                            fsdp_enable=True, **full), store)
+    run = train_embedded(_configs(tmp_path / "fsdp", tiny_sd3_path, data, processes=2, batch=2, steps=4,
+                                  fsdp_enable=True, **full, **validation), store)
+    images = sorted(p.name for p in (tmp_path / "fsdp" / "output" / "validation_images").rglob("*.png"))
+    assert len(images) == 4 and sum("ema" in name for name in images) == 2, images  # steps 2 and 4, both kinds
+    assert run.phase("trainer").outputs["steps"] == "4"
     one = load_file(tmp_path / "one" / "output" / FULL)
     sharded = load_file(tmp_path / "fsdp" / "output" / FULL)
+    ema_one = load_file(tmp_path / "one" / "output" / "ema" / FULL)
+    ema_sharded = load_file(tmp_path / "fsdp" / "output" / "ema" / FULL)
     base = SD3Transformer2DModel.from_pretrained(tiny_sd3_path, subfolder="transformer").state_dict()
     assert one.keys() == sharded.keys() == base.keys()
     for key in one:
         moved = float((one[key] - base[key]).abs().max())
         assert float((one[key] - sharded[key]).abs().max()) <= max(1e-3 * moved, 1e-7), key
+        assert float((ema_one[key] - ema_sharded[key]).abs().max()) <= max(1e-3 * moved, 1e-7), key
+    assert any(not torch.equal(ema_sharded[k], sharded[k]) for k in sharded)
     loaded = SD3Transformer2DModel.from_pretrained(tmp_path / "fsdp" / "output", subfolder="transformer")
     assert all(torch.equal(loaded.state_dict()[k], sharded[k]) for k in sharded)
 
@@ -160,9 +170,10 @@ def test_fsdp_shards_full_rank_training_and_resumes_bit_for_bit(tmp_path: Path, 
     outputs = train_embedded(_configs(resumed, tiny_sd3_path, data, processes=2, batch=2, steps=4, fsdp_enable=True,
                                       **full), store).phase("trainer").outputs
     assert outputs["steps_trained"] == "2"
-    again = load_file(resumed / "output" / FULL)
-    for key in sharded:
-        assert torch.equal(again[key], sharded[key]), f"{key} differs after resume"
+    for part, straight in ((FULL, sharded), (f"ema/{FULL}", ema_sharded)):
+        again = load_file(resumed / "output" / part)
+        for key in straight:
+            assert torch.equal(again[key], straight[key]), f"{part}: {key} differs after resume"
 
 
 def test_fsdp_settings_it_cannot_honour_are_refused_by_name() -> None:
@@ -173,8 +184,7 @@ def test_fsdp_settings_it_cannot_honour_are_refused_by_name() -> None:
             "num_processes": 2, "fsdp_enable": True}
     assert load_train_config(base).fsdp_reshard_after_forward is True  # SimpleTuner's default
     for extra, field in (({"fsdp_version": 1}, "fsdp_version"), ({"model_type": "lora"}, "fsdp_enable"),
-                         ({"use_ema": True}, "use_ema"), ({"base_model_precision": "int8-quanto"},
-                                                          "base_model_precision")):
+                         ({"base_model_precision": "int8-quanto"}, "base_model_precision")):
         with pytest.raises(NotSupportedError) as err:
             load_train_config({**base, **extra})
         assert err.value.field == field or field in {p.field for p in getattr(err.value, "problems", [])}

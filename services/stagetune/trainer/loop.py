@@ -360,21 +360,18 @@ class Trainer:
         self.report.log(f"saved {name}")
         self.report.checkpointed(self.global_step)
 
-    def _validate(self, trained: bytes | None = None) -> None:
-        """Validate the trained weights, the averaged ones, or both (SimpleTuner's `ema_validation`)."""
-        if self.sharded and not self.world.is_main:
-            if self.validates:
-                self.validation_bytes()  # take part in gathering the weights rank 0 sends
-            return
-        if self.report.validate is None:  # no validator: validation off, or nothing to prompt
-            return
+    def _validate(self) -> None:
+        """Validate the trained weights, the averaged ones, or both (SimpleTuner's `ema_validation`). Sharded,
+        every rank takes part in gathering each variant's weights; rank 0 sends them."""
+        if not (self.validates if self.sharded else self.report.validate is not None):
+            return  # no validator: validation off, or nothing to prompt
         which = self.cfg.ema_validation if self.ema is not None else "none"
-        if which in ("none", "comparison"):
-            self.report.validate(self.global_step, trained or self.validation_bytes(), "")
-        if which in ("ema_only", "comparison"):
-            assert self.ema is not None
-            with self.ema.applied():
-                self.report.validate(self.global_step, self.validation_bytes(), "ema")
+        variants = {"none": ("",), "ema_only": ("ema",)}.get(which, ("", "ema"))
+        for variant in variants:
+            with self.ema.applied() if variant == "ema" and self.ema is not None else contextlib.nullcontext():
+                data = self.validation_bytes()
+            if self.report.validate is not None and self.world.is_main:
+                self.report.validate(self.global_step, data, variant)
 
     # -- the run -----------------------------------------------------------------------------
     def train(self) -> dict[str, str]:

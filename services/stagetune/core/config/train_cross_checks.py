@@ -128,8 +128,6 @@ def _check_fsdp(fields: dict[str, Any], processes: int) -> None:
     if fields.get("model_type", st_default("model_type")) != "full":
         raise NotSupportedError("not supported yet: fsdp_enable with model_type lora (adapters are small: every "
                                 "process holds them whole)", field="fsdp_enable")
-    if fields.get("use_ema"):
-        raise NotSupportedError("not supported yet: use_ema with fsdp_enable", field="use_ema")
     if fields.get("base_model_precision", "no_change") != "no_change":
         raise NotSupportedError("not supported yet: a quantised base_model_precision with fsdp_enable",
                                 field="base_model_precision")
