@@ -115,3 +115,13 @@ def test_training_halves_the_cached_latents() -> None:
     latents = torch.randn(2, 32, 2, 2)
     assert torch.equal(get_family("sana").training_latents(latents), latents * 0.5)
     assert get_family("sana").latent_seq_len(latents) == 4
+
+
+def test_the_sana_example_is_a_full_rank_fine_tune_that_loads(tmp_path: Path) -> None:
+    from stagetune.core.config.train import load_train_config
+    from stagetune.examples import write_example
+
+    config = load_train_config(write_example("sana", tmp_path / "example", steps=4))
+    assert (config.model_family, config.model_type, config.use_ema) == ("sana", "full", True)
+    assert json.loads((tmp_path / "example" / "model" / "stagetune_tiny.json").read_text())["family"] == "sana"
+    assert len(list((tmp_path / "example" / "datasets" / "photos").glob("*.txt"))) >= 8
