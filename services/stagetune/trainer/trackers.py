@@ -101,7 +101,12 @@ class Trackers:
 
 
 def _make(name: str, cfg: Any, local_dir: Path, run_id: str, resumed_step: int) -> Any:
+    from accelerate import PartialState
     from accelerate.tracking import TensorBoardTracker, WandBTracker
+
+    # accelerate's trackers log through its process-aware logger, which refuses to run before its state
+    # exists; SimpleTuner has it from its Accelerator. Without it a run failed or not by test order.
+    PartialState()
 
     if name == "tensorboard":
         # purge_step: a resumed run drops what the killed one logged after its checkpoint
