@@ -84,6 +84,10 @@ COMBOS: dict[str, dict[str, Any]] = {
                           "trainer": {"affinity": {"podAntiAffinity": {}}}},
     "launcher": {"trainer": {"gpu": {"profile": "h200", "count": 8},
                              "launcher": {"enabled": True, "profile": "gb200", "serviceAccount": "st-runs"}}},
+    "launcher-private-ca": {"trainer": {"gpu": {"profile": "h200", "count": 8}, "launcher": {"enabled": True}},
+                            "s3": {"endpoint": "https://s3.example.com", "bucket": "runs",
+                                   "caBundle": {"configMap": "ca", "key": "bundle.pem"}},
+                            "auth": {"existingSecret": "creds"}},
 }
 
 
@@ -356,7 +360,7 @@ def test_hardening(rendered) -> None:
             spec = doc["spec"]["template"]["spec"]
             assert spec["securityContext"]["runAsNonRoot"] is True and spec["securityContext"]["runAsUser"] > 0
             # Only a trainer that launches Kubernetes runs holds an API token (test_the_launcher_gets_…).
-            launches = combo == "launcher" and doc["metadata"]["name"] == "st-stagetune-trainer"
+            launches = combo.startswith("launcher") and doc["metadata"]["name"] == "st-stagetune-trainer"
             assert spec["automountServiceAccountToken"] is launches, (combo, doc["metadata"]["name"])
             emptydirs = {v["name"] for v in spec.get("volumes", []) if "emptyDir" in v}
             for container in spec["containers"]:
@@ -470,3 +474,30 @@ def test_the_launcher_gets_its_settings_rbac_and_network(rendered) -> None:
     assert not find(defaults, "NetworkPolicy", "st-stagetune-training-runs")
     (plain,) = pod(defaults, "trainer")["containers"]
     assert not {e["name"] for e in plain["env"]} & {"STAGETUNE_TRAINER_LAUNCHER", "STAGETUNE_KUBE_IMAGE"}
+
+
+def test_training_pods_mount_the_s3_ca_bundle_the_store_url_names(rendered) -> None:
+    """With a private CA, the trainer tells the launcher where the bundle is, and the training pods mount it at
+    the path the store URL (the services' own) names, so the workers reach S3 as the services do."""
+    from stagetune.trainer.kube.launcher import LauncherSettings
+    from stagetune.trainer.kube.objects import S3_CA_DIR, training_objects
+
+    docs = rendered["launcher-private-ca"]
+    (container,) = pod(docs, "trainer")["containers"]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["STAGETUNE_KUBE_S3_CA"] == "ca:bundle.pem"
+    settings = LauncherSettings.from_env({**{k: v for k, v in env.items() if v is not None},
+                                          "STAGETUNE_KUBE_NAMESPACE": "ml"})
+    assert settings is not None and settings.s3_ca == ("ca", "bundle.pem")
+    store_url = next(doc for doc in find(docs, "ConfigMap") if "STAGETUNE_STORE" in doc.get("data", {}))[
+        "data"]["STAGETUNE_STORE"]
+    assert f"ca_bundle={S3_CA_DIR}/bundle.pem" in store_url
+    job, _ = training_objects(run="st-x", namespace="ml", profile=PROFILES["h200"], nodes=2, gpus_per_node=8,
+                              image="i", worker=["-m", "w"], store_url=store_url, secret_name="creds",
+                              s3_ca=settings.s3_ca)
+    worker_pod = job["spec"]["template"]["spec"]
+    assert {"name": "s3-ca", "mountPath": S3_CA_DIR, "readOnly": True} in worker_pod["containers"][0]["volumeMounts"]
+    assert {"name": "s3-ca", "configMap": {"name": "ca", "items": [{"key": "bundle.pem", "path": "bundle.pem"}]}} \
+        in worker_pod["volumes"]
+    for version in ("1.25.0", kubernetes_validate.latest_version()):
+        kubernetes_validate.validate(job, version, strict=True)

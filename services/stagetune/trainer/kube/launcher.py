@@ -13,6 +13,7 @@ Set by the chart (values `trainer.launcher`) on the trainer's container:
     STAGETUNE_KUBE_NAMESPACE                where the Job goes (default: the pod's own namespace)
     STAGETUNE_KUBE_SECRET                   the Secret with s3-access-key, s3-secret-key (and api-token)
     STAGETUNE_KUBE_SERVICE_ACCOUNT          the workers' service account (optional)
+    STAGETUNE_KUBE_S3_CA                    CONFIGMAP:KEY of the S3 CA bundle, mounted in the workers too (optional)
     STAGETUNE_TRAINER_GPUS                  the GPUs of the trainer pod itself (0: none)
 """
 
@@ -33,6 +34,7 @@ ENV_PROFILE = "STAGETUNE_KUBE_PROFILE"
 ENV_NAMESPACE = "STAGETUNE_KUBE_NAMESPACE"
 ENV_SECRET = "STAGETUNE_KUBE_SECRET"
 ENV_SERVICE_ACCOUNT = "STAGETUNE_KUBE_SERVICE_ACCOUNT"
+ENV_S3_CA = "STAGETUNE_KUBE_S3_CA"  # "CONFIGMAP:KEY": the S3 CA bundle the training pods mount too
 ENV_LOCAL_GPUS = "STAGETUNE_TRAINER_GPUS"
 KUBERNETES = "kubernetes"
 _POD_NAMESPACE_FILE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
@@ -46,6 +48,7 @@ class LauncherSettings:
     secret: str
     service_account: str | None = None
     local_gpus: int = 0
+    s3_ca: tuple[str, str] | None = None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> LauncherSettings | None:
@@ -68,9 +71,15 @@ class LauncherSettings:
         namespace = env.get(ENV_NAMESPACE, "").strip() or _own_namespace()
         if not namespace:
             raise ConfigError(f"{ENV_NAMESPACE} is not set and this is not a pod", field="num_processes")
+        s3_ca = None
+        if env.get(ENV_S3_CA, "").strip():
+            config_map, _, key = env[ENV_S3_CA].strip().partition(":")
+            if not config_map or not key:
+                raise ConfigError(f"{ENV_S3_CA} must be CONFIGMAP:KEY, got {env[ENV_S3_CA]!r}", field="num_processes")
+            s3_ca = (config_map, key)
         return cls(image=env[ENV_IMAGE].strip(), profile=env[ENV_PROFILE].strip(), namespace=namespace,
                    secret=env[ENV_SECRET].strip(), service_account=env.get(ENV_SERVICE_ACCOUNT, "").strip() or None,
-                   local_gpus=local_gpus)
+                   local_gpus=local_gpus, s3_ca=s3_ca)
 
     def launches(self, cfg: Any) -> bool:
         """A run goes to the cluster when it spans machines or wants more processes than this pod has GPUs.
@@ -122,6 +131,7 @@ def run_on_cluster(ctx: Any, cfg: Any, settings: LauncherSettings, api_client: A
         gpus_per_node=per_node, image=settings.image,
         worker=["-m", "stagetune.trainer.worker", STORE_SPEC + spec_key(ctx.job_id)], store_url=store.url,
         secret_name=settings.secret, service_account=settings.service_account, env=env, secret_env=secret_env,
+        s3_ca=settings.s3_ca,
         poll_s=poll_s, unschedulable_limit=unschedulable_limit, cancelled=ctx.cancelled.is_set)
     try:
         _relay(ctx, events, nodes)

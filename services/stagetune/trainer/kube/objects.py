@@ -17,6 +17,10 @@ RUN_LABEL = "stagetune.io/training-run"
 TRAINING_COMPONENT = "training-run"
 
 
+#: Where the chart mounts the S3 CA bundle in the services (its store URL names a file here).
+S3_CA_DIR = "/etc/stagetune/s3-ca"
+
+
 def image_for(repository: str, tag: str, profile: GpuProfile) -> str:
     """The image variant a profile needs (the chart's rule: <repository>:<tag>-<cuda|rocm>)."""
     return f"{repository}:{tag}-{profile.image}"
@@ -33,11 +37,13 @@ def training_objects(*, run: str, namespace: str, profile: GpuProfile, nodes: in
                      image: str, worker: list[str], store_url: str, secret_name: str,
                      env: dict[str, str] | None = None, secret_env: dict[str, str] | None = None,
                      memory: str = "64Gi", shm_size: str = "32Gi",
-                     service_account: str | None = None, uid: int = 10001) -> tuple[dict[str, Any], dict[str, Any]]:
+                     service_account: str | None = None, uid: int = 10001,
+                     s3_ca: tuple[str, str] | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
     """(Job, headless Service) for `nodes` pods of `gpus_per_node` GPUs each on `profile`'s nodes.
 
     `secret_env` maps variables to keys of `secret_name` (the API token rank 0 calls validation with), so no
-    secret is ever written into the Job's spec."""
+    secret is ever written into the Job's spec. `s3_ca` (ConfigMap, key) mounts the S3 CA bundle where the
+    services have it (`S3_CA_DIR`), so the same store URL (`ca_bundle=…`) works in the training pods."""
     if nodes < 1 or gpus_per_node < (0 if profile.resource is None else 1):
         raise ValueError(f"{nodes} node(s) x {gpus_per_node} GPU(s) on {profile.name}: need >= 1 node and, "
                          "on a GPU profile, >= 1 GPU per node")
@@ -90,6 +96,11 @@ def training_objects(*, run: str, namespace: str, profile: GpuProfile, nodes: in
         "volumes": [{"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": shm_size}},
                     {"name": "cache", "emptyDir": {}}, {"name": "tmp", "emptyDir": {"sizeLimit": "4Gi"}}],
     }
+    if s3_ca is not None:
+        config_map, key = s3_ca
+        pod_spec["containers"][0]["volumeMounts"].append({"name": "s3-ca", "mountPath": S3_CA_DIR, "readOnly": True})
+        pod_spec["volumes"].append({"name": "s3-ca", "configMap": {"name": config_map,
+                                                                   "items": [{"key": key, "path": key}]}})
     if profile.tolerations:
         pod_spec["tolerations"] = [dict(t) for t in profile.tolerations]
     if service_account:
