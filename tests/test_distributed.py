@@ -190,3 +190,37 @@ def test_fsdp_settings_it_cannot_honour_are_refused_by_name() -> None:
         assert err.value.field == field or field in {p.field for p in getattr(err.value, "problems", [])}
     with pytest.raises(ConfigError, match="set num_processes to 2 or more"):
         load_train_config({**base, "num_processes": 1})
+
+
+def test_two_machines_train_one_run_beside_each_other(tmp_path: Path, tiny_sd3_path: Path) -> None:
+    """num_machines 2 on loopback: machine 0 holds the run's lock and writes; machine 1's run (the same config,
+    machine_rank 1) trains its rank beside it. Together they train what 1 process does at twice the batch."""
+    from stagetune.trainer.distributed import free_port
+
+    data = tmp_path / "data"
+    make_dataset(data)
+    store = str(tmp_path / "store")
+    port = free_port()
+    machines = {"num_machines": 2, "main_process_ip": "127.0.0.1", "main_process_port": port}
+    configs = [_configs(tmp_path / f"machine-{rank}", tiny_sd3_path, data, processes=2, batch=1, steps=3,
+                        machine_rank=rank, output_dir=str(tmp_path / "output"), **machines) for rank in (0, 1)]
+    results: dict[int, object] = {}
+
+    def run(rank: int) -> None:
+        try:
+            results[rank] = train_embedded(configs[rank], store).phase("trainer").outputs
+        except BaseException as exc:  # noqa: BLE001 - asserted below
+            results[rank] = exc
+
+    threads = [threading.Thread(target=run, args=(rank,)) for rank in (0, 1)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=600)
+    assert all(isinstance(results.get(rank), dict) for rank in (0, 1)), results
+    assert results[0]["steps"] == results[1]["steps"] == "3"
+    train_embedded(_configs(tmp_path / "one", tiny_sd3_path, data, processes=1, batch=2, steps=3), store)
+    one, two = load_file(tmp_path / "one" / "output" / LORA), load_file(tmp_path / "output" / LORA)
+    for key in one:
+        scale = max(float(one[key].abs().max()), 1e-12)
+        assert float((one[key] - two[key]).abs().max()) / scale < 1e-3, key

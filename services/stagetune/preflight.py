@@ -115,7 +115,9 @@ def prepare_run(config_path: Path | str, *, store: Store | None, data_backend_co
             checks.check_local_output(Path(cfg.output_dir))
     problems.raise_if_any()
     assert cfg is not None and backends is not None and backends_json is not None
-    output, run_lock, state, decision = open_checked_output(cfg, base, take_lock=lock)
+    # The run's lock is machine 0's: the other machines of a multi-machine run train their ranks beside it and
+    # write nothing to output_dir (rank 0 does).
+    output, run_lock, state, decision = open_checked_output(cfg, base, take_lock=lock and cfg.machine_rank == 0)
     return RunPlan(config_path, raw, cfg, backends, backends_json, base, store, output, run_lock, state, decision)
 
 

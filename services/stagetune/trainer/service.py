@@ -28,6 +28,10 @@ def train_job(ctx: JobContext) -> dict[str, str]:
     base_dir = Path(req.base_dir) if req.base_dir else None
     cfg = load_train_config(config_from_json(req.config_json), base_dir=base_dir)
     output = open_output(cfg.output_dir, base_dir)
+    if cfg.machine_rank > 0:  # another machine's share of a run whose machine 0 holds the lock and writes
+        from stagetune.trainer.workers import run_workers
+
+        return run_workers(ctx, cfg)
     with RunLock(output, owner=req.run_lock_owner or None).adopt_or_acquire():
         if cfg.num_processes > 1:
             from stagetune.trainer.kube.launcher import launcher_for
@@ -300,6 +304,8 @@ def _check_output(cfg: Any, base: Path | None, lock_owner: str) -> None:
     if "://" not in str(cfg.output_dir):
         check_local_output(Path(cfg.output_dir))
     output = open_output(cfg.output_dir, base)
+    if cfg.machine_rank > 0:  # machine 0 of the same run holds the lock and writes; this one only trains
+        return
     lock = RunLock(output, owner=lock_owner or None)
     try:
         holder = lock.holder()
