@@ -68,8 +68,9 @@ def _ours(model_path: Path, model_type: str) -> tuple[float, dict[str, torch.Ten
     return float(loss), {n: p.grad.clone() for n, p in named}
 
 
-def _reference(model_path: Path, model_type: str) -> tuple[float, dict[str, torch.Tensor]]:
-    transformer = SD3Transformer2DModel.from_pretrained(model_path, subfolder="transformer")
+def _reference_trainable(cls: Any, model_path: Path, model_type: str) -> tuple[Any, list]:
+    """The plain diffusers transformer with peft's LoRA (diffusers' own way) or all weights trainable."""
+    transformer = cls.from_pretrained(model_path, subfolder="transformer")
     if model_type == "lora":
         transformer.requires_grad_(False)
         transformer.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights=True,
@@ -78,6 +79,11 @@ def _reference(model_path: Path, model_type: str) -> tuple[float, dict[str, torc
         transformer.requires_grad_(True)
     named = [(n, p) for n, p in transformer.named_parameters() if p.requires_grad]
     _randomise([p for _, p in named])
+    return transformer, named
+
+
+def _reference(model_path: Path, model_type: str) -> tuple[float, dict[str, torch.Tensor]]:
+    transformer, named = _reference_trainable(SD3Transformer2DModel, model_path, model_type)
     batch = _batch(transformer.config)
     sigmas = batch["sigmas"].view(-1, 1, 1, 1)
     noisy_model_input = (1.0 - sigmas) * batch["latents"] + sigmas * batch["noise"]
@@ -133,15 +139,7 @@ def _sana_ours(model_path: Path, model_type: str) -> tuple[float, dict[str, torc
 
 
 def _sana_reference(model_path: Path, model_type: str) -> tuple[float, dict[str, torch.Tensor]]:
-    transformer = SanaTransformer2DModel.from_pretrained(model_path, subfolder="transformer")
-    if model_type == "lora":
-        transformer.requires_grad_(False)
-        transformer.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights=True,
-                                           target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
-    else:
-        transformer.requires_grad_(True)
-    named = [(n, p) for n, p in transformer.named_parameters() if p.requires_grad]
-    _randomise([p for _, p in named])
+    transformer, named = _reference_trainable(SanaTransformer2DModel, model_path, model_type)
     batch = _sana_batch(transformer.config)
     latents = batch["latents"] * 0.5  # SimpleTuner's Sana.LATENT_RESCALE
     sigmas = batch["sigmas"].view(-1, 1, 1, 1)
