@@ -224,3 +224,33 @@ def test_two_machines_train_one_run_beside_each_other(tmp_path: Path, tiny_sd3_p
     for key in one:
         scale = max(float(one[key].abs().max()), 1e-12)
         assert float((one[key] - two[key]).abs().max()) / scale < 1e-3, key
+
+
+def test_ctrl_c_stops_every_process_after_a_checkpoint(tmp_path: Path, tiny_sd3_path: Path) -> None:
+    """Ctrl-C reaches the CLI and its workers (one process group): the workers stop at the same step and rank 0
+    saves a checkpoint before the run ends, and no worker is left behind."""
+    import os
+
+    from test_end_to_end import _cli
+
+    data = tmp_path / "data"
+    make_dataset(data)
+    config = _configs(tmp_path, tiny_sd3_path, data, processes=2, batch=1, steps=5000, checkpointing_steps=100000)
+    proc = _cli(config, tmp_path / "store")
+    seen: list[str] = []
+    reader = threading.Thread(target=lambda: seen.extend(iter(lambda: proc.stdout.read(256), "")), daemon=True)
+    reader.start()
+    deadline = time.time() + 300
+    while "trainer: training" not in "".join(seen) and time.time() < deadline:
+        assert proc.poll() is None, "".join(seen)
+        time.sleep(0.05)
+    time.sleep(1.0)
+    workers = [p for p in psutil.Process(proc.pid).children(recursive=True)
+               if "stagetune.trainer.worker" in " ".join(p.cmdline())]
+    assert len(workers) == 2
+    os.killpg(proc.pid, signal.SIGINT)
+    assert proc.wait(timeout=120) == 130, "".join(seen)
+    saved = sorted(int(p.name.split("-")[1]) for p in (tmp_path / "output").glob("checkpoint-*"))
+    assert len(saved) == 1 and 0 < saved[0] < 5000, (saved, "".join(seen)[-2000:])
+    alive = [w for w in workers if w.is_running() and w.status() != psutil.STATUS_ZOMBIE]
+    assert not alive, "a worker outlived the run"

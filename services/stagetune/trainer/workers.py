@@ -152,7 +152,11 @@ def _drain(ctx: Any, events: queue.Queue) -> None:
 
 
 def _relay(ctx: Any, kind: str, values: list[Any]) -> None:
+    """A worker's event as the job's own. A job's progress raises once it is cancelled (how in-process work
+    stops); here the workers stop themselves, after a checkpoint, so the progress is recorded unchecked."""
     if kind == "progress":
+        if ctx.cancelled.is_set():
+            return  # the workers are saving and stopping; nothing to show until they end
         ctx.progress(str(values[0]), int(values[1]), int(values[2]), str(values[3]))
     elif kind == "metric":
         ctx.metric(str(values[0]), float(values[1]), int(values[2]))
