@@ -5,6 +5,11 @@ from __future__ import annotations
 
 from typing import Any
 
+#: The S3 connection keys (SimpleTuner's `type: aws`), read by image and text-embed datasets alike.
+AWS_KEYS = frozenset({
+    "aws_access_key_id", "aws_bucket_name", "aws_data_prefix", "aws_endpoint_url", "aws_max_pool_connections",
+    "aws_region_name", "aws_secret_access_key", "aws_session_token",
+})
 IMAGE_KEYS_SUPPORTED = frozenset(
     {
         "id",
@@ -36,14 +41,6 @@ IMAGE_KEYS_SUPPORTED = frozenset(
         "is_regularization_data",
         "vae_batch_size",
         "probability",
-        "aws_access_key_id",
-        "aws_bucket_name",
-        "aws_data_prefix",
-        "aws_endpoint_url",
-        "aws_max_pool_connections",
-        "aws_region_name",
-        "aws_secret_access_key",
-        "aws_session_token",
         "crop_aspect_buckets",
         "max_upscale_threshold",
         "max_num_samples",
@@ -57,7 +54,7 @@ IMAGE_KEYS_SUPPORTED = frozenset(
         "conditioning_data",
         "conditioning_type",
     }
-)
+) | AWS_KEYS
 
 #: Dataset keys that change nothing about what is trained here (caches are content-addressed in the store,
 #: encoding happens before training or on demand with the same result): accepted at any value, as
@@ -150,20 +147,12 @@ TEXT_EMBEDS_KEYS_RECOGNISED = frozenset(
         "text_cache_ondemand",
         "text_cache_disable",
         "text_encoder_batch_size",
-        "aws_access_key_id",
-        "aws_bucket_name",
-        "aws_data_prefix",
-        "aws_endpoint_url",
-        "aws_max_pool_connections",
-        "aws_region_name",
-        "aws_secret_access_key",
-        "aws_session_token",
         "aws",
         "memory_filesystem_path",
         "memory_filesystem_size",
         "memory_filesystem_sudo",
     }
-)
+) | AWS_KEYS
 
 _FALSY = (None, False, "", [], {}, 0)
 INERT_VALUES: dict[str, tuple[Any, ...]] = {
