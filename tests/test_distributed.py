@@ -231,20 +231,12 @@ def test_ctrl_c_stops_every_process_after_a_checkpoint(tmp_path: Path, tiny_sd3_
     saves a checkpoint before the run ends, and no worker is left behind."""
     import os
 
-    from test_end_to_end import _cli
+    from test_end_to_end import cli_until_training
 
     data = tmp_path / "data"
     make_dataset(data)
     config = _configs(tmp_path, tiny_sd3_path, data, processes=2, batch=1, steps=5000, checkpointing_steps=100000)
-    proc = _cli(config, tmp_path / "store")
-    seen: list[str] = []
-    reader = threading.Thread(target=lambda: seen.extend(iter(lambda: proc.stdout.read(256), "")), daemon=True)
-    reader.start()
-    deadline = time.time() + 300
-    while "trainer: training" not in "".join(seen) and time.time() < deadline:
-        assert proc.poll() is None, "".join(seen)
-        time.sleep(0.05)
-    time.sleep(1.0)
+    proc, seen, _ = cli_until_training(config, tmp_path / "store")
     workers = [p for p in psutil.Process(proc.pid).children(recursive=True)
                if "stagetune.trainer.worker" in " ".join(p.cmdline())]
     assert len(workers) == 2

@@ -194,6 +194,20 @@ def _cli(config: Path, store: Path, *extra: str) -> subprocess.Popen:
                             start_new_session=True)
 
 
+def cli_until_training(config: Path, store: Path) -> tuple[subprocess.Popen, list[str], threading.Thread]:
+    """`stagetune train` started, and a second into its training steps: (process, output so far, reader)."""
+    proc = _cli(config, store)
+    seen: list[str] = []
+    reader = threading.Thread(target=lambda: seen.extend(iter(lambda: proc.stdout.read(256), "")), daemon=True)
+    reader.start()
+    deadline = time.time() + 300
+    while "trainer: training" not in "".join(seen) and time.time() < deadline:
+        assert proc.poll() is None, "".join(seen)
+        time.sleep(0.05)
+    time.sleep(1.0)
+    return proc, seen, reader
+
+
 def test_killed_run_resumes_to_the_same_weights(tmp_path: Path, tiny_sd3_path: Path) -> None:
     make_dataset(tmp_path / "data")
     steps = 40
@@ -229,15 +243,7 @@ def test_ctrl_c_saves_a_checkpoint_and_the_next_run_resumes(tmp_path: Path, tiny
     make_dataset(tmp_path / "data")
     config = write_configs(tmp_path, tiny_sd3_path, steps=2000, validation=False, checkpointing_steps=100000)
     store = tmp_path / "store"
-    proc = _cli(config, store)
-    seen: list[str] = []
-    reader = threading.Thread(target=lambda: seen.extend(iter(lambda: proc.stdout.read(256), "")), daemon=True)
-    reader.start()
-    deadline = time.time() + 300
-    while "trainer: training" not in "".join(seen) and time.time() < deadline:
-        assert proc.poll() is None, "".join(seen)
-        time.sleep(0.05)
-    time.sleep(1.0)
+    proc, seen, reader = cli_until_training(config, store)
     proc.send_signal(signal.SIGINT)
     proc.wait(timeout=120)
     reader.join(timeout=10)
