@@ -41,6 +41,9 @@ FULL_FILE = "transformer/diffusion_pytorch_model.safetensors"
 
 class Adapter(Protocol):
     kind: str
+    #: Whether the base model's own prediction is at hand (`disabled()`): the target of regularisation data.
+    #: A full-rank model has no base beside it, and such data trains as ordinary data, as in SimpleTuner.
+    has_base: bool
     #: Its file in a checkpoint (and the main file it exports).
     file: str
 
@@ -74,6 +77,7 @@ def make_adapter(cfg: Any, family: Any, pipeline_cls: type) -> Adapter:
 
 class LoraAdapter:
     kind = "lora"
+    has_base = True
     file = LORA_FILE
 
     def __init__(self, cfg: Any, family: Any, pipeline_cls: type) -> None:
@@ -127,6 +131,7 @@ class LoraAdapter:
 
 class LycorisAdapter:
     kind = "lycoris"
+    has_base = True
     file = LORA_FILE  # SimpleTuner writes LyCORIS weights under the LoRA file name, config in the metadata
 
     def __init__(self, cfg: Any, family: Any) -> None:
@@ -247,6 +252,7 @@ class LycorisAdapter:
 
 class FullAdapter:
     kind = "full"
+    has_base = False
     file = FULL_FILE
 
     def __init__(self, cfg: Any) -> None:
@@ -320,6 +326,6 @@ class FullAdapter:
 
     @contextlib.contextmanager
     def disabled(self) -> Iterator[None]:
-        raise ConfigError("is_regularisation_data needs an adapter to switch off (lora or lycoris); with "
-                          "model_type full there is no base prediction to train towards", field="model_type")
+        """Never asked for (`has_base` is False): there is no base model beside the trained one."""
+        raise ConfigError("model_type full has no base prediction to switch to", field="model_type")
         yield  # pragma: no cover

@@ -259,7 +259,7 @@ class Trainer:
         noisy, target = noisy_input(latents, noise, sigmas)
         inputs = self.family.transformer_inputs(noisy, timesteps_for(sigmas), text)
         with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
-            if fetched.batch.plan.regularisation and self.adapter.kind != "full":  # full: ordinary data
+            if fetched.batch.plan.regularisation and self.adapter.has_base:  # else: ordinary data
                 target = self._parent_prediction(inputs)
             pred = self.model(**inputs)[0]
         loss = masked_mse(pred.float(), target.float(), self._loss_mask(fetched))

@@ -25,7 +25,7 @@ from stagetune.models.sana.components import (
     TEXT_ENCODER_KEYS,
 )
 from stagetune.models.sana.options import KEY as CHI_KEY
-from stagetune.models.sana.options import OPTION_KEYS, parse_sana_options
+from stagetune.models.sana.options import OPTION_KEYS, SANA_MAX_SEQUENCE_LENGTH, parse_sana_options
 
 #: SimpleTuner's `Sana.LATENT_RESCALE`: cached latents are halved before noise is added.
 LATENT_RESCALE = 0.5
@@ -53,7 +53,7 @@ class SanaFamily:
         """Validation renders the asked size (binning would silently sample at the nearest 1024-px bucket and
         resize) and prompts with the instruction training used."""
         return {"use_resolution_binning": False, "complex_human_instruction": list(options.get(CHI_KEY) or []),
-                "max_sequence_length": 300}
+                "max_sequence_length": SANA_MAX_SEQUENCE_LENGTH}
 
     # -- models -----------------------------------------------------------------------------------------
     def load_transformer(self, name_or_path: str, *, revision: str | None = None, dtype: Any = None) -> Any:

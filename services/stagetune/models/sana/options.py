@@ -19,6 +19,8 @@ from stagetune.core.errors import Collector, ConfigError, NotSupportedError
 
 OPTION_KEYS = frozenset({"sana_complex_human_instruction", "tokenizer_max_length"})
 KEY = "sana_complex_human_instruction"
+#: SimpleTuner fixes Sana's prompt length (it ignores tokenizer_max_length for Sana).
+SANA_MAX_SEQUENCE_LENGTH = 300
 
 
 def normalise_instruction(value: Any) -> list[str] | None:
@@ -52,8 +54,8 @@ def parse_sana_options(values: Mapping[str, Any], *, context: Mapping[str, Any],
         with problems.check():
             options[KEY] = normalise_instruction(values[KEY])
     if "tokenizer_max_length" in values:
-        warnings.append("tokenizer_max_length is ignored for Sana: its prompts are always 300 tokens, as in "
-                        "SimpleTuner")
+        warnings.append(f"tokenizer_max_length is ignored for Sana: its prompts are always {SANA_MAX_SEQUENCE_LENGTH} "
+                        "tokens, as in SimpleTuner")
     if context.get("base_model_precision") == "fp8-quanto":
         problems.add(NotSupportedError("base_model_precision=fp8-quanto is not supported for Sana (as in "
                                        "SimpleTuner): use int8-quanto", field="base_model_precision"))

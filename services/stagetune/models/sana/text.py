@@ -23,9 +23,7 @@ from stagetune.core.errors import ConfigError
 from stagetune.models.fingerprint import digest
 from stagetune.models.pretrained import PretrainedEncoder
 from stagetune.models.sana.components import SanaTextModels, load_text_encoder
-
-#: SimpleTuner fixes Sana's prompt length (it ignores tokenizer_max_length for Sana).
-SANA_MAX_SEQUENCE_LENGTH = 300
+from stagetune.models.sana.options import SANA_MAX_SEQUENCE_LENGTH
 
 
 def chi_text(instruction: Sequence[str] | None) -> str:
