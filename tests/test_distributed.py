@@ -246,3 +246,13 @@ def test_ctrl_c_stops_every_process_after_a_checkpoint(tmp_path: Path, tiny_sd3_
     assert len(saved) == 1 and 0 < saved[0] < 5000, (saved, "".join(seen)[-2000:])
     alive = [w for w in workers if w.is_running() and w.status() != psutil.STATUS_ZOMBIE]
     assert not alive, "a worker outlived the run"
+
+
+def test_a_worker_given_a_bad_spec_says_which_and_why(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from stagetune.trainer.worker import main
+
+    assert main([str(tmp_path / "absent.json")]) == 2
+    assert f"cannot read the worker spec {tmp_path / 'absent.json'}" in capsys.readouterr().err
+    (tmp_path / "odd.json").write_text(json.dumps({"store": str(tmp_path / "store")}))
+    assert main([str(tmp_path / "odd.json")]) == 2
+    assert "is not one the trainer wrote (KeyError: 'request')" in capsys.readouterr().err

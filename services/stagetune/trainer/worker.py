@@ -103,7 +103,9 @@ def load_spec(arg: str) -> tuple[Any, Any, str, bool]:
     """(request, store, job_id, from_store) from a spec file or a `store:KEY`. A store spec is read from, and
     its run written to, the store the pod's STAGETUNE_STORE names (the trainer's store URL may carry another
     host name or credentials than the pod's)."""
-    from stagetune.core.errors import NotFoundError
+    from google.protobuf.message import DecodeError
+
+    from stagetune.core.errors import InputError, NotFoundError
     from stagetune.core.store import open_store
     from stagetune.v1 import trainer_pb2
 
@@ -115,10 +117,17 @@ def load_spec(arg: str) -> tuple[Any, Any, str, bool]:
             raise NotFoundError(f"no worker spec {key} in {store.url}", field="spec")
         spec = json.loads(store.get_bytes(key))
     else:
-        spec = json.loads(Path(arg).read_text())
-        store = open_store(spec["store"])
-    request = trainer_pb2.StartTrainingRequest.FromString(base64.b64decode(spec["request"]))
-    return request, store, str(spec["job_id"]), from_store
+        try:
+            spec = json.loads(Path(arg).read_text())
+        except (OSError, ValueError) as exc:
+            raise InputError(f"cannot read the worker spec {arg}: {exc}", field="spec") from None
+    try:
+        store = store if from_store else open_store(spec["store"])
+        request = trainer_pb2.StartTrainingRequest.FromString(base64.b64decode(spec["request"]))
+        return request, store, str(spec["job_id"]), from_store
+    except (KeyError, TypeError, ValueError, DecodeError) as exc:
+        raise InputError(f"worker spec {arg} is not one the trainer wrote ({type(exc).__name__}: {exc})",
+                         field="spec") from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -132,7 +141,11 @@ def main(argv: list[str] | None = None) -> int:
     if len(args) != 1:
         print("usage: python -m stagetune.trainer.worker SPEC.json|store:KEY", file=sys.stderr)
         return 2
-    request, store, job_id, from_store = load_spec(args[0])
+    try:
+        request, store, job_id, from_store = load_spec(args[0])
+    except StagetuneError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     world = World.from_env()
     ctx = WorkerContext(request, store, job_id, speaks=world.is_main)
     record = (lambda ended: store.put_bytes(result_key(job_id), json.dumps(ended, default=str).encode())
