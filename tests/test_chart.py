@@ -83,8 +83,10 @@ COMBOS: dict[str, dict[str, Any]] = {
                           "imagePullSecrets": [{"name": "regcred"}], "config": {"extraEnv": {"HF_ENDPOINT": "http://hub"}},
                           "trainer": {"affinity": {"podAntiAffinity": {}}}},
     "launcher": {"trainer": {"gpu": {"profile": "h200", "count": 8},
-                             "launcher": {"enabled": True, "profile": "gb200", "serviceAccount": "st-runs"}}},
-    "launcher-private-ca": {"trainer": {"gpu": {"profile": "h200", "count": 8}, "launcher": {"enabled": True}},
+                             "launcher": {"enabled": True, "profile": "gb200", "serviceAccount": "st-runs",
+                                          "trainJobRuntime": "torch-gb200"}}},
+    "launcher-private-ca": {"trainer": {"gpu": {"profile": "h200", "count": 8},
+                                        "launcher": {"enabled": True, "runKind": "job"}},
                             "s3": {"endpoint": "https://s3.example.com", "bucket": "runs",
                                    "caBundle": {"configMap": "ca", "key": "bundle.pem"}},
                             "auth": {"existingSecret": "creds"}},
@@ -434,7 +436,7 @@ def test_the_launcher_gets_its_settings_rbac_and_network(rendered) -> None:
     may do what the client calls, and the training pods (as objects.py labels them) reach each other, the
     bundled S3 and validation."""
     from stagetune.trainer.kube.launcher import LauncherSettings
-    from stagetune.trainer.kube.objects import image_for, training_objects
+    from stagetune.trainer.kube.objects import RunPod, image_for, train_job, training_objects
 
     docs = rendered["launcher"]
     trainer = pod(docs, "trainer")
@@ -448,18 +450,23 @@ def test_the_launcher_gets_its_settings_rbac_and_network(rendered) -> None:
                                           "STAGETUNE_KUBE_NAMESPACE": "ml"})
     assert settings == LauncherSettings(image=image_for("ghcr.io/stagetune/stagetune", "0.1.0", PROFILES["gb200"]),
                                         profile="gb200", namespace="ml", secret="st-stagetune-auth",
-                                        service_account="st-runs", local_gpus=8)
+                                        service_account="st-runs", local_gpus=8, run_kind="auto",
+                                        trainjob_runtime="torch-gb200")
     (role,) = find(docs, "Role")
     verbs = {(r["apiGroups"][0], res): set(r["verbs"]) for r in role["rules"] for res in r["resources"]}
     assert {"create", "get", "delete"} <= verbs[("batch", "jobs")]
+    assert {"create", "get", "delete"} <= verbs[("trainer.kubeflow.org", "trainjobs")]  # runKind auto may use them
     assert {"create", "delete"} <= verbs[("", "services")] and {"list", "get"} <= verbs[("", "pods")]
     (binding,) = find(docs, "RoleBinding")
     assert binding["roleRef"]["name"] == role["metadata"]["name"]
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": trainer["serviceAccountName"], "namespace": "ml"}]
 
-    job, _ = training_objects(run="st-x", namespace="ml", profile=PROFILES["gb200"], nodes=2, gpus_per_node=4,
-                              image="i", worker=["-m", "w"], store_url="s3://b", secret_name="s")
+    run_pod = RunPod(profile=PROFILES["gb200"], gpus_per_node=4, store_url="s3://b", secret_name="s")
+    job, _ = training_objects(run="st-x", namespace="ml", nodes=2, image="i", worker=["-m", "w"], pod=run_pod)
     labels = job["spec"]["template"]["metadata"]["labels"]
+    kubeflow = train_job(run="st-x", namespace="ml", nodes=2, image="i", worker=["-m", "w"], pod=run_pod)
+    patched = kubeflow["spec"]["runtimePatches"][0]["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"][0]
+    assert patched["template"]["spec"]["template"]["metadata"]["labels"] == labels  # the same policies apply
     (runs,) = find(docs, "NetworkPolicy", "st-stagetune-training-runs")
     assert runs["spec"]["podSelector"]["matchLabels"].items() <= labels.items()
     assert runs["spec"]["ingress"] == [{"from": [{"podSelector": runs["spec"]["podSelector"]}]}]  # any port
@@ -480,7 +487,7 @@ def test_training_pods_mount_the_s3_ca_bundle_the_store_url_names(rendered) -> N
     """With a private CA, the trainer tells the launcher where the bundle is, and the training pods mount it at
     the path the store URL (the services' own) names, so the workers reach S3 as the services do."""
     from stagetune.trainer.kube.launcher import LauncherSettings
-    from stagetune.trainer.kube.objects import S3_CA_DIR, training_objects
+    from stagetune.trainer.kube.objects import S3_CA_DIR, RunPod, training_objects
 
     docs = rendered["launcher-private-ca"]
     (container,) = pod(docs, "trainer")["containers"]
@@ -488,13 +495,15 @@ def test_training_pods_mount_the_s3_ca_bundle_the_store_url_names(rendered) -> N
     assert env["STAGETUNE_KUBE_S3_CA"] == "ca:bundle.pem"
     settings = LauncherSettings.from_env({**{k: v for k, v in env.items() if v is not None},
                                           "STAGETUNE_KUBE_NAMESPACE": "ml"})
-    assert settings is not None and settings.s3_ca == ("ca", "bundle.pem")
+    assert settings is not None and settings.s3_ca == ("ca", "bundle.pem") and settings.run_kind == "job"
+    (role,) = find(docs, "Role")  # runKind job: the trainer may not touch TrainJobs
+    assert not [r for r in role["rules"] if "trainer.kubeflow.org" in r["apiGroups"]]
     store_url = next(doc for doc in find(docs, "ConfigMap") if "STAGETUNE_STORE" in doc.get("data", {}))[
         "data"]["STAGETUNE_STORE"]
     assert f"ca_bundle={S3_CA_DIR}/bundle.pem" in store_url
-    job, _ = training_objects(run="st-x", namespace="ml", profile=PROFILES["h200"], nodes=2, gpus_per_node=8,
-                              image="i", worker=["-m", "w"], store_url=store_url, secret_name="creds",
-                              s3_ca=settings.s3_ca)
+    run_pod = RunPod(profile=PROFILES["h200"], gpus_per_node=8, store_url=store_url, secret_name="creds",
+                     s3_ca=settings.s3_ca)
+    job, _ = training_objects(run="st-x", namespace="ml", nodes=2, image="i", worker=["-m", "w"], pod=run_pod)
     worker_pod = job["spec"]["template"]["spec"]
     assert {"name": "s3-ca", "mountPath": S3_CA_DIR, "readOnly": True} in worker_pod["containers"][0]["volumeMounts"]
     assert {"name": "s3-ca", "configMap": {"name": "ca", "items": [{"key": "bundle.pem", "path": "bundle.pem"}]}} \

@@ -20,18 +20,29 @@ import pytest
 kubernetes = pytest.importorskip("kubernetes")
 kubernetes_validate = pytest.importorskip("kubernetes_validate")
 
-from stagetune.trainer.kube.client import TrainingJobError, run_training_job  # noqa: E402
-from stagetune.trainer.kube.objects import RDZV_PORT, image_for, training_objects  # noqa: E402
+from stagetune.trainer.kube.client import TrainingJobError, has_trainjobs, run_training_job  # noqa: E402
+from stagetune.trainer.kube.objects import (  # noqa: E402
+    RDZV_PORT,
+    RunPod,
+    image_for,
+    train_job,
+    training_objects,
+)
 from stagetune.trainer.kube.profiles import PROFILES, profile  # noqa: E402
 
-WORKER = ["python", "-m", "stagetune.trainer.worker", "--job", "j1"]
+KUBEFLOW = "trainer.kubeflow.org/v1alpha1"
+WORKER = ["-m", "stagetune.trainer.worker", "store:jobs/j1/worker-spec.json"]
+
+
+def _pod_parts(name: str, gpus: int, **options: Any) -> RunPod:
+    return RunPod(profile=profile(name), gpus_per_node=gpus, store_url="s3://b?endpoint=http://s3:8333",
+                  secret_name="creds", **options)
 
 
 def _objects(name: str = "h100", nodes: int = 2, gpus: int = 8) -> tuple[dict[str, Any], dict[str, Any]]:
-    p = profile(name)
-    return training_objects(run="run-1", namespace="ml", profile=p, nodes=nodes, gpus_per_node=gpus,
-                            image=image_for("ghcr.io/stagetune/stagetune", "0.1.0", p), worker=WORKER,
-                            store_url="s3://b?endpoint=http://s3:8333", secret_name="creds")
+    return training_objects(run="run-1", namespace="ml", nodes=nodes, worker=WORKER,
+                            image=image_for("ghcr.io/stagetune/stagetune", "0.1.0", profile(name)),
+                            pod=_pod_parts(name, gpus))
 
 
 @pytest.mark.parametrize("name", sorted(PROFILES))
@@ -97,9 +108,11 @@ class FakeApi:
     """Answers the paths the client uses; each pod list request returns the next frame of `frames`."""
 
     def __init__(self, frames: list[list[dict[str, Any]]], complete_after: int | None = None,
-                 refuse_job: bool = False, run: str = "run-1", fail_after: int | None = None) -> None:
+                 refuse_job: bool = False, run: str = "run-1", fail_after: int | None = None,
+                 kubeflow: bool = False, refuse_trainjob: str | None = None) -> None:
         self.frames, self.complete_after, self.refuse_job = frames, complete_after, refuse_job
         self.run, self.fail_after = run, fail_after
+        self.kubeflow, self.refuse_trainjob = kubeflow, refuse_trainjob  # Kubeflow Trainer installed; its webhook
         self.requests: list[tuple[str, str, dict[str, list[str]], Any]] = []
         self.pod_lists = 0
 
@@ -120,18 +133,38 @@ class FakeApi:
             self.pod_lists += 1
             return 200, {"kind": "PodList", "apiVersion": "v1", "metadata": {}, "items": frame}
         if method == "GET" and path == f"/apis/batch/v1/namespaces/ml/jobs/{self.run}":
-            done = self.complete_after is not None and self.pod_lists >= self.complete_after
-            failed = self.fail_after is not None and self.pod_lists >= self.fail_after
-            conditions = ([{"type": "Complete", "status": "True"}] if done else
-                          [{"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded",
-                            "message": "Job has reached the specified backoff limit"}] if failed else [])
             return 200, {"kind": "Job", "apiVersion": "batch/v1", "metadata": {"name": self.run},
-                         "status": {"conditions": conditions}}
+                         "status": {"conditions": self._conditions("BackoffLimitExceeded")}}
+        trainjobs = f"/apis/{KUBEFLOW}/namespaces/ml/trainjobs"
+        if self.kubeflow and method == "GET" and path == f"/apis/{KUBEFLOW}":
+            return 200, {"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": KUBEFLOW, "resources": [
+                {"name": name, "singularName": name[:-1], "namespaced": namespaced, "kind": kind,
+                 "verbs": ["create", "delete", "get", "list", "patch", "update", "watch"]}
+                for name, namespaced, kind in (("trainjobs", True, "TrainJob"),
+                                               ("trainingruntimes", True, "TrainingRuntime"),
+                                               ("clustertrainingruntimes", False, "ClusterTrainingRuntime"))]}
+        if self.kubeflow and method == "POST" and path == trainjobs:
+            if self.refuse_trainjob:
+                return 422, {"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "Invalid",
+                             "code": 422, "message": self.refuse_trainjob}
+            return 201, body
+        if self.kubeflow and method == "GET" and path == f"{trainjobs}/{self.run}":
+            return 200, {"apiVersion": KUBEFLOW, "kind": "TrainJob", "metadata": {"name": self.run},
+                         "status": {"conditions": self._conditions("JobSetFailed")}}
+        if self.kubeflow and method == "DELETE" and path == f"{trainjobs}/{self.run}":
+            return 200, {"kind": "Status", "apiVersion": "v1", "status": "Success"}
         if method == "DELETE" and path == f"/apis/batch/v1/namespaces/ml/jobs/{self.run}":
             return 200, {"kind": "Status", "apiVersion": "v1", "status": "Success"}
         if method == "DELETE" and path == f"/api/v1/namespaces/ml/services/{self.run}":
             return 200, {"kind": "Service", "apiVersion": "v1", "metadata": {"name": self.run}}  # as the API does
         return 404, {"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 404, "reason": "NotFound"}
+
+    def _conditions(self, failed_reason: str) -> list[dict[str, str]]:
+        done = self.complete_after is not None and self.pod_lists >= self.complete_after
+        failed = self.fail_after is not None and self.pod_lists >= self.fail_after
+        return ([{"type": "Complete", "status": "True", "reason": "Completed", "message": ""}] if done else
+                [{"type": "Failed", "status": "True", "reason": failed_reason,
+                  "message": "Job has reached the specified backoff limit"}] if failed else [])
 
     def calls(self, method: str) -> list[str]:
         return [path for m, path, _, _ in self.requests if m == method]
@@ -230,3 +263,132 @@ def test_a_refused_job_removes_the_service_it_created(serve) -> None:
         list(_run(serve(api)))
     assert caught.value.status == 409
     assert api.calls("DELETE") == ["/api/v1/namespaces/ml/services/run-1"]
+
+
+# -- Kubeflow Trainer's TrainJob ---------------------------------------------------------------------------
+
+def _train_job(name: str = "h100", nodes: int = 2, gpus: int = 8, **options: Any) -> dict[str, Any]:
+    return train_job(run="run-1", namespace="ml", nodes=nodes, worker=WORKER,
+                     image=image_for("ghcr.io/stagetune/stagetune", "0.1.0", profile(name)),
+                     pod=_pod_parts(name, gpus, **options))
+
+
+def _kubeflow_round_trip(obj: dict[str, Any]) -> dict[str, Any]:
+    """The TrainJob as Kubeflow Trainer's own API models (v2.3) read it back: a field the API lacks is
+    dropped and a wrong type or missing required field raises, so equality means the object is valid."""
+    from kubeflow_trainer_api.models.trainer_v1alpha1_train_job import TrainerV1alpha1TrainJob
+
+    return TrainerV1alpha1TrainJob.from_dict(obj).to_dict()
+
+
+@pytest.mark.parametrize("name", sorted(PROFILES))
+def test_train_job_is_valid_kubeflow_and_runs_the_same_pods(name: str) -> None:
+    p = PROFILES[name]
+    gpus = 0 if p.resource is None else 4
+    options = {"secret_env": {"STAGETUNE_API_TOKEN": "api-token"}, "s3_ca": ("ca", "bundle.pem"),
+               "service_account": "st-runs"}
+    obj = _train_job(name, nodes=3, gpus=gpus, **options)
+    assert _kubeflow_round_trip(obj) == obj
+    spec = obj["spec"]
+    assert spec["runtimeRef"] == {"name": "torch-distributed", "apiGroup": "trainer.kubeflow.org",
+                                  "kind": "ClusterTrainingRuntime"}
+    trainer = spec["trainer"]
+    # The runtime's torch plugin sets torchrun's PET_* variables; setting one ourselves is refused by its webhook.
+    assert trainer["command"] == ["torchrun", *WORKER]
+    assert not [e for e in trainer["env"] if e["name"].startswith("PET_")]
+    assert (trainer["numNodes"], trainer["numProcPerNode"]) == (3, max(1, gpus))
+    (patch,) = spec["runtimePatches"]
+    (replicated,) = patch["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"]
+    assert replicated["name"] == "node"
+    template = replicated["template"]["spec"]["template"]
+    pod_patch = template["spec"]
+
+    # The same pods as the operator-free Job's: labels (followed and network-policed by them), placement,
+    # security, volumes, environment and resources.
+    job, _ = training_objects(run="run-1", namespace="ml", nodes=3, worker=WORKER, image=trainer["image"],
+                              pod=_pod_parts(name, gpus, **options))
+    job_pod = job["spec"]["template"]
+    (worker,) = job_pod["spec"]["containers"]
+    (container_patch,) = pod_patch["containers"]
+    assert template["metadata"]["labels"] == job_pod["metadata"]["labels"] == obj["metadata"]["labels"]
+    for key in ("affinity", "securityContext", "volumes", "serviceAccountName", "terminationGracePeriodSeconds"):
+        assert pod_patch[key] == job_pod["spec"][key], key
+    assert pod_patch.get("tolerations") == job_pod["spec"].get("tolerations")
+    assert container_patch == {"name": "node", "volumeMounts": worker["volumeMounts"],
+                               "securityContext": worker["securityContext"]}
+    assert trainer["env"] == [e for e in worker["env"] if e["name"] != "JOB_COMPLETION_INDEX"]
+    assert trainer["resourcesPerNode"] == worker["resources"]
+    if p.resource:
+        assert trainer["resourcesPerNode"]["limits"][p.resource] == "4"
+    assert {"name": "s3-ca", "mountPath": "/etc/stagetune/s3-ca", "readOnly": True} in container_patch["volumeMounts"]
+    assert {"name": "STAGETUNE_API_TOKEN", "valueFrom": {"secretKeyRef": {"name": "creds", "key": "api-token"}}} \
+        in trainer["env"]
+
+
+def test_the_round_trip_catches_what_kubeflow_would_not_take() -> None:
+    """The check above can fail: a pod field the TrainJob's patch does not allow, or a wrong type."""
+    obj = _train_job()
+    pod_patch = obj["spec"]["runtimePatches"][0]["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"][0][
+        "template"]["spec"]["template"]["spec"]
+    pod_patch["automountServiceAccountToken"] = False  # a Job's pod may say it; a runtime patch may not
+    assert _kubeflow_round_trip(obj) != obj
+    wrong = _train_job()
+    wrong["spec"]["trainer"]["numNodes"] = "3"
+    with pytest.raises(ValueError, match="numNodes|num_nodes"):
+        _kubeflow_round_trip(wrong)
+
+
+def test_discovery_says_whether_kubeflow_trainer_is_installed(serve) -> None:
+    assert has_trainjobs(serve(FakeApi([[]], kubeflow=True))) is True
+    assert has_trainjobs(serve(FakeApi([[]]))) is False
+
+
+def _kubeflow_pod(rank: int, phase: str, **state: Any) -> dict[str, Any]:
+    """A pod as the TrainJob's JobSet names it (<run>-node-0-<i>-<hash>), with the completion index."""
+    pod = _pod(rank, phase, **state)
+    pod["metadata"]["name"] = f"run-1-node-0-{rank}-xyz"
+    return pod
+
+
+def _run_train_job(client: Any, **options: Any) -> Iterator[Any]:
+    return run_training_job(client, run="run-1", namespace="ml", profile="mi300x", nodes=2, gpus_per_node=8,
+                            image="ghcr.io/stagetune/stagetune:0.1.0-rocm", worker=WORKER,
+                            store_url="s3://b?endpoint=http://s3:8333", secret_name="creds", poll_s=0,
+                            trainjob_runtime="torch-distributed", **options)
+
+
+def test_a_train_job_streams_pod_states_and_is_removed(serve) -> None:
+    frames = [[_kubeflow_pod(0, "Pending", waiting="ContainerCreating")],
+              [_kubeflow_pod(0, "Running"), _kubeflow_pod(1, "Running")],
+              [_kubeflow_pod(0, "Succeeded", terminated="Completed"),
+               _kubeflow_pod(1, "Succeeded", terminated="Completed")]]
+    api = FakeApi(frames, complete_after=3, kubeflow=True)
+    events = list(_run_train_job(serve(api)))
+    assert [(e.pod, e.node_rank, e.phase) for e in events] == [
+        ("run-1-node-0-0-xyz", 0, "Pending"), ("run-1-node-0-0-xyz", 0, "Running"),
+        ("run-1-node-0-1-xyz", 1, "Running"), ("run-1-node-0-0-xyz", 0, "Succeeded"),
+        ("run-1-node-0-1-xyz", 1, "Succeeded")]
+    assert api.calls("POST") == [f"/apis/{KUBEFLOW}/namespaces/ml/trainjobs"]  # no Job, no Service of our own
+    (created,) = [body for m, _, _, body in api.requests if m == "POST"]
+    assert _kubeflow_round_trip(created) == created
+    assert created["spec"]["trainer"]["resourcesPerNode"]["limits"]["amd.com/gpu"] == "8"
+    pod_queries = [q for m, p, q, _ in api.requests if p.endswith("/pods")]
+    assert pod_queries[0]["labelSelector"] == ["stagetune.io/training-run=run-1"]
+    assert api.calls("DELETE") == [f"/apis/{KUBEFLOW}/namespaces/ml/trainjobs/run-1"]
+
+
+def test_a_failed_or_refused_train_job_is_a_clear_error(serve) -> None:
+    api = FakeApi([[_kubeflow_pod(0, "Running")]], fail_after=1, kubeflow=True)
+    with pytest.raises(TrainingJobError, match="run-1 \\(TrainJob\\) failed: JobSetFailed") as caught:
+        list(_run_train_job(serve(api)))
+    assert caught.value.reason == "Failed"
+    assert api.calls("DELETE") == [f"/apis/{KUBEFLOW}/namespaces/ml/trainjobs/run-1"]
+
+    words = 'admission webhook "validator.trainjob.trainer.kubeflow.org" denied the request: ' \
+            'ClusterTrainingRuntime.trainer.kubeflow.org "torch-distributed" not found'
+    api = FakeApi([[]], kubeflow=True, refuse_trainjob=words)
+    with pytest.raises(TrainingJobError) as caught:
+        list(_run_train_job(serve(api)))
+    assert caught.value.reason == "Refused"
+    assert "refused TrainJob run-1 (runtime 'torch-distributed')" in str(caught.value) and words in str(caught.value)
+    assert api.calls("DELETE") == []  # nothing was made

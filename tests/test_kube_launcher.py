@@ -59,6 +59,12 @@ def test_which_runs_go_to_the_cluster() -> None:
     with pytest.raises(ConfigError, match="unknown GPU profile 'a100'"):
         LauncherSettings.from_env({**ENV, "STAGETUNE_KUBE_PROFILE": "a100"})
     assert len(RUN) <= 63 and RUN.startswith("st-trainer-") and RUN == RUN.lower()
+    assert (settings.run_kind, settings.trainjob_runtime) == ("auto", "torch-distributed")
+    chosen = LauncherSettings.from_env({**ENV, "STAGETUNE_KUBE_RUN_KIND": "TrainJob",
+                                        "STAGETUNE_KUBE_TRAINJOB_RUNTIME": "torch-rocm"})
+    assert (chosen.run_kind, chosen.trainjob_runtime) == ("trainjob", "torch-rocm")
+    with pytest.raises(ConfigError, match="RUN_KIND must be one of auto, job, trainjob, got 'pytorchjob'"):
+        LauncherSettings.from_env({**ENV, "STAGETUNE_KUBE_RUN_KIND": "pytorchjob"})
 
 
 def test_the_worker_spec_round_trips_through_the_store_and_a_file(tmp_path: Path, monkeypatch) -> None:
@@ -125,9 +131,10 @@ def _frames() -> list[list[dict[str, Any]]]:
             [named(_pod(0, "Succeeded", terminated="Completed")), named(_pod(1, "Succeeded", terminated="Completed"))]]
 
 
-def _launch(serve, api: FakeApi, ctx: Ctx, monkeypatch, cfg: SimpleNamespace | None = None) -> dict[str, str]:
+def _launch(serve, api: FakeApi, ctx: Ctx, monkeypatch, cfg: SimpleNamespace | None = None,
+            **env: str) -> dict[str, str]:
     monkeypatch.setenv("STAGETUNE_API_TOKEN", "s3cr3t-7f4a")
-    settings = LauncherSettings.from_env(ENV)
+    settings = LauncherSettings.from_env({**ENV, **env})
     return run_on_cluster(ctx, cfg or _cfg(16, machines=2), settings, serve(api), poll_s=0, unschedulable_limit=0)
 
 
@@ -218,3 +225,47 @@ def test_the_trainer_job_hands_a_big_run_to_the_launcher(tmp_path: Path, monkeyp
     monkeypatch.setenv("STAGETUNE_TRAINER_LAUNCHER", "")
     train_job(ctx)
     assert called == ["cluster (2, 8)", "local"]
+
+
+def _kubeflow_frames() -> list[list[dict[str, Any]]]:
+    frames = _frames()
+    for frame in frames:
+        for pod in frame:
+            rank = pod["metadata"]["annotations"]["batch.kubernetes.io/job-completion-index"]
+            pod["metadata"]["name"] = f"{RUN}-node-0-{rank}-xyz"
+    return frames
+
+
+def test_where_kubeflow_trainer_is_installed_a_run_is_a_train_job(serve, tmp_path: Path, monkeypatch) -> None:
+    from test_kube_jobs import KUBEFLOW, _kubeflow_round_trip
+
+    store = LocalStore(tmp_path / "store")
+    ctx = Ctx(store)
+    api = RankZeroApi(_kubeflow_frames(), store, {"outputs": {"steps": 4}}, at=3, complete_after=3, kubeflow=True)
+    assert _launch(serve, api, ctx, monkeypatch) == {"steps": "4"}
+    assert api.calls("POST") == [f"/apis/{KUBEFLOW}/namespaces/ml/trainjobs"]
+    (train_job,) = [body for m, _, _, body in api.requests if m == "POST"]
+    assert _kubeflow_round_trip(train_job) == train_job
+    trainer = train_job["spec"]["trainer"]
+    assert trainer["command"] == ["torchrun", "-m", "stagetune.trainer.worker", f"store:{spec_key(JOB_ID)}"]
+    assert (trainer["numNodes"], trainer["numProcPerNode"], trainer["image"]) == (2, 8, ENV["STAGETUNE_KUBE_IMAGE"])
+    assert train_job["spec"]["runtimeRef"]["name"] == "torch-distributed"
+    assert "s3cr3t-7f4a" not in json.dumps(train_job)
+    assert any("as a Kubeflow TrainJob on runtime torch-distributed: 2 pod(s) x 8 process(es)" in line
+               for line in ctx.logs)
+    assert f"node 1 ({RUN}-node-0-1-xyz): Succeeded, terminated: Completed (exit 0)" in ctx.logs
+    assert api.calls("DELETE") == [f"/apis/{KUBEFLOW}/namespaces/ml/trainjobs/{RUN}"]
+
+    # The operator asked for plain Jobs: Kubeflow is there, but not used.
+    api = RankZeroApi(_frames(), store, {"outputs": {"steps": 4}}, at=3, complete_after=3, kubeflow=True)
+    assert _launch(serve, api, Ctx(store), monkeypatch, STAGETUNE_KUBE_RUN_KIND="job") == {"steps": "4"}
+    assert api.calls("POST") == ["/api/v1/namespaces/ml/services", "/apis/batch/v1/namespaces/ml/jobs"]
+
+
+def test_insisting_on_a_train_job_without_kubeflow_is_refused_before_anything_starts(serve, tmp_path: Path,
+                                                                                     monkeypatch) -> None:
+    store = LocalStore(tmp_path / "store")
+    api = RankZeroApi(_frames(), store, None, at=0)
+    with pytest.raises(ConfigError, match="serves no TrainJobs \\(trainer.kubeflow.org/v1alpha1\\): install Kubeflow"):
+        _launch(serve, api, Ctx(store), monkeypatch, STAGETUNE_KUBE_RUN_KIND="trainjob")
+    assert api.calls("POST") == [] and api.calls("DELETE") == []

@@ -1,4 +1,5 @@
-"""Create, follow and remove a training run's Job and Service through the `kubernetes` client.
+"""Create, follow and remove a training run's objects through the `kubernetes` client: an Indexed Job and
+its Service, or a Kubeflow TrainJob where the cluster has Kubeflow Trainer.
 
 Pod state is polled (list pods by the run's label, read the Job) rather than watched: a poll survives API
 server restarts and proxies that cut long watches, and a run lasts hours, so seconds of latency cost
@@ -8,19 +9,28 @@ nothing. Failures a user can act on are raised as `TrainingJobError` with the ca
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, Protocol
 
 from stagetune.core.errors import StagetuneError
-from stagetune.trainer.kube.objects import RUN_LABEL, training_objects
+from stagetune.trainer.kube.objects import (
+    KUBEFLOW_GROUP,
+    KUBEFLOW_VERSION,
+    RUN_LABEL,
+    RunPod,
+    train_job,
+    training_objects,
+)
 from stagetune.trainer.kube.profiles import profile as get_profile
 
 _PULL_ERRORS = {"ImagePullBackOff", "ErrImagePull", "InvalidImageName", "ErrImageNeverPull"}
 
 
 class TrainingJobError(StagetuneError):
-    """A training run's pods cannot run or died; `reason` is OOMKilled, ImagePull, Unschedulable or Failed."""
+    """A training run's pods cannot run or died; `reason` is OOMKilled, ImagePull, Unschedulable, Failed,
+    Refused (the API server would not take the run's objects) or Timeout."""
 
     def __init__(self, message: str, reason: str) -> None:
         super().__init__(message, field="training_job")
@@ -71,98 +81,185 @@ def failure(pod: Any, unschedulable_for: float, unschedulable_limit: float) -> T
     return None
 
 
-class TrainingJobs:
-    """One namespace's training runs. `api_client` is a configured `kubernetes.client.ApiClient`."""
+def _ended(conditions: Any, what: str) -> bool:
+    """True once `Complete`; a `Failed` condition raises with the controller's reason and message. Jobs and
+    TrainJobs report their end the same way (`conditions[].type/status/reason/message`)."""
+    for condition in conditions or []:
+        get = condition.get if isinstance(condition, dict) else lambda key, c=condition: getattr(c, key, None)
+        if get("type") == "Complete" and get("status") == "True":
+            return True
+        if get("type") == "Failed" and get("status") == "True":
+            raise TrainingJobError(f"{what} failed: {get('reason')}: {get('message')}", "Failed")
+    return False
 
-    def __init__(self, api_client: Any, namespace: str, *, clock: Callable[[], float] = time.monotonic,
-                 sleep: Callable[[float], None] = time.sleep) -> None:
+
+class RunObjects(Protocol):
+    """One way of starting a run's pods; the pods carry `RUN_LABEL=<run>` whichever way it is."""
+
+    run: str
+
+    def create(self) -> None: ...
+
+    def ended(self) -> bool: ...
+
+    def delete(self) -> None: ...
+
+
+class IndexedJobRun:
+    """The operator-free run: an Indexed Job and its headless Service (objects.training_objects)."""
+
+    def __init__(self, api_client: Any, namespace: str, job: dict[str, Any], service: dict[str, Any]) -> None:
         from kubernetes import client
 
-        self.namespace = namespace
+        self.run, self.namespace = job["metadata"]["name"], namespace
+        self._job, self._service = job, service
         self._batch = client.BatchV1Api(api_client)
         self._core = client.CoreV1Api(api_client)
-        self._clock, self._sleep = clock, sleep
 
-    def create(self, job: dict[str, Any], service: dict[str, Any]) -> None:
+    def create(self) -> None:
         """The Service first, so node 0's name resolves by the time any pod starts."""
-        self._core.create_namespaced_service(self.namespace, service)
+        self._core.create_namespaced_service(self.namespace, self._service)
         try:
-            self._batch.create_namespaced_job(self.namespace, job)
+            self._batch.create_namespaced_job(self.namespace, self._job)
         except Exception:
-            self._delete_service(service["metadata"]["name"])
+            _gone_is_fine(self._core.delete_namespaced_service, self._service["metadata"]["name"], self.namespace)
             raise
 
-    def delete(self, run: str) -> None:
+    def ended(self) -> bool:
+        status = self._batch.read_namespaced_job(self.run, self.namespace).status
+        return _ended(status.conditions, f"training run {self.run}")
+
+    def delete(self) -> None:
         """Remove the Job with its pods and the Service; what is already gone is fine."""
+        _gone_is_fine(self._batch.delete_namespaced_job, self.run, self.namespace, propagation_policy="Background")
+        _gone_is_fine(self._core.delete_namespaced_service, self.run, self.namespace)
+
+
+class KubeflowTrainJobRun:
+    """A Kubeflow Trainer TrainJob (objects.train_job): the cluster's own training operator runs the pods
+    (through a JobSet) and owns their network; deleting the TrainJob removes everything it made."""
+
+    def __init__(self, api_client: Any, namespace: str, train_job: dict[str, Any]) -> None:
+        from kubernetes import client
+
+        self.run, self.namespace = train_job["metadata"]["name"], namespace
+        self._object = train_job
+        self._custom = client.CustomObjectsApi(api_client)
+
+    def create(self) -> None:
         from kubernetes.client.exceptions import ApiException
 
         try:
-            self._batch.delete_namespaced_job(run, self.namespace, propagation_policy="Background")
+            self._custom.create_namespaced_custom_object(KUBEFLOW_GROUP, KUBEFLOW_VERSION, self.namespace,
+                                                         "trainjobs", self._object)
         except ApiException as exc:
-            if exc.status != 404:
-                raise
-        self._delete_service(run)
+            if exc.status in (400, 403, 404, 422):  # the admission webhook's or RBAC's own words
+                runtime = self._object["spec"]["runtimeRef"]["name"]
+                raise TrainingJobError(f"the cluster refused TrainJob {self.run} (runtime {runtime!r}): "
+                                       f"{_api_message(exc)}", "Refused") from None
+            raise
 
-    def _delete_service(self, name: str) -> None:
-        from kubernetes.client.exceptions import ApiException
+    def ended(self) -> bool:
+        found = self._custom.get_namespaced_custom_object(KUBEFLOW_GROUP, KUBEFLOW_VERSION, self.namespace,
+                                                          "trainjobs", self.run)
+        return _ended((found.get("status") or {}).get("conditions"), f"training run {self.run} (TrainJob)")
 
-        try:
-            self._core.delete_namespaced_service(name, self.namespace)
-        except ApiException as exc:
-            if exc.status != 404:
-                raise
+    def delete(self) -> None:
+        _gone_is_fine(self._custom.delete_namespaced_custom_object, KUBEFLOW_GROUP, KUBEFLOW_VERSION,
+                      self.namespace, "trainjobs", self.run, propagation_policy="Background")
 
-    def follow(self, run: str, *, poll_s: float = 5.0, unschedulable_limit: float = 600.0,
-               timeout: float | None = None, cancelled: Callable[[], bool] = lambda: False) -> Iterator[PodEvent]:
-        """Yield each pod state change until the Job completes; raise `TrainingJobError` on a failure, and
-        `JobCancelled` once `cancelled()` says so (checked every poll, not only when a pod changes)."""
-        from stagetune.core.jobs import JobCancelled
 
-        last: dict[str, PodEvent] = {}
-        pending_since: dict[str, float] = {}
-        started = self._clock()
-        while True:
-            if cancelled():
-                raise JobCancelled(f"training run {run} cancelled")
-            now = self._clock()
-            pods = self._core.list_namespaced_pod(self.namespace, label_selector=f"{RUN_LABEL}={run}").items
-            for pod in sorted(pods, key=lambda p: p.metadata.name):
-                name = pod.metadata.name
-                annotations = pod.metadata.annotations or {}
-                rank = annotations.get("batch.kubernetes.io/job-completion-index")
-                event = PodEvent(name, int(rank) if rank is not None else None, pod.status.phase or "Pending",
-                                 _detail(pod))
-                if last.get(name) != event:
-                    last[name] = event
-                    yield event
-                since = pending_since.setdefault(name, now) if event.phase == "Pending" else now
-                problem = failure(pod, now - since, unschedulable_limit)
-                if problem:
-                    raise problem
-            status = self._batch.read_namespaced_job(run, self.namespace).status
-            for condition in (status.conditions or []):
-                if condition.type == "Complete" and condition.status == "True":
-                    return
-                if condition.type == "Failed" and condition.status == "True":
-                    raise TrainingJobError(f"training run {run} failed: {condition.reason}: {condition.message}",
-                                           "Failed")
-            if timeout is not None and now - started > timeout:
-                raise TrainingJobError(f"training run {run} did not finish in {timeout:.0f}s", "Timeout")
-            self._sleep(poll_s)
+def has_trainjobs(api_client: Any) -> bool:
+    """Whether the cluster serves Kubeflow Trainer's TrainJob (its CRD is installed). Discovery needs no
+    permission beyond what every authenticated client has."""
+    from kubernetes import client
+    from kubernetes.client.exceptions import ApiException
+
+    try:
+        resources = client.CustomObjectsApi(api_client).get_api_resources(KUBEFLOW_GROUP, KUBEFLOW_VERSION)
+    except ApiException as exc:
+        if exc.status == 404:
+            return False
+        raise
+    return any(resource.name == "trainjobs" for resource in (resources.resources or []))
+
+
+def _gone_is_fine(delete: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+    from kubernetes.client.exceptions import ApiException
+
+    try:
+        delete(*args, **kwargs)
+    except ApiException as exc:
+        if exc.status != 404:
+            raise
+
+
+def _api_message(exc: Any) -> str:
+    try:
+        return json.loads(exc.body).get("message") or str(exc.reason)
+    except (TypeError, ValueError, AttributeError):
+        return str(exc.reason)
+
+
+def follow(api_client: Any, objects: RunObjects, *, poll_s: float = 5.0, unschedulable_limit: float = 600.0,
+           timeout: float | None = None, cancelled: Callable[[], bool] = lambda: False,
+           clock: Callable[[], float] = time.monotonic,
+           sleep: Callable[[float], None] = time.sleep) -> Iterator[PodEvent]:
+    """Yield each pod state change until the run completes; raise `TrainingJobError` on a failure, and
+    `JobCancelled` once `cancelled()` says so (checked every poll, not only when a pod changes)."""
+    from kubernetes import client
+
+    from stagetune.core.jobs import JobCancelled
+
+    core = client.CoreV1Api(api_client)
+    run = objects.run
+    last: dict[str, PodEvent] = {}
+    pending_since: dict[str, float] = {}
+    started = clock()
+    while True:
+        if cancelled():
+            raise JobCancelled(f"training run {run} cancelled")
+        now = clock()
+        pods = core.list_namespaced_pod(objects.namespace, label_selector=f"{RUN_LABEL}={run}").items
+        for pod in sorted(pods, key=lambda p: p.metadata.name):
+            name = pod.metadata.name
+            annotations = pod.metadata.annotations or {}
+            rank = annotations.get("batch.kubernetes.io/job-completion-index")
+            event = PodEvent(name, int(rank) if rank is not None else None, pod.status.phase or "Pending",
+                             _detail(pod))
+            if last.get(name) != event:
+                last[name] = event
+                yield event
+            since = pending_since.setdefault(name, now) if event.phase == "Pending" else now
+            problem = failure(pod, now - since, unschedulable_limit)
+            if problem:
+                raise problem
+        if objects.ended():
+            return
+        if timeout is not None and now - started > timeout:
+            raise TrainingJobError(f"training run {run} did not finish in {timeout:.0f}s", "Timeout")
+        sleep(poll_s)
 
 
 def run_training_job(api_client: Any, *, run: str, namespace: str, profile: str, nodes: int, gpus_per_node: int,
                      image: str, worker: list[str], store_url: str, secret_name: str,
-                     poll_s: float = 5.0, unschedulable_limit: float = 600.0,
+                     trainjob_runtime: str | None = None, poll_s: float = 5.0, unschedulable_limit: float = 600.0,
                      cancelled: Callable[[], bool] = lambda: False, **options: Any) -> Iterator[PodEvent]:
     """Start a run on `profile`'s nodes, yield its pod events, and remove its objects however it ends
-    (success, failure, cancellation, or the caller stopping). The trainer's entry is kube/launcher.py."""
-    job, service = training_objects(run=run, namespace=namespace, profile=get_profile(profile), nodes=nodes,
-                                    gpus_per_node=gpus_per_node, image=image, worker=worker,
-                                    store_url=store_url, secret_name=secret_name, **options)
-    jobs = TrainingJobs(api_client, namespace)
-    jobs.create(job, service)
+    (success, failure, cancellation, or the caller stopping). With `trainjob_runtime` the run is a Kubeflow
+    TrainJob on that runtime, else an Indexed Job. The trainer's entry is kube/launcher.py."""
+    pod = RunPod(profile=get_profile(profile), gpus_per_node=gpus_per_node, store_url=store_url,
+                 secret_name=secret_name, **options)
+    objects: RunObjects
+    if trainjob_runtime:
+        objects = KubeflowTrainJobRun(api_client, namespace, train_job(
+            run=run, namespace=namespace, nodes=nodes, worker=worker, image=image, pod=pod, runtime=trainjob_runtime))
+    else:
+        job, service = training_objects(run=run, namespace=namespace, nodes=nodes, worker=worker, image=image, pod=pod)
+        objects = IndexedJobRun(api_client, namespace, job, service)
+    objects.create()
     try:
-        yield from jobs.follow(run, poll_s=poll_s, unschedulable_limit=unschedulable_limit, cancelled=cancelled)
+        yield from follow(api_client, objects, poll_s=poll_s, unschedulable_limit=unschedulable_limit,
+                          cancelled=cancelled)
     finally:
-        jobs.delete(run)
+        objects.delete()

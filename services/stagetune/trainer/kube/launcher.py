@@ -15,6 +15,9 @@ Set by the chart (values `trainer.launcher`) on the trainer's container:
     STAGETUNE_KUBE_SERVICE_ACCOUNT          the workers' service account (optional)
     STAGETUNE_KUBE_S3_CA                    CONFIGMAP:KEY of the S3 CA bundle, mounted in the workers too (optional)
     STAGETUNE_TRAINER_GPUS                  the GPUs of the trainer pod itself (0: none)
+    STAGETUNE_KUBE_RUN_KIND                 auto (default): a Kubeflow Trainer TrainJob where the cluster serves
+                                            them, else an Indexed Job; job or trainjob to insist on one
+    STAGETUNE_KUBE_TRAINJOB_RUNTIME         the ClusterTrainingRuntime a TrainJob uses (default torch-distributed)
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from typing import Any
 
 from stagetune.core import errors
 from stagetune.core.errors import ConfigError
+from stagetune.trainer.kube.objects import DEFAULT_TRAINJOB_RUNTIME, KUBEFLOW_GROUP, KUBEFLOW_VERSION
 
 ENV_LAUNCHER = "STAGETUNE_TRAINER_LAUNCHER"
 ENV_IMAGE = "STAGETUNE_KUBE_IMAGE"
@@ -36,6 +40,9 @@ ENV_SECRET = "STAGETUNE_KUBE_SECRET"
 ENV_SERVICE_ACCOUNT = "STAGETUNE_KUBE_SERVICE_ACCOUNT"
 ENV_S3_CA = "STAGETUNE_KUBE_S3_CA"  # "CONFIGMAP:KEY": the S3 CA bundle the training pods mount too
 ENV_LOCAL_GPUS = "STAGETUNE_TRAINER_GPUS"
+ENV_RUN_KIND = "STAGETUNE_KUBE_RUN_KIND"
+ENV_TRAINJOB_RUNTIME = "STAGETUNE_KUBE_TRAINJOB_RUNTIME"
+RUN_KINDS = ("auto", "job", "trainjob")
 KUBERNETES = "kubernetes"
 _POD_NAMESPACE_FILE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
 
@@ -49,6 +56,8 @@ class LauncherSettings:
     service_account: str | None = None
     local_gpus: int = 0
     s3_ca: tuple[str, str] | None = None
+    run_kind: str = "auto"
+    trainjob_runtime: str = DEFAULT_TRAINJOB_RUNTIME
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> LauncherSettings | None:
@@ -77,9 +86,14 @@ class LauncherSettings:
             if not config_map or not key:
                 raise ConfigError(f"{ENV_S3_CA} must be CONFIGMAP:KEY, got {env[ENV_S3_CA]!r}", field="num_processes")
             s3_ca = (config_map, key)
+        run_kind = env.get(ENV_RUN_KIND, "").strip().lower() or "auto"
+        if run_kind not in RUN_KINDS:
+            raise ConfigError(f"{ENV_RUN_KIND} must be one of {', '.join(RUN_KINDS)}, got {env[ENV_RUN_KIND]!r}",
+                              field="num_processes")
         return cls(image=env[ENV_IMAGE].strip(), profile=env[ENV_PROFILE].strip(), namespace=namespace,
                    secret=env[ENV_SECRET].strip(), service_account=env.get(ENV_SERVICE_ACCOUNT, "").strip() or None,
-                   local_gpus=local_gpus, s3_ca=s3_ca)
+                   local_gpus=local_gpus, s3_ca=s3_ca, run_kind=run_kind,
+                   trainjob_runtime=env.get(ENV_TRAINJOB_RUNTIME, "").strip() or DEFAULT_TRAINJOB_RUNTIME)
 
     def launches(self, cfg: Any) -> bool:
         """A run goes to the cluster when it spans machines or wants more processes than this pod has GPUs.
@@ -87,6 +101,20 @@ class LauncherSettings:
         if cfg.num_processes <= 1:
             return False
         return cfg.num_machines > 1 or cfg.num_processes > self.local_gpus
+
+    def trainjob_runtime_on(self, api_client: Any) -> str | None:
+        """The runtime to start a TrainJob on, or None for the operator-free Indexed Job."""
+        if self.run_kind == "job":
+            return None
+        from stagetune.trainer.kube.client import has_trainjobs
+
+        if has_trainjobs(api_client):
+            return self.trainjob_runtime
+        if self.run_kind == "trainjob":
+            raise ConfigError(f"{ENV_RUN_KIND}=trainjob, but the cluster serves no TrainJobs "
+                              f"({KUBEFLOW_GROUP}/{KUBEFLOW_VERSION}): install Kubeflow Trainer, or set the chart's "
+                              "trainer.launcher.runKind to auto or job", field="num_processes")
+        return None
 
     def shape(self, cfg: Any) -> tuple[int, int]:
         """(nodes, processes per node): one pod per machine, each with its share of the processes."""
@@ -122,16 +150,18 @@ def run_on_cluster(ctx: Any, cfg: Any, settings: LauncherSettings, api_client: A
     env = {"STAGETUNE_VALIDATION_ENDPOINT": validation_endpoint(ctx.request)} if validation_endpoint(
         ctx.request) else {}
     secret_env = {"STAGETUNE_API_TOKEN": "api-token"} if _has_token() else {}
-    ctx.log(f"starting training run {run} on the cluster: {nodes} pod(s) x {per_node} process(es) on "
-            f"{settings.profile} in namespace {settings.namespace}")
     if api_client is None:
         api_client = _in_cluster_client()
+    runtime = settings.trainjob_runtime_on(api_client)
+    kind = f"a Kubeflow TrainJob on runtime {runtime}" if runtime else "an Indexed Job"
+    ctx.log(f"starting training run {run} on the cluster as {kind}: {nodes} pod(s) x {per_node} process(es) on "
+            f"{settings.profile} in namespace {settings.namespace}")
     events = run_training_job(
         api_client, run=run, namespace=settings.namespace, profile=settings.profile, nodes=nodes,
         gpus_per_node=per_node, image=settings.image,
         worker=["-m", "stagetune.trainer.worker", STORE_SPEC + spec_key(ctx.job_id)], store_url=store.url,
         secret_name=settings.secret, service_account=settings.service_account, env=env, secret_env=secret_env,
-        s3_ca=settings.s3_ca,
+        s3_ca=settings.s3_ca, trainjob_runtime=runtime,
         poll_s=poll_s, unschedulable_limit=unschedulable_limit, cancelled=ctx.cancelled.is_set)
     try:
         _relay(ctx, events, nodes)
