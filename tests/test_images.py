@@ -1,5 +1,6 @@
 """The container images, checked without Docker: hadolint on both Dockerfiles, their shape (multi-stage,
-numeric non-root user, gRPC health check, no compilers in the final stage), and pip's resolver on what
+numeric non-root user, gRPC health check, no compilers in the final stage, quanto's kernels built in their own
+stage), and pip's resolver on what
 each installs, for the platforms the images are built for."""
 
 from __future__ import annotations
@@ -62,6 +63,18 @@ def test_image_shape(name: str) -> None:
     assert 'CMD ["python", "-m", "stagetune.healthcheck"]' in final
     assert 'ENTRYPOINT ["stagetune"]' in final
     assert "EXPOSE 50051-50055 9471-9475" in final
+    # quanto's int4/int2 kernels come built from a stage with the compilers (test_quanto_kernels.py), and the
+    # services find them through the variable quanto_kernels reads.
+    (kernels,) = [stage for stage in stages if re.match(r"\S+ AS kernels\b", stage)]
+    build = re.search(r"python3\.12 -m stagetune\.models\.quanto_kernels build (\S+) (.*)", kernels)
+    assert build, "the kernel stage builds quanto's extensions"
+    assert f"COPY --from=kernels {build[1]} /opt/stagetune/quanto-kernels" in final
+    assert "STAGETUNE_QUANTO_KERNELS=/opt/stagetune/quanto-kernels" in final
+    if name == "Dockerfile.cuda":
+        archs = re.search(r'ARG QUANTO_CUDA_ARCHS="([^"]+)"', kernels)[1].split()
+        assert {"9.0", "10.0", "12.0"} <= set(archs) and "--cuda-arch ${QUANTO_CUDA_ARCHS}" in build[2]
+    else:
+        assert "--hip" in build[2] and "PYTORCH_ROCM_ARCH=gfx942" in kernels
     # The extras the image installs exist (a typo would install nothing, silently).
     extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
     for group in re.findall(r'"\.\[([a-z,]+)\]"', stages[0]):

@@ -5,8 +5,9 @@ optimum-quanto quantises the frozen weights in place (`int8-quanto`, `int4-quant
 weights, loads into the plain model afterwards. As SimpleTuner does, the model is first cast to
 `base_model_default_dtype` (bf16 by default: quanto's CPU kernels refuse a float32 base under bf16
 autocast), and the family's exclude list stays in full precision. `nf4-bnb` is bitsandbytes' 4-bit, which
-needs a CUDA GPU. int4 and int2 compile a C++ extension on first use: without a compiler that is said
-before any work, naming the key.
+needs a CUDA GPU. int4 and int2 need quanto's C++/CUDA/HIP extension: our images carry it prebuilt
+(quanto_kernels.py), elsewhere quanto compiles it on first use. Where neither can happen, that is said before
+any work, naming the key.
 """
 
 from __future__ import annotations
@@ -39,9 +40,29 @@ def check_precision(precision: str, key: str, *, cuda: bool | None = None) -> No
         if not cuda:
             raise PreconditionError(f"{key}={precision} needs a CUDA GPU (bitsandbytes' 4-bit kernels); "
                                     "use int8-quanto or int4-quanto here", field=key)
-    if precision in NEEDS_COMPILER and not (shutil.which("c++") or shutil.which("g++")):
+    if precision in NEEDS_COMPILER and not (shutil.which("c++") or shutil.which("g++")) and not _any_prebuilt():
         raise PreconditionError(f"{key}={precision} compiles optimum-quanto's int4/int2 kernels on first use and "
                                 "no C++ compiler (g++) is installed: install one, or use int8-quanto", field=key)
+
+
+def _any_prebuilt() -> bool:
+    """Cheap (no torch): prebuilt kernels are present. Whether they suit this machine's GPU is checked where
+    the model is quantised (`quantise`)."""
+    from stagetune.models.quanto_kernels import kernels_root
+
+    root = kernels_root()
+    return root is not None and any(root.glob("quanto_*/*.so"))
+
+
+def _kernels_for(precision: str, key: str) -> None:
+    """Give quanto its prebuilt int4/int2 kernels, or refuse now if it could neither use nor build them."""
+    from stagetune.models import quanto_kernels
+
+    quanto_kernels.use_prebuilt()
+    problem = quanto_kernels.compile_problem()
+    if problem:
+        raise PreconditionError(f"{key}={precision} needs optimum-quanto's int4/int2 kernels: {problem}. Use an "
+                                f"image with them prebuilt ({quanto_kernels.ENV_DIR}), or int8-quanto", field=key)
 
 
 def quantise(model: Any, precision: str, *, exclude: Sequence[str], key: str = "base_model_precision") -> Any:
@@ -51,6 +72,8 @@ def quantise(model: Any, precision: str, *, exclude: Sequence[str], key: str = "
     check_precision(precision, key)
     if precision in BNB:
         return _quantise_bnb(model, exclude)
+    if precision in NEEDS_COMPILER:
+        _kernels_for(precision, key)
     from optimum import quanto
 
     quanto.quantize(model, weights=getattr(quanto, QUANTO[precision]), exclude=list(exclude))
