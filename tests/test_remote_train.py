@@ -118,9 +118,8 @@ def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
                           capture_output=True, text=True, timeout=300)
 
 
-def test_a_laptop_trains_on_a_remote_deployment_with_its_token(tmp_path: Path, tiny_sd3_path: Path, s3_server,
-                                                               deployment) -> None:
-    servers, store_url = deployment
+def _s3_configs(tmp_path: Path, tiny_sd3_path: Path, s3_server, run: str) -> tuple[Path, str]:
+    """The quick start's dataset uploaded to S3 and a config pair training on it into an s3:// output_dir."""
     make_dataset(tmp_path / "local")
     bucket = fresh_bucket()
     client = s3_server.client()
@@ -128,7 +127,7 @@ def test_a_laptop_trains_on_a_remote_deployment_with_its_token(tmp_path: Path, t
     for path in sorted((tmp_path / "local").iterdir()):
         data = path.read_bytes()
         client.put_object(bucket, f"sets/shapes/{path.name}", io.BytesIO(data), len(data))
-    output_url = s3_server.url(bucket, prefix="runs/first")
+    output_url = s3_server.url(bucket, prefix=f"runs/{run}")
     config = write_configs(tmp_path, tiny_sd3_path, steps=2, output_dir=output_url, validation_steps=2,
                            validation_prompt="a red square", validation_resolution="64x64",
                            validation_num_inference_steps=1)
@@ -141,6 +140,13 @@ def test_a_laptop_trains_on_a_remote_deployment_with_its_token(tmp_path: Path, t
         "caption_strategy": "textfile",
     }
     (tmp_path / "multidatabackend.json").write_text(json.dumps(backends))
+    return config, output_url
+
+
+def test_a_laptop_trains_on_a_remote_deployment_with_its_token(tmp_path: Path, tiny_sd3_path: Path, s3_server,
+                                                               deployment) -> None:
+    servers, store_url = deployment
+    config, output_url = _s3_configs(tmp_path, tiny_sd3_path, s3_server, "first")
     endpoint = servers["ingest"].address
     token_file = tmp_path / "token"
 
@@ -167,3 +173,45 @@ def test_a_laptop_trains_on_a_remote_deployment_with_its_token(tmp_path: Path, t
     assert output.exists("checkpoint-2/pytorch_lora_weights.safetensors")
     # The trainer reached validation through its own STAGETUNE_VALIDATION_ENDPOINT, with the token.
     assert output.exists("validation_images/step_2_validation_64x64.png")
+
+
+def test_an_output_dir_only_the_cluster_reaches_is_locked_and_checked_by_the_trainer(
+        tmp_path: Path, tiny_sd3_path: Path, s3_server, deployment, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    """The chart's bundled S3 has a cluster-internal address. This machine's view of output_dir is made such an
+    address (the laptop's output store points at a closed port); the services reach the real one. The run
+    trains, the trainer took the run's lock, and a run already holding output_dir is refused by the trainer."""
+    import stagetune.cli
+    import stagetune.preflight
+    from stagetune.core.outputs import open_output as real_open_output
+    from stagetune.core.run_lock import RunLock
+
+    servers, _ = deployment
+    config, output_url = _s3_configs(tmp_path, tiny_sd3_path, s3_server, "internal")
+    laptop_view = output_url.replace(s3_server.endpoint, "http://127.0.0.1:1")
+    assert laptop_view != output_url
+    monkeypatch.setattr(stagetune.preflight, "open_output",
+                        lambda output_dir, base_dir=None: real_open_output(laptop_view, base_dir))
+    monkeypatch.setattr(stagetune.cli, "_stop_cleanly_on_signals", lambda: None)
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN + "\n")
+    args = ["train", "--config", str(config), "--endpoint", servers["ingest"].address, "--token-file", str(token_file)]
+
+    assert main([*args, "--check"]) == 0
+    said = capsys.readouterr()
+    assert "cannot be reached from this machine" in said.err and "127.0.0.1:1" in said.err
+    assert "is checked by the deployment's trainer (not reachable from here)" in said.out
+
+    output = open_store(output_url)
+    other = RunLock(output).acquire()  # another run holds output_dir: only the trainer can see it
+    try:
+        assert main(args) != 0
+        assert "is in use by another run" in capsys.readouterr().err
+    finally:
+        other.release()
+    assert not output.exists("pytorch_lora_weights.safetensors")
+
+    assert main(args) == 0
+    said = capsys.readouterr()
+    assert "trainer takes the run's lock" in said.err and "trained 2 steps" in said.out
+    assert output.exists("pytorch_lora_weights.safetensors") and output.exists("checkpoint-2/training_state.json")
+    assert RunLock(output).holder() is None  # the trainer released it when done

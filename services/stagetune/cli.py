@@ -176,7 +176,9 @@ def _report_check(plan: Any) -> int:
         print(f"warning: {warning}", file=sys.stderr)
     datasets = ", ".join(d.id for d in plan.backends.enabled)
     decision = plan.decision
-    if decision.finished_step is not None:
+    if decision is None:
+        outcome = "is checked by the deployment's trainer (not reachable from here)"
+    elif decision.finished_step is not None:
         outcome = f"already finished at step {decision.finished_step} (raise max_train_steps to train on)"
     elif decision.resume_step is not None:
         outcome = f"resumes checkpoint-{decision.resume_step}"

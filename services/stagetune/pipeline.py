@@ -349,6 +349,8 @@ def _encode_both(stages: _Stages, vae_request: Any, text_request: Any) -> tuple[
 
 def _check_data(plan: RunPlan, ingest_outputs: dict[str, str]) -> int | None:
     """After ingest, before any encoding: refuse another run's data; say when the run already finished."""
+    if plan.output_state is None:  # unreachable from here: the deployment's trainer decides (preflight.RunPlan)
+        return None
     data = {"samples": int(ingest_outputs.get("data_samples") or 0), "digest": ingest_outputs.get("data_digest", "")}
     current = {**config_settings(plan.cfg), "data": data}
     decision = decide(plan.output_state, current, resume_from_checkpoint=plan.cfg.resume_from_checkpoint)

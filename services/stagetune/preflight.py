@@ -21,9 +21,9 @@ from stagetune.core.config.dataset import DataBackends, load_data_backend_config
 from stagetune.core.config.files import read_json_file
 from stagetune.core.config.keys import normalise_key
 from stagetune.core.config.train import TrainConfig, load_train_config
-from stagetune.core.errors import Collector, ConfigError, NotWritableError, StagetuneError
+from stagetune.core.errors import Collector, ConfigError, NotWritableError, StagetuneError, StoreUnavailableError
 from stagetune.core.outputs import open_output
-from stagetune.core.run_lock import RunLock
+from stagetune.core.run_lock import LOCK_PREFIX, RunLock
 from stagetune.core.run_settings import Decision, OutputState, config_settings, decide, read_output_state
 from stagetune.core.store.base import Store
 
@@ -41,8 +41,10 @@ class RunPlan:
     store: Store | None
     output: Store
     lock: RunLock | None
-    output_state: OutputState
-    decision: Decision
+    #: None for a remote run whose output_dir this machine cannot reach: the deployment's trainer takes the
+    #: lock and checks what output_dir holds (trainer/service.py), after ingest and encoding instead of before.
+    output_state: OutputState | None
+    decision: Decision | None
 
     def close(self) -> None:
         if self.lock is not None:
@@ -78,7 +80,8 @@ def prepare_run(config_path: Path | str, *, store: Store | None, data_backend_co
     """Check the whole config pair, paths, model, store and output_dir; take the output_dir's run lock.
 
     `remote`: the services run elsewhere (`stagetune train --endpoint`) and read nothing from this machine,
-    so every dataset must be in S3 and output_dir an s3:// URL; the model is the services' to check.
+    so every dataset must be in S3 and output_dir an s3:// URL; the model is the services' to check, and so is
+    output_dir when this machine cannot reach it (its lock and state are then the trainer's to take and read).
     """
     config_path = Path(config_path)
     base = Path(base_dir) if base_dir is not None else Path(os.getcwd())
@@ -117,7 +120,15 @@ def prepare_run(config_path: Path | str, *, store: Store | None, data_backend_co
     assert cfg is not None and backends is not None and backends_json is not None
     # The run's lock is machine 0's: the other machines of a multi-machine run train their ranks beside it and
     # write nothing to output_dir (rank 0 does).
-    output, run_lock, state, decision = open_checked_output(cfg, base, take_lock=lock and cfg.machine_rank == 0)
+    unreachable = _unreachable(open_output(cfg.output_dir, base)) if remote else None
+    if unreachable is not None:
+        # A cluster-internal S3 (the chart's bundled server, say) is the deployment's to reach, not ours.
+        output, run_lock, state, decision = open_output(cfg.output_dir, base), None, None, None
+        cfg.warnings.append(f"output_dir {output.url} cannot be reached from this machine ({unreachable}); the "
+                            "deployment's trainer takes the run's lock and checks what output_dir holds when "
+                            "training starts")
+    else:
+        output, run_lock, state, decision = open_checked_output(cfg, base, take_lock=lock and cfg.machine_rank == 0)
     return RunPlan(config_path, raw, cfg, backends, backends_json, base, store, output, run_lock, state, decision)
 
 
@@ -135,9 +146,25 @@ def remote_problems(cfg: TrainConfig | None, backends: DataBackends | None) -> l
     if cfg is not None and not str(cfg.output_dir).startswith("s3://"):
         problems.append(ConfigError(
             f"output_dir {cfg.output_dir} is not an s3:// URL: a remote deployment writes checkpoints and weights "
-            "to S3. Give s3://bucket/prefix?endpoint=… that both this machine (it holds the run's lock) and the "
-            "cluster reach", field="output_dir"))
+            "to S3. Give s3://bucket/prefix?endpoint=… as the cluster reaches it (where this machine reaches it "
+            "too, it holds the run's lock and checks output_dir before any encoding)", field="output_dir"))
     return problems
+
+
+def _unreachable(output: Store) -> StoreUnavailableError | None:
+    """Whether this machine reaches a remote run's output_dir at all, in one try: a cluster-internal address
+    fails at once here rather than after the store's backoff (which stays for every later call)."""
+    retries = getattr(output, "retries", None)
+    if retries is None:  # not a network store
+        return None
+    output.retries = 0
+    try:
+        output.exists(f"{LOCK_PREFIX}/reachable")
+    except StoreUnavailableError as exc:
+        return exc
+    finally:
+        output.retries = retries
+    return None
 
 
 def open_checked_output(cfg: TrainConfig, base_dir: Path, *, take_lock: bool = True
