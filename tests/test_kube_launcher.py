@@ -8,6 +8,8 @@ by reading back what the launcher wrote, and the worker's training by tests/test
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import threading
 from pathlib import Path
 from types import SimpleNamespace
@@ -82,6 +84,46 @@ def test_the_worker_spec_round_trips_through_the_store_and_a_file(tmp_path: Path
     assert (got, job_id, from_store) == (request, JOB_ID, False)
     with pytest.raises(NotFoundError, match="no worker spec jobs/nope"):
         load_spec("store:jobs/nope/worker-spec.json")
+
+
+def test_rank_zeros_events_reach_the_launcher_through_the_store_in_batches(tmp_path: Path) -> None:
+    """A step's progress and metrics are batched (one store write per interval, never per step); a store that
+    fails for a while loses nothing; a reader gets each event once, in order; a rerun starts clean."""
+    from stagetune.core.errors import StoreUnavailableError
+    from stagetune.trainer.worker import StoreEventLog, StoreEventReader, events_key
+
+    store = LocalStore(tmp_path / "store")
+    now = [0.0]
+    log = StoreEventLog(store, JOB_ID, interval=5.0, clock=lambda: now[0])
+    reader = StoreEventReader(store, JOB_ID)
+    for step in (1, 2, 3):
+        log.add("progress", ["training", step, 10, "steps"])
+    assert reader.read() == [] and not store.exists(events_key(JOB_ID, 0))
+    now[0] = 5.0
+    log.add("metric", ["loss", 0.5, 3])
+    assert [values[1] for _, values in reader.read()] == [1, 2, 3, 0.5]
+    assert reader.read() == []
+
+    real_put = store.put_bytes
+    failing = {"left": 2}
+
+    def flaky_put(key: str, data: bytes, *, durable: bool = True) -> None:
+        if failing["left"]:
+            failing["left"] -= 1
+            raise StoreUnavailableError("S3 endpoint down", field="store")
+        real_put(key, data, durable=durable)
+
+    store.put_bytes = flaky_put  # type: ignore[method-assign]
+    for step in (4, 5):
+        now[0] += 5.0
+        log.add("progress", ["training", step, 10, "steps"])
+    assert reader.read() == []
+    log.add("log", ["saved checkpoint-5", "info"])
+    log.flush()
+    assert reader.read() == [("progress", ["training", 4, 10, "steps"]), ("progress", ["training", 5, 10, "steps"]),
+                             ("log", ["saved checkpoint-5", "info"])]
+    StoreEventReader(store, JOB_ID).clear()
+    assert StoreEventReader(store, JOB_ID).read() == []
 
 
 class Ctx:
@@ -269,3 +311,118 @@ def test_insisting_on_a_train_job_without_kubeflow_is_refused_before_anything_st
     with pytest.raises(ConfigError, match="serves no TrainJobs \\(trainer.kubeflow.org/v1alpha1\\): install Kubeflow"):
         _launch(serve, api, Ctx(store), monkeypatch, STAGETUNE_KUBE_RUN_KIND="trainjob")
     assert api.calls("POST") == [] and api.calls("DELETE") == []
+
+
+# -- a whole cluster run on a loopback "kubelet" ------------------------------------------------------------
+
+class LoopbackKubelet(FakeApi):
+    """The API server and one node: a created Job's single pod is its container's command, run here as the
+    kubelet would (the container's environment, `$(VAR)` expanded, the Secret's keys filled in), with node 0's
+    DNS name pointed at loopback. Pod and Job states follow the process."""
+
+    def __init__(self, scratch: Path) -> None:
+        super().__init__([[]])
+        self.scratch = scratch
+        self.process: subprocess.Popen[str] | None = None
+        self.job: dict[str, Any] | None = None
+
+    def handle(self, method: str, url: str, body: Any) -> tuple[int, Any]:
+        path = url.split("?")[0]
+        if method == "POST" and path == "/apis/batch/v1/namespaces/ml/jobs":
+            self.job, self.run = body, body["metadata"]["name"]
+            self.process = self._start(body)
+        if method == "GET" and path == "/api/v1/namespaces/ml/pods":
+            self.requests.append((method, path, {}, body))
+            return 200, {"kind": "PodList", "apiVersion": "v1", "metadata": {}, "items": [self._pod()]}
+        if method == "GET" and path == f"/apis/batch/v1/namespaces/ml/jobs/{self.run}":
+            code = self.process.poll() if self.process else None
+            conditions = [] if code is None else [{"type": "Complete" if code == 0 else "Failed", "status": "True",
+                                                   "reason": "Completed" if code == 0 else "BackoffLimitExceeded",
+                                                   "message": f"exit {code}"}]
+            return 200, {"kind": "Job", "apiVersion": "batch/v1", "metadata": {"name": self.run},
+                         "status": {"conditions": conditions}}
+        return super().handle(method, url, body)
+
+    def _pod(self) -> dict[str, Any]:
+        code = self.process.poll() if self.process else None
+        phase = "Running" if code is None else "Succeeded" if code == 0 else "Failed"
+        pod = _pod(0, phase, terminated=None if code is None else "Completed" if code == 0 else "Error")
+        pod["metadata"]["name"] = f"{self.run}-0-kubelet"
+        return pod
+
+    def _start(self, job: dict[str, Any]) -> subprocess.Popen[str]:
+        import os
+        import re
+
+        from stagetune.trainer.distributed import free_port
+
+        (container,) = job["spec"]["template"]["spec"]["containers"]
+        env = dict(os.environ)
+        for variable in container["env"]:
+            if "value" in variable:
+                env[variable["name"]] = variable["value"].replace("/cache", str(self.scratch))
+            elif "secretKeyRef" in variable["valueFrom"]:
+                env[variable["name"]] = "from-the-secret"
+            else:  # the completion index, from the pod's annotation
+                env[variable["name"]] = "0"
+        port = free_port()
+        command = [re.sub(r"\$\((\w+)\)", lambda m: env[m[1]], part) for part in container["command"]]
+        command = [re.sub(r"^--rdzv-endpoint=.*$", f"--rdzv-endpoint=127.0.0.1:{port}", part) for part in command]
+        assert command[0] == "torchrun"
+        command = [sys.executable, "-m", "torch.distributed.run", *command[1:]]
+        self.log = open(self.scratch / "pod.log", "w")  # noqa: SIM115 - closed by the test
+        return subprocess.Popen(command, env=env, stdout=self.log, stderr=subprocess.STDOUT, text=True)
+
+
+def test_a_cluster_run_trains_in_its_pod_and_reports_its_steps_through_the_store(
+        serve, tmp_path: Path, tiny_sd3_path: Path, monkeypatch) -> None:
+    """`num_processes: 2` on a trainer pod without GPUs goes to the cluster: the Job's command (torchrun and
+    the worker, as built) runs on the loopback kubelet, trains from the spec in the store, and rank 0's steps,
+    loss and log lines reach the trainer job's own events through the store; its outputs are the run's."""
+    import functools
+
+    from test_distributed import LORA, _configs
+    from test_end_to_end import make_dataset
+
+    import stagetune.trainer.kube.launcher as launcher
+    from stagetune.core.store import open_store
+    from stagetune.pipeline import run_training, start_embedded
+
+    for name, value in {**ENV, "STAGETUNE_KUBE_PROFILE": "cpu", "STAGETUNE_TRAINER_GPUS": "0"}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("STAGETUNE_API_TOKEN", raising=False)
+    kubelet = LoopbackKubelet(tmp_path)
+    api_client = serve(kubelet)
+    monkeypatch.setattr(launcher, "_in_cluster_client", lambda: api_client)
+    monkeypatch.setattr(launcher, "run_on_cluster", functools.partial(launcher.run_on_cluster, poll_s=0.2))
+    make_dataset(tmp_path / "data")
+    config = _configs(tmp_path / "run", tiny_sd3_path, tmp_path / "data", processes=2, batch=2, steps=3,
+                      checkpointing_steps=2)
+    servers = start_embedded(open_store(str(tmp_path / "store")))
+    events: list[tuple[str, Any]] = []
+    try:
+        run = run_training(config, {name: s.address for name, s in servers.items()},
+                           on_event=lambda phase, event: events.append((phase, event)))
+    finally:
+        for server in servers.values():
+            server.stop(0)
+        if kubelet.process is not None and kubelet.process.poll() is None:
+            kubelet.process.kill()
+        if kubelet.process is not None:
+            kubelet.log.close()
+    log = (tmp_path / "pod.log").read_text()
+    assert kubelet.process.returncode == 0, log[-3000:]
+    assert run.phase("trainer").outputs["steps"] == "3"
+    assert (tmp_path / "run" / "output" / LORA).exists() and (tmp_path / "run" / "output" / "checkpoint-2").is_dir()
+    trainer = [event for phase, event in events if phase == "trainer"]
+    steps = [(e.progress.done, e.progress.total) for e in trainer
+             if e.WhichOneof("body") == "progress" and e.progress.phase == "training"]
+    assert steps and steps[-1] == (3, 3), steps  # rank 0's steps, relayed from the pod through the store
+    losses = [e.metric for e in trainer if e.WhichOneof("body") == "metric" and e.metric.name == "loss"]
+    assert [m.step for m in losses] == [1, 2, 3]
+    lines = [e.log.message for e in trainer if e.WhichOneof("body") == "log"]
+    assert any("as an Indexed Job" in line for line in lines)
+    assert any(f"node 0 ({kubelet.run}-0-kubelet): Succeeded" in line for line in lines)
+    assert kubelet.job["spec"]["template"]["spec"]["containers"][0]["command"][:2] == ["torchrun", "--nnodes=1"]
+    assert kubelet.calls("DELETE") == [f"/apis/batch/v1/namespaces/ml/jobs/{kubelet.run}",
+                                       f"/api/v1/namespaces/ml/services/{kubelet.run}"]

@@ -5,16 +5,21 @@ SPEC is a file (`SPEC.json`, as trainer/workers.py writes it) or `store:KEY`, an
 trainer, only the store. The trainer service starts these with torchrun's variables set; a cluster's launcher can
 start them the same way. A worker trains its rank of the run in-process (`train_in_process`) with a stand-in
 for the job context: rank 0's progress, log lines and metrics go to stdout as one JSON object per line, which
-the supervising job relays as its own events; every worker's last line says how it ended.
+the supervising job relays as its own events (`relay_event`); every worker's last line says how it ended. A pod
+started from a store spec also leaves them in the store, batched (`StoreEventLog`), for the launcher that
+cannot read its stdout.
 """
 
 from __future__ import annotations
 
 import base64
 import json
+import logging
 import signal
 import sys
 import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -35,18 +40,100 @@ def parse_event(line: str) -> tuple[str, list[Any]] | None:
     return str(payload["kind"]), list(payload["values"])
 
 
+def relay_event(ctx: Any, kind: str, values: list[Any]) -> None:
+    """A worker's event as the supervising job's own. A job's progress raises once it is cancelled (how
+    in-process work stops); the workers stop themselves, after a checkpoint, so progress is then dropped."""
+    if kind == "progress":
+        if ctx.cancelled.is_set():
+            return  # the workers are saving and stopping; nothing to show until they end
+        ctx.progress(str(values[0]), int(values[1]), int(values[2]), str(values[3]))
+    elif kind == "metric":
+        ctx.metric(str(values[0]), float(values[1]), int(values[2]))
+    elif kind == "step":
+        from stagetune.core.metrics import record_train_step
+
+        record_train_step(*values)
+    elif kind == "log" and values[1] != "debug":
+        ctx.log(str(values[0]), str(values[1]))
+
+
+def events_key(job_id: str, seq: int) -> str:
+    return f"jobs/{job_id}/worker-events/{seq:08d}.json"
+
+
+class StoreEventLog:
+    """Rank 0's events for a launcher that cannot read the pod's stdout, batched into numbered objects at most
+    every `interval` seconds: a step's progress and metrics would otherwise be a store write each. Objects are
+    written once and never changed, so a reader needs no listing and no lock (`StoreEventReader`)."""
+
+    def __init__(self, store: Any, job_id: str, *, interval: float = 5.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.store, self.job_id, self.interval, self._clock = store, job_id, interval, clock
+        self._pending: list[list[Any]] = []
+        self._seq = 0
+        self._last = clock()
+        self._failed = False
+
+    def add(self, kind: str, values: list[Any]) -> None:
+        self._pending.append([kind, values])
+        if self._clock() - self._last >= self.interval:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write what is pending. A store hiccup never stops training: the events wait for the next flush."""
+        from stagetune.core.errors import StagetuneError
+
+        self._last = self._clock()
+        if not self._pending:
+            return
+        try:
+            self.store.put_bytes(events_key(self.job_id, self._seq), json.dumps(self._pending, default=str).encode(),
+                                 durable=False)
+        except StagetuneError as exc:
+            if not self._failed:
+                logging.getLogger(__name__).warning("cannot leave progress in the store (%s); will retry", exc)
+            self._failed = True
+            return
+        self._seq += 1
+        self._pending = []
+
+
+class StoreEventReader:
+    """The launcher's side of `StoreEventLog`: each call returns the events written since the last one."""
+
+    def __init__(self, store: Any, job_id: str) -> None:
+        self.store, self.job_id = store, job_id
+        self._next = 0
+
+    def clear(self) -> None:
+        """Forget an earlier attempt's events (a rerun of the same job reads only its own)."""
+        self.store.delete_prefix(f"jobs/{self.job_id}/worker-events/")
+        self._next = 0
+
+    def read(self) -> list[tuple[str, list[Any]]]:
+        events: list[tuple[str, list[Any]]] = []
+        while self.store.exists(key := events_key(self.job_id, self._next)):
+            events += [(str(kind), list(values)) for kind, values in json.loads(self.store.get_bytes(key))]
+            self._next += 1
+        return events
+
+
 class WorkerContext:
     """What `train_in_process` asks of a job context. Only rank 0 speaks: the ranks train the same steps."""
 
-    def __init__(self, request: Any, store: Any, job_id: str, *, speaks: bool) -> None:
+    def __init__(self, request: Any, store: Any, job_id: str, *, speaks: bool,
+                 sink: StoreEventLog | None = None) -> None:
         self.request = request
         self.store = store
         self.job_id = job_id
         self.cancelled = threading.Event()
         self._speaks = speaks
+        self._sink = sink
 
     def send(self, kind: str, *values: Any) -> None:
         print(event_line(kind, *values), flush=True)
+        if self._sink is not None:
+            self._sink.add(kind, list(values))
 
     def progress(self, phase: str, done: int, total: int, unit: str = "") -> None:
         if self._speaks:
@@ -147,9 +234,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     world = World.from_env()
-    ctx = WorkerContext(request, store, job_id, speaks=world.is_main)
-    record = (lambda ended: store.put_bytes(result_key(job_id), json.dumps(ended, default=str).encode())
-              ) if from_store and world.is_main else (lambda ended: None)
+    sink = StoreEventLog(store, job_id) if from_store and world.is_main else None
+    ctx = WorkerContext(request, store, job_id, speaks=world.is_main, sink=sink)
+
+    def record(ended: dict[str, Any]) -> None:
+        if sink is not None:
+            sink.flush()  # the last progress and log lines before the ending the launcher waits for
+            store.put_bytes(result_key(job_id), json.dumps(ended, default=str).encode())
+
     for signum in (signal.SIGTERM, signal.SIGINT):  # stop at the next step, all ranks together, checkpointed
         signal.signal(signum, lambda *_: ctx.cancelled.set())
     try:

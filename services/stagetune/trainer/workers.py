@@ -26,7 +26,7 @@ from typing import IO, Any
 from stagetune.core import errors
 from stagetune.core.errors import StagetuneError
 from stagetune.core.jobs import JobCancelled
-from stagetune.trainer.worker import CANCELLED_EXIT, parse_event, write_spec
+from stagetune.trainer.worker import CANCELLED_EXIT, parse_event, relay_event, write_spec
 
 #: After one worker fails, how long the others get to stop on SIGTERM before they are killed.
 STOP_GRACE_S = 10.0
@@ -148,24 +148,7 @@ def _drain(ctx: Any, events: queue.Queue) -> None:
         except queue.Empty:
             return
         if item is not None:
-            _relay(ctx, *item)
-
-
-def _relay(ctx: Any, kind: str, values: list[Any]) -> None:
-    """A worker's event as the job's own. A job's progress raises once it is cancelled (how in-process work
-    stops); here the workers stop themselves, after a checkpoint, so the progress is recorded unchecked."""
-    if kind == "progress":
-        if ctx.cancelled.is_set():
-            return  # the workers are saving and stopping; nothing to show until they end
-        ctx.progress(str(values[0]), int(values[1]), int(values[2]), str(values[3]))
-    elif kind == "metric":
-        ctx.metric(str(values[0]), float(values[1]), int(values[2]))
-    elif kind == "step":
-        from stagetune.core.metrics import record_train_step
-
-        record_train_step(*values)
-    elif kind == "log" and values[1] != "debug":
-        ctx.log(str(values[0]), str(values[1]))
+            relay_event(ctx, *item)
 
 
 def _supervise(ctx: Any, workers: list[Worker], events: queue.Queue) -> Worker | None:
@@ -177,7 +160,7 @@ def _supervise(ctx: Any, workers: list[Worker], events: queue.Queue) -> Worker |
         try:
             item = events.get(timeout=0.1)
             if item is not None:
-                _relay(ctx, *item)
+                relay_event(ctx, *item)
         except queue.Empty:
             pass
         if ctx.cancelled.is_set() and not signalled:

@@ -203,10 +203,11 @@ def _api_message(exc: Any) -> str:
 
 def follow(api_client: Any, objects: RunObjects, *, poll_s: float = 5.0, unschedulable_limit: float = 600.0,
            timeout: float | None = None, cancelled: Callable[[], bool] = lambda: False,
-           clock: Callable[[], float] = time.monotonic,
+           on_poll: Callable[[], None] = lambda: None, clock: Callable[[], float] = time.monotonic,
            sleep: Callable[[float], None] = time.sleep) -> Iterator[PodEvent]:
     """Yield each pod state change until the run completes; raise `TrainingJobError` on a failure, and
-    `JobCancelled` once `cancelled()` says so (checked every poll, not only when a pod changes)."""
+    `JobCancelled` once `cancelled()` says so (checked every poll, not only when a pod changes). `on_poll`
+    runs once a poll, whatever the pods do (the launcher relays the run's own progress there)."""
     from kubernetes import client
 
     from stagetune.core.jobs import JobCancelled
@@ -234,6 +235,7 @@ def follow(api_client: Any, objects: RunObjects, *, poll_s: float = 5.0, unsched
             problem = failure(pod, now - since, unschedulable_limit)
             if problem:
                 raise problem
+        on_poll()
         if objects.ended():
             return
         if timeout is not None and now - started > timeout:
@@ -244,7 +246,8 @@ def follow(api_client: Any, objects: RunObjects, *, poll_s: float = 5.0, unsched
 def run_training_job(api_client: Any, *, run: str, namespace: str, profile: str, nodes: int, gpus_per_node: int,
                      image: str, worker: list[str], store_url: str, secret_name: str,
                      trainjob_runtime: str | None = None, poll_s: float = 5.0, unschedulable_limit: float = 600.0,
-                     cancelled: Callable[[], bool] = lambda: False, **options: Any) -> Iterator[PodEvent]:
+                     cancelled: Callable[[], bool] = lambda: False, on_poll: Callable[[], None] = lambda: None,
+                     **options: Any) -> Iterator[PodEvent]:
     """Start a run on `profile`'s nodes, yield its pod events, and remove its objects however it ends
     (success, failure, cancellation, or the caller stopping). With `trainjob_runtime` the run is a Kubeflow
     TrainJob on that runtime, else an Indexed Job. The trainer's entry is kube/launcher.py."""
@@ -260,6 +263,6 @@ def run_training_job(api_client: Any, *, run: str, namespace: str, profile: str,
     objects.create()
     try:
         yield from follow(api_client, objects, poll_s=poll_s, unschedulable_limit=unschedulable_limit,
-                          cancelled=cancelled)
+                          cancelled=cancelled, on_poll=on_poll)
     finally:
         objects.delete()

@@ -3,8 +3,9 @@
 A trainer pod holds the GPUs its Deployment asked for. A run needing more (several machines, or more processes
 than those GPUs) cannot start there; where the chart enabled the launcher it becomes an Indexed Job + headless
 Service (objects.py) whose pods run `stagetune.trainer.worker` under torchrun. The pods share only the store with
-the trainer, so the worker spec is put there and rank 0 leaves its outcome there; the trainer job relays the pods'
-states as its log lines and progress, fails with the pods' own failure, and removes the objects.
+the trainer, so the worker spec is put there and rank 0 leaves its progress and outcome there; the trainer job
+relays the pods' states and rank 0's steps, metrics and log lines as its own, fails with the pods' own failure,
+and removes the objects.
 
 Set by the chart (values `trainer.launcher`) on the trainer's container:
     STAGETUNE_TRAINER_LAUNCHER=kubernetes   enable it (anything else, or unset: local processes)
@@ -139,12 +140,14 @@ def run_on_cluster(ctx: Any, cfg: Any, settings: LauncherSettings, api_client: A
     """Train as a Kubernetes run; returns rank 0's outputs or raises its (or its pods') failure."""
     from stagetune.trainer.kube.client import run_training_job
     from stagetune.trainer.service import validation_endpoint
-    from stagetune.trainer.worker import STORE_SPEC, result_key, spec_bytes, spec_key
+    from stagetune.trainer.worker import STORE_SPEC, StoreEventReader, result_key, spec_bytes, spec_key
 
     store = ctx.store
     store.put_bytes(spec_key(ctx.job_id), spec_bytes(request=ctx.request, store_url=store.url, job_id=ctx.job_id))
     if store.exists(result_key(ctx.job_id)):
         store.delete(result_key(ctx.job_id))  # a rerun of this job reads only its own ending
+    progress = StoreEventReader(store, ctx.job_id)
+    progress.clear()
     nodes, per_node = settings.shape(cfg)
     run = run_name(ctx.job_id)
     env = {"STAGETUNE_VALIDATION_ENDPOINT": validation_endpoint(ctx.request)} if validation_endpoint(
@@ -161,16 +164,31 @@ def run_on_cluster(ctx: Any, cfg: Any, settings: LauncherSettings, api_client: A
         gpus_per_node=per_node, image=settings.image,
         worker=["-m", "stagetune.trainer.worker", STORE_SPEC + spec_key(ctx.job_id)], store_url=store.url,
         secret_name=settings.secret, service_account=settings.service_account, env=env, secret_env=secret_env,
-        s3_ca=settings.s3_ca, trainjob_runtime=runtime,
+        s3_ca=settings.s3_ca, trainjob_runtime=runtime, on_poll=lambda: _relay_progress(ctx, progress),
         poll_s=poll_s, unschedulable_limit=unschedulable_limit, cancelled=ctx.cancelled.is_set)
     try:
         _relay(ctx, events, nodes)
     except errors.StagetuneError as exc:
+        _relay_progress(ctx, progress)  # rank 0's last words before it failed
         ended = _ending(store, ctx.job_id)
         if "error" in ended:  # the worker's own words beat "the Job failed"
             raise _worker_error(ended["error"]) from exc
         raise
+    _relay_progress(ctx, progress)
     return _outcome(_ending(store, ctx.job_id))
+
+
+def _relay_progress(ctx: Any, progress: Any) -> None:
+    """Rank 0's steps, metrics and log lines, as it left them in the store, as this job's own."""
+    from stagetune.trainer.worker import relay_event
+
+    try:
+        events = progress.read()
+    except errors.StagetuneError as exc:  # a store hiccup: the next poll reads on from the same place
+        ctx.log(f"cannot read the training run's progress from the store yet: {exc}", "warning")
+        return
+    for kind, values in events:
+        relay_event(ctx, kind, values)
 
 
 def _relay(ctx: Any, events: Any, nodes: int) -> None:
