@@ -85,6 +85,8 @@ COMBOS: dict[str, dict[str, Any]] = {
     "launcher": {"trainer": {"gpu": {"profile": "h200", "count": 8},
                              "launcher": {"enabled": True, "profile": "gb200", "serviceAccount": "st-runs",
                                           "trainJobRuntime": "torch-gb200"}}},
+    "launcher-mtls": {"trainer": {"gpu": {"profile": "b200", "count": 8}, "launcher": {"enabled": True}},
+                      "tls": {"enabled": True, "secretName": "st-tls", "clientAuth": True}},
     "launcher-private-ca": {"trainer": {"gpu": {"profile": "h200", "count": 8},
                                         "launcher": {"enabled": True, "runKind": "job"}},
                             "s3": {"endpoint": "https://s3.example.com", "bucket": "runs",
@@ -481,6 +483,40 @@ def test_the_launcher_gets_its_settings_rbac_and_network(rendered) -> None:
     assert not find(defaults, "NetworkPolicy", "st-stagetune-training-runs")
     (plain,) = pod(defaults, "trainer")["containers"]
     assert not {e["name"] for e in plain["env"]} & {"STAGETUNE_TRAINER_LAUNCHER", "STAGETUNE_KUBE_IMAGE"}
+
+
+def test_training_pods_call_validation_over_tls_as_the_trainer_does(rendered, monkeypatch) -> None:
+    """With the chart's (mutual) TLS, the launcher mounts the same Secret in the training pods where the trainer
+    has it, and gives rank 0 the trainer's own client settings, whose files are then there."""
+    from stagetune.trainer.kube import launcher
+    from stagetune.trainer.kube.objects import TLS_DIR, RunPod, training_objects
+
+    docs = rendered["launcher-mtls"]
+    trainer = pod(docs, "trainer")
+    (container,) = trainer["containers"]
+    env = {e["name"]: e.get("value") for e in container["env"] if e.get("value") is not None}
+    settings = launcher.LauncherSettings.from_env({**env, "STAGETUNE_KUBE_NAMESPACE": "ml"})
+    assert settings is not None and settings.tls_secret == "st-tls"
+    (tls_mount,) = [m for m in container["volumeMounts"] if m["name"] == "tls"]
+    assert tls_mount["mountPath"] == TLS_DIR
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    client_env = launcher._tls_client_env()
+    assert set(client_env) == {"STAGETUNE_TLS_CA", "STAGETUNE_TLS_CLIENT_CERT", "STAGETUNE_TLS_CLIENT_KEY"}
+    run_pod = RunPod(profile=PROFILES["b200"], gpus_per_node=8, store_url="s3://b", secret_name="s",
+                     env=client_env, tls_secret=settings.tls_secret)
+    job, _ = training_objects(run="st-x", namespace="ml", nodes=2, image="i", worker=["-m", "w"], pod=run_pod)
+    worker_pod = job["spec"]["template"]["spec"]
+    (worker,) = worker_pod["containers"]
+    assert {"name": "tls", "secret": {"secretName": "st-tls"}} in worker_pod["volumes"]
+    assert {"name": "tls", "mountPath": TLS_DIR, "readOnly": True} in worker["volumeMounts"]
+    worker_env = {e["name"]: e.get("value") for e in worker["env"]}
+    for name, path in client_env.items():
+        assert worker_env[name] == path and path.startswith(TLS_DIR + "/")
+    assert not {"STAGETUNE_TLS_CERT", "STAGETUNE_TLS_KEY"} & set(worker_env)  # the pods serve nothing
+    for version in ("1.25.0", kubernetes_validate.latest_version()):
+        kubernetes_validate.validate(job, version, strict=True)
+    assert "STAGETUNE_KUBE_TLS_SECRET" not in _env_names(rendered["launcher"])  # no TLS: nothing to mount
 
 
 def test_training_pods_mount_the_s3_ca_bundle_the_store_url_names(rendered) -> None:

@@ -15,6 +15,8 @@ Set by the chart (values `trainer.launcher`) on the trainer's container:
     STAGETUNE_KUBE_SECRET                   the Secret with s3-access-key, s3-secret-key (and api-token)
     STAGETUNE_KUBE_SERVICE_ACCOUNT          the workers' service account (optional)
     STAGETUNE_KUBE_S3_CA                    CONFIGMAP:KEY of the S3 CA bundle, mounted in the workers too (optional)
+    STAGETUNE_KUBE_TLS_SECRET               the gRPC TLS Secret, mounted in the workers so that rank 0 calls
+                                            validation as the trainer does (optional; with the chart's tls)
     STAGETUNE_TRAINER_GPUS                  the GPUs of the trainer pod itself (0: none)
     STAGETUNE_KUBE_RUN_KIND                 auto (default): a Kubeflow Trainer TrainJob where the cluster serves
                                             them, else an Indexed Job; job or trainjob to insist on one
@@ -40,6 +42,7 @@ ENV_NAMESPACE = "STAGETUNE_KUBE_NAMESPACE"
 ENV_SECRET = "STAGETUNE_KUBE_SECRET"
 ENV_SERVICE_ACCOUNT = "STAGETUNE_KUBE_SERVICE_ACCOUNT"
 ENV_S3_CA = "STAGETUNE_KUBE_S3_CA"  # "CONFIGMAP:KEY": the S3 CA bundle the training pods mount too
+ENV_TLS_SECRET = "STAGETUNE_KUBE_TLS_SECRET"
 ENV_LOCAL_GPUS = "STAGETUNE_TRAINER_GPUS"
 ENV_RUN_KIND = "STAGETUNE_KUBE_RUN_KIND"
 ENV_TRAINJOB_RUNTIME = "STAGETUNE_KUBE_TRAINJOB_RUNTIME"
@@ -59,6 +62,7 @@ class LauncherSettings:
     s3_ca: tuple[str, str] | None = None
     run_kind: str = "auto"
     trainjob_runtime: str = DEFAULT_TRAINJOB_RUNTIME
+    tls_secret: str | None = None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> LauncherSettings | None:
@@ -94,7 +98,8 @@ class LauncherSettings:
         return cls(image=env[ENV_IMAGE].strip(), profile=env[ENV_PROFILE].strip(), namespace=namespace,
                    secret=env[ENV_SECRET].strip(), service_account=env.get(ENV_SERVICE_ACCOUNT, "").strip() or None,
                    local_gpus=local_gpus, s3_ca=s3_ca, run_kind=run_kind,
-                   trainjob_runtime=env.get(ENV_TRAINJOB_RUNTIME, "").strip() or DEFAULT_TRAINJOB_RUNTIME)
+                   trainjob_runtime=env.get(ENV_TRAINJOB_RUNTIME, "").strip() or DEFAULT_TRAINJOB_RUNTIME,
+                   tls_secret=env.get(ENV_TLS_SECRET, "").strip() or None)
 
     def launches(self, cfg: Any) -> bool:
         """A run goes to the cluster when it spans machines or wants more processes than this pod has GPUs.
@@ -152,6 +157,8 @@ def run_on_cluster(ctx: Any, cfg: Any, settings: LauncherSettings, api_client: A
     run = run_name(ctx.job_id)
     env = {"STAGETUNE_VALIDATION_ENDPOINT": validation_endpoint(ctx.request)} if validation_endpoint(
         ctx.request) else {}
+    if settings.tls_secret:
+        env.update(_tls_client_env())
     secret_env = {"STAGETUNE_API_TOKEN": "api-token"} if _has_token() else {}
     if api_client is None:
         api_client = _in_cluster_client()
@@ -164,8 +171,9 @@ def run_on_cluster(ctx: Any, cfg: Any, settings: LauncherSettings, api_client: A
         gpus_per_node=per_node, image=settings.image,
         worker=["-m", "stagetune.trainer.worker", STORE_SPEC + spec_key(ctx.job_id)], store_url=store.url,
         secret_name=settings.secret, service_account=settings.service_account, env=env, secret_env=secret_env,
-        s3_ca=settings.s3_ca, trainjob_runtime=runtime, on_poll=lambda: _relay_progress(ctx, progress),
-        poll_s=poll_s, unschedulable_limit=unschedulable_limit, cancelled=ctx.cancelled.is_set)
+        s3_ca=settings.s3_ca, tls_secret=settings.tls_secret, trainjob_runtime=runtime,
+        on_poll=lambda: _relay_progress(ctx, progress), poll_s=poll_s, unschedulable_limit=unschedulable_limit,
+        cancelled=ctx.cancelled.is_set)
     try:
         _relay(ctx, events, nodes)
     except errors.StagetuneError as exc:
@@ -227,6 +235,16 @@ def _outcome(ended: dict[str, Any]) -> dict[str, str]:
         raise errors.UnavailableError("the training run's pods finished without rank 0 reporting its outputs",
                                       field="num_processes")
     return {str(k): str(v) for k, v in ended["outputs"].items()}
+
+
+def _tls_client_env() -> dict[str, str]:
+    """The trainer's own settings for calling validation over TLS (file paths in the Secret's mount, which the
+    training pods mount at the same place): the pods call it as the trainer would."""
+    from stagetune.core import security
+
+    names = (security.ENV_TLS_CA, security.ENV_TLS_CLIENT_CERT, security.ENV_TLS_CLIENT_KEY,
+             security.ENV_TLS_SERVER_NAME)
+    return {name: os.environ[name] for name in names if os.environ.get(name)}
 
 
 def _has_token() -> bool:

@@ -35,6 +35,8 @@ PATCH_MANAGER = "stagetune.io/trainer"
 
 #: Where the chart mounts the S3 CA bundle in the services (its store URL names a file here).
 S3_CA_DIR = "/etc/stagetune/s3-ca"
+#: Where the chart mounts the gRPC TLS Secret (tls.crt, tls.key, ca.crt) in the services.
+TLS_DIR = "/var/run/stagetune/tls"
 
 
 def image_for(repository: str, tag: str, profile: GpuProfile) -> str:
@@ -70,6 +72,9 @@ class RunPod:
     service_account: str | None = None
     uid: int = 10001
     s3_ca: tuple[str, str] | None = None
+    #: The gRPC TLS Secret, mounted where the services have it (`TLS_DIR`): rank 0 calls validation with the
+    #: trainer's own client settings (their paths point there).
+    tls_secret: str | None = None
 
     def resources(self) -> dict[str, Any]:
         limits: dict[str, str] = {"memory": self.memory}
@@ -99,6 +104,8 @@ class RunPod:
         if self.s3_ca is not None:
             config_map, key = self.s3_ca
             volumes.append({"name": "s3-ca", "configMap": {"name": config_map, "items": [{"key": key, "path": key}]}})
+        if self.tls_secret is not None:
+            volumes.append({"name": "tls", "secret": {"secretName": self.tls_secret}})
         return volumes
 
     def volume_mounts(self) -> list[dict[str, Any]]:
@@ -106,6 +113,8 @@ class RunPod:
                                         {"name": "cache", "mountPath": "/cache"}, {"name": "tmp", "mountPath": "/tmp"}]
         if self.s3_ca is not None:
             mounts.append({"name": "s3-ca", "mountPath": S3_CA_DIR, "readOnly": True})
+        if self.tls_secret is not None:
+            mounts.append({"name": "tls", "mountPath": TLS_DIR, "readOnly": True})
         return mounts
 
     def pod_security(self) -> dict[str, Any]:
