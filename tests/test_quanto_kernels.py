@@ -139,11 +139,12 @@ def test_int4_is_refused_where_quanto_could_neither_use_nor_build_its_kernels(tm
     problem = quanto_kernels.compile_problem(tmp_path)
     assert problem is not None and "build folder /nonexistent/quanto/build is not writable" in problem
     assert f"no {tmp_path}/quanto_cpp/quanto_cpp.so" in problem
-    with pytest.raises(PreconditionError, match="base_model_precision=int4-quanto needs optimum-quanto's int4/int2 "
+    with pytest.raises(PreconditionError, match="base_model_precision=int4-quanto needs optimum-quanto's compiled "
                                                 "kernels: quanto_cpp is not prebuilt") as info:
         monkeypatch.setenv(quanto_kernels.ENV_DIR, str(tmp_path))
         quantise._kernels_for("int4-quanto", "base_model_precision")
     assert info.value.field == "base_model_precision"
+    quantise._kernels_for("int8-quanto", "base_model_precision")  # int8 (and fp8 off CUDA) needs no kernels
 
     _fake_build(tmp_path, "quanto_cpp", "quanto_cpp")
     assert quanto_kernels.compile_problem(tmp_path) is None  # prebuilt: nothing to compile

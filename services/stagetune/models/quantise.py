@@ -5,9 +5,9 @@ optimum-quanto quantises the frozen weights in place (`int8-quanto`, `int4-quant
 weights, loads into the plain model afterwards. As SimpleTuner does, the model is first cast to
 `base_model_default_dtype` (bf16 by default: quanto's CPU kernels refuse a float32 base under bf16
 autocast), and the family's exclude list stays in full precision. `nf4-bnb` is bitsandbytes' 4-bit, which
-needs a CUDA GPU. int4 and int2 need quanto's C++/CUDA/HIP extension: our images carry it prebuilt
-(quanto_kernels.py), elsewhere quanto compiles it on first use. Where neither can happen, that is said before
-any work, naming the key.
+needs a CUDA GPU. int4 and int2 (and fp8 on a CUDA GPU) need quanto's C++/CUDA/HIP extension: our images
+carry it prebuilt (quanto_kernels.py), elsewhere quanto compiles it on first use. Where neither can happen,
+that is said before any work, naming the key.
 """
 
 from __future__ import annotations
@@ -55,13 +55,18 @@ def _any_prebuilt() -> bool:
 
 
 def _kernels_for(precision: str, key: str) -> None:
-    """Give quanto its prebuilt int4/int2 kernels, or refuse now if it could neither use nor build them."""
+    """Give quanto its prebuilt kernels, and refuse now where it needs them and could neither use nor build
+    them: int4/int2 always (packing), fp8 on a CUDA GPU (quanto's Marlin fp8 matmul)."""
+    import torch
+
     from stagetune.models import quanto_kernels
 
     quanto_kernels.use_prebuilt()
-    problem = quanto_kernels.compile_problem()
+    needed = precision in NEEDS_COMPILER or (precision == "fp8-quanto" and bool(torch.version.cuda)
+                                             and torch.cuda.is_available())
+    problem = quanto_kernels.compile_problem() if needed else None
     if problem:
-        raise PreconditionError(f"{key}={precision} needs optimum-quanto's int4/int2 kernels: {problem}. Use an "
+        raise PreconditionError(f"{key}={precision} needs optimum-quanto's compiled kernels: {problem}. Use an "
                                 f"image with them prebuilt ({quanto_kernels.ENV_DIR}), or int8-quanto", field=key)
 
 
@@ -72,8 +77,7 @@ def quantise(model: Any, precision: str, *, exclude: Sequence[str], key: str = "
     check_precision(precision, key)
     if precision in BNB:
         return _quantise_bnb(model, exclude)
-    if precision in NEEDS_COMPILER:
-        _kernels_for(precision, key)
+    _kernels_for(precision, key)
     from optimum import quanto
 
     quanto.quantize(model, weights=getattr(quanto, QUANTO[precision]), exclude=list(exclude))

@@ -1,6 +1,7 @@
-"""optimum-quanto's int4/int2 kernels, built when the image is built instead of at first use.
+"""optimum-quanto's compiled kernels, built when the image is built instead of at first use.
 
-quanto compiles its C++ (CPU), CUDA or HIP extension the first time an int4/int2 weight is unpacked, into a
+quanto compiles its C++ (CPU), CUDA or HIP extension the first time an int4/int2 weight is unpacked (or, on a
+CUDA GPU, an fp8 weight meets its Marlin matmul), into a
 folder inside its own site-packages. In our images that cannot work: site-packages is read-only and owned by
 root, the final stage has no compiler, and the CUDA build depends on the GPU present (quanto defines
 `QUANTO_CUDA_ARCH` as the highest compute capability of the visible devices, clamped to torch's arch list, and
