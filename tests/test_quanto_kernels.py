@@ -168,3 +168,21 @@ def test_check_says_what_this_machine_would_use(kernels: Path, tmp_path: Path) -
     empty = subprocess.run([sys.executable, "-m", "stagetune.models.quanto_kernels", "check", str(tmp_path)],
                            capture_output=True, text=True, timeout=300)
     assert empty.returncode == 1 and f"quanto_cpp: no {tmp_path}/quanto_cpp/quanto_cpp.so" in empty.stdout
+
+
+def test_a_build_that_cannot_be_made_is_refused_before_compiling(tmp_path: Path) -> None:
+    import torch
+
+    def build(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "stagetune.models.quanto_kernels", "build", str(tmp_path / "k"),
+                               *args], capture_output=True, text=True, timeout=300)
+
+    bad = build("--cuda-arch", "sm_90")
+    assert bad.returncode == 2 and "compute capability is MAJOR.MINOR such as 9.0 or 10.0, not 'sm_90'" in bad.stderr
+    if not torch.version.cuda:
+        cpu = build("--cuda-arch", "9.0")
+        assert cpu.returncode == 1 and "CUDA kernels need a CUDA build of torch" in cpu.stderr
+    if not torch.version.hip:
+        no_rocm = build("--hip")
+        assert no_rocm.returncode == 1 and "HIP kernels need a ROCm build of torch" in no_rocm.stderr
+    assert not (tmp_path / "k").exists()  # nothing was compiled first

@@ -190,32 +190,35 @@ def _build_one(name: str, sources: list[str], folder: Path, *, cflags: list[str]
 def build(root: Path, *, cuda_capabilities: Sequence[str] = (), hip: bool = False,
           verbose: bool = False) -> list[Path]:
     """Build quanto's CPU extension, plus the CUDA one per capability (needs nvcc and a CUDA torch; no GPU) or
-    the HIP one (needs hipcc and a ROCm torch; PYTORCH_ROCM_ARCH picks the GPUs). Returns the libraries."""
+    the HIP one (needs hipcc and a ROCm torch; PYTORCH_ROCM_ARCH picks the GPUs). Returns the libraries.
+    What cannot be built is said before anything is compiled."""
     import torch
+
+    defines = [cuda_arch_define(capability) for capability in cuda_capabilities]
+    if cuda_capabilities and not torch.version.cuda:
+        raise SystemExit(f"CUDA kernels need a CUDA build of torch; this one is {torch.__version__}")
+    if hip and not torch.version.hip:
+        raise SystemExit(f"HIP kernels need a ROCm build of torch; this one is {torch.__version__}")
+    supported = {a.removeprefix("sm_") for a in torch.cuda.get_arch_list() if a.startswith("sm_")}
+    for capability, define in zip(cuda_capabilities, defines, strict=True):
+        if supported and define[:-1] not in supported:  # the list is empty without a GPU: then nvcc decides
+            raise SystemExit(f"torch {torch.__version__} has no kernels for compute capability {capability} "
+                             f"(it has sm_{', sm_'.join(sorted(supported, key=int))})")
     from optimum.quanto.library.extensions import cpp
 
     root.mkdir(parents=True, exist_ok=True)
     built = [_build_one(cpp.ext.name, cpp.ext.sources, root / folder_name(cpp.ext.name, None),
                         cflags=cpp.ext.extra_cflags, cuda_cflags=None, verbose=verbose)]
     if cuda_capabilities:
-        if not torch.version.cuda:
-            raise SystemExit("CUDA kernels need a CUDA build of torch; this one is " + torch.__version__)
         # Imported directly: quanto registers it only where a GPU is visible, and image builds have none.
         from optimum.quanto.library.extensions import cuda
 
-        supported = {a.removeprefix("sm_") for a in torch.cuda.get_arch_list() if a.startswith("sm_")}
-        for capability in cuda_capabilities:
-            define = cuda_arch_define(capability)
-            if supported and define[:-1] not in supported:
-                raise SystemExit(f"torch {torch.__version__} has no kernels for compute capability {capability} "
-                                 f"(it has sm_{', sm_'.join(sorted(supported, key=int))})")
+        for capability, define in zip(cuda_capabilities, defines, strict=True):
             with _environ(TORCH_CUDA_ARCH_LIST=capability):
                 built.append(_build_one(cuda.ext.name, cuda.ext.sources, root / folder_name(cuda.ext.name, define),
                                         cflags=cuda.ext.extra_cflags, cuda_cflags=cuda_flags(cuda.ext, capability),
                                         verbose=verbose))
     if hip:
-        if not torch.version.hip:
-            raise SystemExit("HIP kernels need a ROCm build of torch; this one is " + torch.__version__)
         from optimum.quanto.library.extensions import hip as hip_ext
 
         built.append(_build_one(hip_ext.ext.name, hip_ext.ext.sources, root / folder_name(hip_ext.ext.name, None),
@@ -238,8 +241,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     check.add_argument("root", type=Path, nargs="?")
     args = parser.parse_args(argv)
     if args.command == "build":
-        for library in build(args.root, cuda_capabilities=args.cuda_arch, hip=args.hip, verbose=args.verbose):
-            print(library)
+        try:
+            libraries = build(args.root, cuda_capabilities=args.cuda_arch, hip=args.hip, verbose=args.verbose)
+        except ValueError as exc:
+            parser.error(str(exc))
+        print("\n".join(str(library) for library in libraries))
         return 0
     root = args.root or kernels_root()
     if root is None:
