@@ -70,6 +70,7 @@ def test_image_shape(name: str) -> None:
     assert build, "the kernel stage builds quanto's extensions"
     assert f"COPY --from=kernels {build[1]} /opt/stagetune/quanto-kernels" in final
     assert "STAGETUNE_QUANTO_KERNELS=/opt/stagetune/quanto-kernels" in final
+    assert '"stagetune.models.quanto_kernels", "verify", "/opt/stagetune/quanto-kernels"' in final
     if name == "Dockerfile.cuda":
         archs = re.search(r'ARG QUANTO_CUDA_ARCHS="([^"]+)"', kernels)[1].split()
         assert {"9.0", "10.0", "12.0"} <= set(archs) and "--cuda-arch ${QUANTO_CUDA_ARCHS}" in build[2]

@@ -186,3 +186,49 @@ def test_a_build_that_cannot_be_made_is_refused_before_compiling(tmp_path: Path)
         no_rocm = build("--hip")
         assert no_rocm.returncode == 1 and "HIP kernels need a ROCm build of torch" in no_rocm.stderr
     assert not (tmp_path / "k").exists()  # nothing was compiled first
+
+
+def test_builds_of_one_extension_in_one_process_each_keep_its_name(tmp_path: Path) -> None:
+    """The image builds quanto_cuda once per capability in one process: torch would name the second build
+    `<name>_v1`, which quanto could not import as `<name>`. A two-line extension stands in for quanto's."""
+    source = tmp_path / "tiny.cpp"
+    source.write_text('#include <Python.h>\n'
+                      'static struct PyModuleDef tiny = {PyModuleDef_HEAD_INIT, "tiny_ext", nullptr, -1, nullptr};\n'
+                      'PyMODINIT_FUNC PyInit_tiny_ext(void) { return PyModule_Create(&tiny); }\n')
+    first = quanto_kernels._build_one("tiny_ext", [str(source)], tmp_path / "k" / "tiny_ext-sm900", cflags=["-O0"],
+                                      cuda_cflags=None, verbose=False)
+    second = quanto_kernels._build_one("tiny_ext", [str(source)], tmp_path / "k" / "tiny_ext-sm1000",
+                                       cflags=["-O1"], cuda_cflags=None, verbose=False)
+    assert first == tmp_path / "k" / "tiny_ext-sm900" / "tiny_ext.so" and first.is_file()
+    assert second == tmp_path / "k" / "tiny_ext-sm1000" / "tiny_ext.so" and second.is_file()
+    assert quanto_kernels._import_library("tiny_ext", second.parent).__name__ == "tiny_ext"
+
+
+def test_a_newer_minor_of_the_same_major_runs_the_older_build(tmp_path: Path) -> None:
+    """A GB300 (10.3) runs the 10.0 build, a Hopper never runs a Blackwell one, and an exact build wins."""
+    _fake_build(tmp_path, "quanto_cuda-sm1000", "quanto_cuda")
+    _fake_build(tmp_path, "quanto_cuda-sm1200", "quanto_cuda")
+    assert quanto_kernels.locate(_fake_extension("quanto_cuda", "1030"), tmp_path).folder.name == "quanto_cuda-sm1000"
+    assert quanto_kernels.locate(_fake_extension("quanto_cuda", "1200"), tmp_path).folder.name == "quanto_cuda-sm1200"
+    hopper = quanto_kernels.locate(_fake_extension("quanto_cuda", "900"), tmp_path)
+    assert not hopper.usable and "quanto_cuda-sm900/quanto_cuda.so" in hopper.why
+
+
+def test_verify_loads_each_build_and_names_one_that_cannot(kernels: Path, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    import shutil as sh
+
+    ok = subprocess.run([sys.executable, "-m", "stagetune.models.quanto_kernels", "verify", str(kernels)],
+                        capture_output=True, text=True, timeout=300)
+    assert ok.returncode == 0 and f"{kernels}/quanto_cpp/quanto_cpp.so: loads" in ok.stdout
+    broken = tmp_path / "broken"
+    sh.copytree(kernels, broken)
+    (broken / "quanto_cpp" / "quanto_cpp.so").write_bytes(b"\x7fELF not really")
+    bad = subprocess.run([sys.executable, "-m", "stagetune.models.quanto_kernels", "verify", str(broken)],
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 1 and f"{broken}/quanto_cpp/quanto_cpp.so: FAILS" in bad.stdout
+    # At run time the same library is not used, and says why, instead of a traceback.
+    cpu = _fake_extension("quanto_cpp")
+    monkeypatch.setattr(quanto_kernels, "_quanto_extensions", lambda: {"quanto_cpp": cpu})
+    found = quanto_kernels.use_prebuilt(broken)
+    assert not found["quanto_cpp"].usable and "cannot be loaded" in found["quanto_cpp"].why and cpu._lib is None

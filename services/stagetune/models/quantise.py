@@ -51,7 +51,7 @@ def _any_prebuilt() -> bool:
     from stagetune.models.quanto_kernels import kernels_root
 
     root = kernels_root()
-    return root is not None and any(root.glob("quanto_*/*.so"))
+    return root is not None and any(not p.parent.name.endswith(".partial") for p in root.glob("quanto_*/*.so"))
 
 
 def _kernels_for(precision: str, key: str) -> None:

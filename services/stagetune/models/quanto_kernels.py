@@ -75,23 +75,32 @@ def kernels_root(env: dict[str, str] | None = None) -> Path | None:
     return Path(value) if value else None
 
 
+def _compatible_arches(define: str) -> list[str]:
+    """The builds a GPU can run, best first: its own arch, then lower minors of its major (a cubin for X.y runs
+    on X.z for z >= y, and quanto's arch only selects kernels by thresholds such as >= 800)."""
+    value = int(define)
+    major, minor = value // 100, (value // 10) % 10
+    return [define, *(f"{major}{m}0" for m in range(minor - 1, -1, -1))]
+
+
 def locate(ext: Any, root: Path) -> Prebuilt:
+    import torch
     import torch.utils.cpp_extension
 
     arch = _arch_of(ext.extra_cuda_cflags)
-    folder = root / folder_name(ext.name, arch)
-    library = folder / f"{ext.name}{torch.utils.cpp_extension.LIB_EXT}"
-    if not library.is_file():
-        built = sorted(p.name for p in root.glob(f"{ext.name}*")) if root.is_dir() else []
-        return Prebuilt(ext.name, folder, False, f"no {library}" + (f" (built here: {', '.join(built)})" if built
-                                                                    else ""))
-    import torch
-
+    candidates = [root / folder_name(ext.name, a) for a in (_compatible_arches(arch) if arch else [None])]
+    library_name = f"{ext.name}{torch.utils.cpp_extension.LIB_EXT}"
+    folder = next((f for f in candidates if (f / library_name).is_file()), None)
+    if folder is None:
+        built = sorted(p.name for p in root.glob(f"{ext.name}*") if not p.name.endswith(".partial")) \
+            if root.is_dir() else []
+        return Prebuilt(ext.name, candidates[0], False, f"no {candidates[0] / library_name}"
+                        + (f" (built here: {', '.join(built)})" if built else ""))
     version_file = folder / _VERSION_FILE
     built_for = version_file.read_text().strip() if version_file.is_file() else "an unknown torch"
     if built_for != torch.__version__:
-        return Prebuilt(ext.name, folder, False, f"{library} was built for torch {built_for}, this is "
-                                                 f"{torch.__version__}")
+        return Prebuilt(ext.name, folder, False, f"{folder / library_name} was built for torch {built_for}, this "
+                                                 f"is {torch.__version__}")
     return Prebuilt(ext.name, folder, True, "")
 
 
@@ -116,9 +125,12 @@ def use_prebuilt(root: Path | None = None) -> dict[str, Prebuilt]:
     found: dict[str, Prebuilt] = {}
     for ext in _quanto_extensions().values():
         prebuilt = locate(ext, root)
-        found[ext.name] = prebuilt
         if prebuilt.usable and ext._lib is None:
-            ext._lib = _import_library(ext.name, prebuilt.folder)
+            try:
+                ext._lib = _import_library(ext.name, prebuilt.folder)
+            except (ImportError, OSError) as exc:  # e.g. built against another C++ runtime than this image's
+                prebuilt = dataclasses.replace(prebuilt, usable=False, why=f"{prebuilt.folder} cannot be loaded: {exc}")
+        found[ext.name] = prebuilt
     return found
 
 
@@ -175,9 +187,17 @@ def _build_one(name: str, sources: list[str], folder: Path, *, cflags: list[str]
     staging = folder.with_name(folder.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
+    # torch numbers a second build of one name in a process (quanto_cuda_v1, _v2, with that module name inside)
+    # when its flags or folder differ; each of ours is a build of its own, under quanto's name.
+    versioner = getattr(torch.utils.cpp_extension, "JIT_EXTENSION_VERSIONER", None)
+    if versioner is not None:
+        versioner.entries.pop(name, None)
     torch.utils.cpp_extension.load(name=name, sources=sources, extra_cflags=cflags, extra_cuda_cflags=cuda_cflags,
                                    build_directory=str(staging), verbose=verbose)
     library = f"{name}{torch.utils.cpp_extension.LIB_EXT}"
+    if not (staging / library).is_file():
+        raise RuntimeError(f"building {name} left no {library} in {staging} (found: "
+                           f"{', '.join(sorted(p.name for p in staging.iterdir()))})")
     for leftover in staging.iterdir():  # object files and ninja's state: the image needs the library only
         if leftover.name != library:
             shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
@@ -199,9 +219,10 @@ def build(root: Path, *, cuda_capabilities: Sequence[str] = (), hip: bool = Fals
         raise SystemExit(f"CUDA kernels need a CUDA build of torch; this one is {torch.__version__}")
     if hip and not torch.version.hip:
         raise SystemExit(f"HIP kernels need a ROCm build of torch; this one is {torch.__version__}")
+    # What this torch was compiled for, known without a GPU (the list comes from the build, not the devices).
     supported = {a.removeprefix("sm_") for a in torch.cuda.get_arch_list() if a.startswith("sm_")}
     for capability, define in zip(cuda_capabilities, defines, strict=True):
-        if supported and define[:-1] not in supported:  # the list is empty without a GPU: then nvcc decides
+        if supported and define[:-1] not in supported:
             raise SystemExit(f"torch {torch.__version__} has no kernels for compute capability {capability} "
                              f"(it has sm_{', sm_'.join(sorted(supported, key=int))})")
     from optimum.quanto.library.extensions import cpp
@@ -227,6 +248,33 @@ def build(root: Path, *, cuda_capabilities: Sequence[str] = (), hip: bool = Fals
     return built
 
 
+def _verify(root: Path) -> int:
+    """Import each built library in a fresh process (two builds of one extension share a module name), so an
+    image whose kernels cannot load here (another C++ runtime, a missing CUDA library) fails to build."""
+    import subprocess
+
+    import torch
+
+    libraries = sorted(p for p in root.glob("*/*.so") if not p.parent.name.endswith(".partial"))
+    if not libraries:
+        print(f"no built kernels under {root}", file=sys.stderr)
+        return 1
+    failed = 0
+    for library in libraries:
+        version = (library.parent / _VERSION_FILE).read_text().strip() if (library.parent / _VERSION_FILE).is_file() \
+            else "?"
+        script = ("import sys; from pathlib import Path; from stagetune.models.quanto_kernels import _import_library; "
+                  "_import_library(sys.argv[1], Path(sys.argv[2]))")
+        result = subprocess.run([sys.executable, "-c", script, library.stem, str(library.parent)],
+                                capture_output=True, text=True)
+        ok = result.returncode == 0 and version == torch.__version__
+        failed += not ok
+        why = "" if ok else (f": built for torch {version}, this is {torch.__version__}" if version != torch.__version__
+                             else ": " + (result.stderr.strip().splitlines() or ["import failed"])[-1])
+        print(f"{library}: {'loads' if ok else 'FAILS'}{why}")
+    return 1 if failed else 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m stagetune.models.quanto_kernels", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -237,6 +285,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                       help="compute capabilities to build the CUDA kernels for, e.g. 9.0 10.0 12.0")
     make.add_argument("--hip", action="store_true", help="build the HIP kernels (ROCm torch; PYTORCH_ROCM_ARCH)")
     make.add_argument("--verbose", action="store_true")
+    verify = sub.add_parser("verify", help="load every library under a folder, each in its own process (an image "
+                                           "build's last check: no GPU needed)")
+    verify.add_argument("root", type=Path)
     check = sub.add_parser("check", help="say which prebuilt extensions this machine would use")
     check.add_argument("root", type=Path, nargs="?")
     args = parser.parse_args(argv)
@@ -247,6 +298,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(str(exc))
         print("\n".join(str(library) for library in libraries))
         return 0
+    if args.command == "verify":
+        return _verify(args.root)
     root = args.root or kernels_root()
     if root is None:
         print(f"no folder given and {ENV_DIR} is not set", file=sys.stderr)
