@@ -60,7 +60,9 @@ def test_wandb_offline_logs_and_a_resumed_run_continues_it(tmp_path: Path, tiny_
     extended = train_embedded(write_configs(tmp_path, tiny_sd3_path, steps=4, validation=False, **extra), store)
     assert extended.phase("trainer").outputs["steps_trained"] == "2"
     runs = sorted((tmp_path / "wandb-logs" / "wandb").glob("offline-run-*"))
-    assert len(runs) == 2 and all(run.name.endswith(ids["wandb"]) for run in runs)  # the same W&B run id
+    # The same W&B run id, continued. The folder name has the start second and the id, and W&B adds "-1" when
+    # both runs started in the same second; the run file inside names the id either way.
+    assert len(runs) == 2 and all((run / f"run-{ids['wandb']}.wandb").is_file() for run in runs), runs
 
 
 def test_report_to_values_are_checked_with_the_config(monkeypatch: pytest.MonkeyPatch) -> None:
