@@ -109,10 +109,11 @@ class FakeApi:
 
     def __init__(self, frames: list[list[dict[str, Any]]], complete_after: int | None = None,
                  refuse_job: bool = False, run: str = "run-1", fail_after: int | None = None,
-                 kubeflow: bool = False, refuse_trainjob: str | None = None) -> None:
+                 kubeflow: bool = False, refuse_trainjob: str | None = None, create_status: int | None = None) -> None:
         self.frames, self.complete_after, self.refuse_job = frames, complete_after, refuse_job
         self.run, self.fail_after = run, fail_after
         self.kubeflow, self.refuse_trainjob = kubeflow, refuse_trainjob  # Kubeflow Trainer installed; its webhook
+        self.create_status = create_status  # the TrainJob create answers this (after storing the object)
         self.requests: list[tuple[str, str, dict[str, list[str]], Any]] = []
         self.pod_lists = 0
 
@@ -144,6 +145,9 @@ class FakeApi:
                                                ("trainingruntimes", True, "TrainingRuntime"),
                                                ("clustertrainingruntimes", False, "ClusterTrainingRuntime"))]}
         if self.kubeflow and method == "POST" and path == trainjobs:
+            if self.create_status:
+                return self.create_status, {"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                                            "code": self.create_status, "message": "etcd leader changed"}
             if self.refuse_trainjob:
                 return 422, {"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "Invalid",
                              "code": 422, "message": self.refuse_trainjob}
@@ -258,11 +262,22 @@ def test_unschedulable_is_waited_out_for_a_while(serve) -> None:
 
 
 def test_a_refused_job_removes_the_service_it_created(serve) -> None:
+    """A Job of that name exists already (an earlier attempt's): said plainly, and the Service made for this
+    attempt is removed; the other run's Job is not touched."""
     api = FakeApi([[]], refuse_job=True)
-    with pytest.raises(kubernetes.client.exceptions.ApiException) as caught:
+    with pytest.raises(TrainingJobError, match="a training run named run-1 already exists in namespace ml") as caught:
         list(_run(serve(api)))
-    assert caught.value.status == 409
+    assert caught.value.reason == "Refused"
     assert api.calls("DELETE") == ["/api/v1/namespaces/ml/services/run-1"]
+
+
+def test_a_create_whose_answer_was_lost_is_cleaned_up(serve) -> None:
+    """A 5xx (or a timeout) on create may still have made the object: it is deleted before the error is raised."""
+    api = FakeApi([[]], kubeflow=True, create_status=503)
+    with pytest.raises(kubernetes.client.exceptions.ApiException) as caught:
+        list(_run_train_job(serve(api)))
+    assert caught.value.status == 503
+    assert api.calls("DELETE") == [f"/apis/{KUBEFLOW}/namespaces/ml/trainjobs/run-1"]
 
 
 # -- Kubeflow Trainer's TrainJob ---------------------------------------------------------------------------

@@ -88,13 +88,15 @@ def test_the_worker_spec_round_trips_through_the_store_and_a_file(tmp_path: Path
 
 def test_rank_zeros_events_reach_the_launcher_through_the_store_in_batches(tmp_path: Path) -> None:
     """A step's progress and metrics are batched (one store write per interval, never per step); a store that
-    fails for a while loses nothing; a reader gets each event once, in order; a rerun starts clean."""
+    fails for a while loses nothing, even when a write landed but was reported failed; a reader gets each
+    event once, in order, also when the store fails part-way through its read; a restarted rank 0 goes on
+    after what is there; a rerun starts clean."""
     from stagetune.core.errors import StoreUnavailableError
     from stagetune.trainer.worker import StoreEventLog, StoreEventReader, events_key
 
     store = LocalStore(tmp_path / "store")
     now = [0.0]
-    log = StoreEventLog(store, JOB_ID, interval=5.0, clock=lambda: now[0])
+    log = StoreEventLog(store, JOB_ID, interval=5.0, clock=lambda: now[0], timer=False)
     reader = StoreEventReader(store, JOB_ID)
     for step in (1, 2, 3):
         log.add("progress", ["training", step, 10, "steps"])
@@ -104,26 +106,69 @@ def test_rank_zeros_events_reach_the_launcher_through_the_store_in_batches(tmp_p
     assert [values[1] for _, values in reader.read()] == [1, 2, 3, 0.5]
     assert reader.read() == []
 
-    real_put = store.put_bytes
-    failing = {"left": 2}
+    real_put, real_get = store.put_bytes, store.get_bytes
+    failing = {"puts": 2, "landed": False}
 
     def flaky_put(key: str, data: bytes, *, durable: bool = True) -> None:
-        if failing["left"]:
-            failing["left"] -= 1
+        if failing["puts"]:
+            failing["puts"] -= 1
+            if failing["landed"]:  # the write reached the store, its answer did not
+                real_put(key, data, durable=durable)
+            failing["landed"] = True
             raise StoreUnavailableError("S3 endpoint down", field="store")
         real_put(key, data, durable=durable)
 
     store.put_bytes = flaky_put  # type: ignore[method-assign]
-    for step in (4, 5):
-        now[0] += 5.0
-        log.add("progress", ["training", step, 10, "steps"])
-    assert reader.read() == []
+    now[0] += 5.0
+    log.add("progress", ["training", 4, 10, "steps"])  # fails, not landed
+    now[0] += 5.0
+    log.add("progress", ["training", 5, 10, "steps"])  # the same batch again: lands, reported failed
+    got = reader.read()
+    assert got == [("progress", ["training", 4, 10, "steps"])]  # a reader may see a batch that "failed"
     log.add("log", ["saved checkpoint-5", "info"])
-    log.flush()
-    assert reader.read() == [("progress", ["training", 4, 10, "steps"]), ("progress", ["training", 5, 10, "steps"]),
-                             ("log", ["saved checkpoint-5", "info"])]
+    log.flush()  # retries that batch unchanged, then the rest under the next number: nothing twice, none lost
+    assert reader.read() == [("progress", ["training", 5, 10, "steps"]), ("log", ["saved checkpoint-5", "info"])]
+    store.put_bytes = real_put  # type: ignore[method-assign]
+
+    restarted = StoreEventLog(store, JOB_ID, interval=5.0, clock=lambda: now[0], timer=False)
+    restarted.add("log", ["rank 0 again", "info"])
+    restarted.flush()
+    calls = {"n": 0}
+
+    def flaky_get(key: str) -> bytes:
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise StoreUnavailableError("S3 endpoint down", field="store")
+        return real_get(key)
+
+    restarted.add("log", ["and on", "info"])
+    restarted.flush()
+    store.get_bytes = flaky_get  # type: ignore[method-assign]
+    assert reader.read() == [("log", ["rank 0 again", "info"])]  # the second object failed: kept for later
+    assert reader.read() == [("log", ["and on", "info"])]
+    store.get_bytes = real_get  # type: ignore[method-assign]
+
     StoreEventReader(store, JOB_ID).clear()
     assert StoreEventReader(store, JOB_ID).read() == []
+
+
+def test_quiet_spells_are_flushed_by_the_timer(tmp_path: Path) -> None:
+    """Rank 0 says "loading model" and then nothing for minutes: its line still reaches the launcher."""
+    import time
+
+    from stagetune.trainer.worker import StoreEventLog, StoreEventReader
+
+    store = LocalStore(tmp_path / "store")
+    log = StoreEventLog(store, JOB_ID, interval=0.1)
+    log.add("log", ["loading model", "info"])
+    deadline = time.monotonic() + 10
+    reader = StoreEventReader(store, JOB_ID)
+    got: list = []
+    while not got and time.monotonic() < deadline:
+        time.sleep(0.05)
+        got = reader.read()
+    log.close()
+    assert got == [("log", ["loading model", "info"])]
 
 
 class Ctx:

@@ -63,39 +63,60 @@ def events_key(job_id: str, seq: int) -> str:
 
 class StoreEventLog:
     """Rank 0's events for a launcher that cannot read the pod's stdout, batched into numbered objects at most
-    every `interval` seconds: a step's progress and metrics would otherwise be a store write each. Objects are
-    written once and never changed, so a reader needs no listing and no lock (`StoreEventReader`)."""
+    every `interval` seconds (a step's progress and metrics would otherwise be a store write each), and by a
+    timer in quiet spells (model loading, validation). Each object is written once with a fixed content (a
+    failed write is retried unchanged), so a reader needs no listing and no lock (`StoreEventReader`). A
+    restarted rank 0 goes on after the objects already there."""
 
     def __init__(self, store: Any, job_id: str, *, interval: float = 5.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, timer: bool = True) -> None:
         self.store, self.job_id, self.interval, self._clock = store, job_id, interval, clock
         self._pending: list[list[Any]] = []
+        self._batch: bytes | None = None  # a batch whose write failed: retried as it is
         self._seq = 0
+        while store.exists(events_key(job_id, self._seq)):
+            self._seq += 1
         self._last = clock()
         self._failed = False
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        if timer:
+            threading.Thread(target=self._tick, name="store-events", daemon=True).start()
+
+    def _tick(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.flush()
 
     def add(self, kind: str, values: list[Any]) -> None:
-        self._pending.append([kind, values])
-        if self._clock() - self._last >= self.interval:
+        with self._lock:
+            self._pending.append([kind, values])
+            due = self._clock() - self._last >= self.interval
+        if due:
             self.flush()
 
     def flush(self) -> None:
         """Write what is pending. A store hiccup never stops training: the events wait for the next flush."""
         from stagetune.core.errors import StagetuneError
 
-        self._last = self._clock()
-        if not self._pending:
-            return
-        try:
-            self.store.put_bytes(events_key(self.job_id, self._seq), json.dumps(self._pending, default=str).encode(),
-                                 durable=False)
-        except StagetuneError as exc:
-            if not self._failed:
-                logging.getLogger(__name__).warning("cannot leave progress in the store (%s); will retry", exc)
-            self._failed = True
-            return
-        self._seq += 1
-        self._pending = []
+        with self._lock:
+            self._last = self._clock()
+            while self._batch is not None or self._pending:
+                if self._batch is None:
+                    self._batch = json.dumps(self._pending, default=str).encode()
+                    self._pending = []
+                try:
+                    self.store.put_bytes(events_key(self.job_id, self._seq), self._batch, durable=False)
+                except StagetuneError as exc:
+                    if not self._failed:
+                        logging.getLogger(__name__).warning("cannot leave progress in the store (%s); will retry", exc)
+                    self._failed = True
+                    return
+                self._seq += 1
+                self._batch = None
+
+    def close(self) -> None:
+        self._stop.set()
+        self.flush()
 
 
 class StoreEventReader:
@@ -111,10 +132,18 @@ class StoreEventReader:
         self._next = 0
 
     def read(self) -> list[tuple[str, list[Any]]]:
+        """What was written since the last call. When the store fails part-way, what was read is returned and
+        the next call goes on from there (it raises only when nothing could be read)."""
+        from stagetune.core.errors import StagetuneError
+
         events: list[tuple[str, list[Any]]] = []
-        while self.store.exists(key := events_key(self.job_id, self._next)):
-            events += [(str(kind), list(values)) for kind, values in json.loads(self.store.get_bytes(key))]
-            self._next += 1
+        try:
+            while self.store.exists(key := events_key(self.job_id, self._next)):
+                events += [(str(kind), list(values)) for kind, values in json.loads(self.store.get_bytes(key))]
+                self._next += 1
+        except StagetuneError:
+            if not events:
+                raise
         return events
 
 
@@ -239,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def record(ended: dict[str, Any]) -> None:
         if sink is not None:
-            sink.flush()  # the last progress and log lines before the ending the launcher waits for
+            sink.close()  # the last progress and log lines before the ending the launcher waits for
             store.put_bytes(result_key(job_id), json.dumps(ended, default=str).encode())
 
     for signum in (signal.SIGTERM, signal.SIGINT):  # stop at the next step, all ranks together, checkpointed

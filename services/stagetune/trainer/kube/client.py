@@ -184,6 +184,35 @@ def has_trainjobs(api_client: Any) -> bool:
     return any(resource.name == "trainjobs" for resource in (resources.resources or []))
 
 
+def _create(objects: RunObjects) -> None:
+    """Create the run's objects. A name already taken is said plainly; a create whose answer was lost (a
+    timeout, a 5xx) may still have made them, so they are removed before the error is passed on."""
+    from kubernetes.client.exceptions import ApiException
+
+    try:
+        objects.create()
+    except ApiException as exc:
+        if exc.status == 409:
+            raise TrainingJobError(f"a training run named {objects.run} already exists in namespace "
+                                   f"{objects.namespace} (left by an earlier attempt of this job?): delete it and "
+                                   "start again", "Refused") from None
+        if exc.status is None or exc.status >= 500:
+            _best_effort(objects.delete)
+        raise
+    except TrainingJobError:  # refused by the API server: nothing was made
+        raise
+    except Exception:  # no answer at all (a timeout, a reset connection)
+        _best_effort(objects.delete)
+        raise
+
+
+def _best_effort(action: Callable[[], Any]) -> None:
+    try:
+        action()
+    except Exception:  # noqa: BLE001 - the caller's error is the one to report
+        pass
+
+
 def _gone_is_fine(delete: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
     from kubernetes.client.exceptions import ApiException
 
@@ -260,7 +289,7 @@ def run_training_job(api_client: Any, *, run: str, namespace: str, profile: str,
     else:
         job, service = training_objects(run=run, namespace=namespace, nodes=nodes, worker=worker, image=image, pod=pod)
         objects = IndexedJobRun(api_client, namespace, job, service)
-    objects.create()
+    _create(objects)
     try:
         yield from follow(api_client, objects, poll_s=poll_s, unschedulable_limit=unschedulable_limit,
                           cancelled=cancelled, on_poll=on_poll)

@@ -192,11 +192,14 @@ def _relay_progress(ctx: Any, progress: Any) -> None:
 
     try:
         events = progress.read()
-    except errors.StagetuneError as exc:  # a store hiccup: the next poll reads on from the same place
+    except errors.StagetuneError as exc:  # a store hiccup: the next poll reads on from where this one stopped
         ctx.log(f"cannot read the training run's progress from the store yet: {exc}", "warning")
         return
     for kind, values in events:
-        relay_event(ctx, kind, values)
+        try:
+            relay_event(ctx, kind, values)
+        except (TypeError, ValueError, IndexError) as exc:  # one odd event never stops a running run
+            ctx.log(f"ignored a malformed progress event from the training run ({kind}: {exc})", "warning")
 
 
 def _relay(ctx: Any, events: Any, nodes: int) -> None:
