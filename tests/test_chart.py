@@ -85,6 +85,8 @@ COMBOS: dict[str, dict[str, Any]] = {
     "launcher": {"trainer": {"gpu": {"profile": "h200", "count": 8},
                              "launcher": {"enabled": True, "profile": "gb200", "serviceAccount": "st-runs",
                                           "trainJobRuntime": "torch-gb200"}}},
+    "launcher-trainjob": {"trainer": {"gpu": {"profile": "h200", "count": 8},
+                                      "launcher": {"enabled": True, "runKind": "trainjob", "profile": "mi300x"}}},
     "launcher-mtls": {"trainer": {"gpu": {"profile": "b200", "count": 8}, "launcher": {"enabled": True}},
                       "tls": {"enabled": True, "secretName": "st-tls", "clientAuth": True}},
     "launcher-private-ca": {"trainer": {"gpu": {"profile": "h200", "count": 8},
@@ -116,6 +118,11 @@ def test_every_object_is_valid_kubernetes(rendered, combo: str) -> None:
     names = [(d["kind"], d["metadata"]["name"]) for d in docs]
     assert len(names) == len(set(names)), "two objects share a kind and name"
     for doc in docs:
+        if doc["kind"] == "TrainingRuntime":  # Kubeflow Trainer's own API models read it back unchanged
+            from kubeflow_trainer_api.models.trainer_v1alpha1_training_runtime import TrainerV1alpha1TrainingRuntime
+
+            assert TrainerV1alpha1TrainingRuntime.from_dict(doc).to_dict() == doc
+            continue
         schema = CRD_SCHEMAS.get(doc["kind"])
         if schema:
             jsonschema.validate(doc, json.loads((SCHEMAS / schema).read_text()))
@@ -453,7 +460,7 @@ def test_the_launcher_gets_its_settings_rbac_and_network(rendered) -> None:
     assert settings == LauncherSettings(image=image_for("ghcr.io/stagetune/stagetune", "0.1.0", PROFILES["gb200"]),
                                         profile="gb200", namespace="ml", secret="st-stagetune-auth",
                                         service_account="st-runs", local_gpus=8, run_kind="auto",
-                                        trainjob_runtime="torch-gb200")
+                                        trainjob_runtime="torch-gb200", trainjob_runtime_kind="ClusterTrainingRuntime")
     (role,) = find(docs, "Role")
     verbs = {(r["apiGroups"][0], res): set(r["verbs"]) for r in role["rules"] for res in r["resources"]}
     assert {"create", "get", "delete"} <= verbs[("batch", "jobs")]
@@ -483,6 +490,37 @@ def test_the_launcher_gets_its_settings_rbac_and_network(rendered) -> None:
     assert not find(defaults, "NetworkPolicy", "st-stagetune-training-runs")
     (plain,) = pod(defaults, "trainer")["containers"]
     assert not {e["name"] for e in plain["env"]} & {"STAGETUNE_TRAINER_LAUNCHER", "STAGETUNE_KUBE_IMAGE"}
+
+
+def test_train_jobs_get_the_charts_own_runtime_that_fails_a_run_instead_of_restarting_it(rendered) -> None:
+    """runKind trainjob: the chart makes a TrainingRuntime whose pods are never restarted in place, get the
+    trainer's grace period for the last checkpoint and no API token (none of which a TrainJob's runtime patch may
+    set), and the launcher is told to use it. Without Kubeflow on the API (auto, offline) it is not made."""
+    from stagetune.trainer.kube.launcher import LauncherSettings
+
+    docs = rendered["launcher-trainjob"]
+    (runtime,) = find(docs, "TrainingRuntime")
+    assert runtime["metadata"]["name"] == "st-stagetune-training"
+    assert runtime["spec"]["mlPolicy"] == {"numNodes": 1, "torch": {}}
+    (replicated,) = runtime["spec"]["template"]["spec"]["replicatedJobs"]
+    assert replicated["name"] == "node"
+    assert replicated["template"]["metadata"]["labels"] == {"trainer.kubeflow.org/trainjob-ancestor-step": "trainer"}
+    job_spec = replicated["template"]["spec"]
+    pod_spec = job_spec["template"]["spec"]
+    assert job_spec["backoffLimit"] == 0 and pod_spec["restartPolicy"] == "Never"
+    assert pod_spec["automountServiceAccountToken"] is False
+    assert pod_spec["terminationGracePeriodSeconds"] == pod(docs, "trainer")["terminationGracePeriodSeconds"] == 900
+    assert pod_spec["containers"] == [{"name": "node", "image": "ghcr.io/stagetune/stagetune:0.1.0-rocm"}]
+    (container,) = pod(docs, "trainer")["containers"]
+    env = {e["name"]: e.get("value") for e in container["env"] if e.get("value") is not None}
+    settings = LauncherSettings.from_env({**env, "STAGETUNE_KUBE_NAMESPACE": "ml"})
+    assert settings is not None and settings.run_kind == "trainjob"
+    assert (settings.trainjob_runtime_kind, settings.trainjob_runtime) == ("TrainingRuntime", "st-stagetune-training")
+
+    for combo in ("launcher", "launcher-mtls", "launcher-private-ca", "defaults"):
+        assert not find(rendered[combo], "TrainingRuntime"), combo
+    (named,) = pod(rendered["launcher"], "trainer")["containers"]
+    assert {"name": "STAGETUNE_KUBE_TRAINJOB_RUNTIME", "value": "torch-gb200"} in named["env"]
 
 
 def test_training_pods_call_validation_over_tls_as_the_trainer_does(rendered, monkeypatch) -> None:

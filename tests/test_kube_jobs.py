@@ -271,6 +271,19 @@ def test_a_refused_job_removes_the_service_it_created(serve) -> None:
     assert api.calls("DELETE") == ["/api/v1/namespaces/ml/services/run-1"]
 
 
+def test_a_container_restarted_in_place_fails_the_run(serve) -> None:
+    """A runtime with restartPolicy OnFailure (Kubeflow's stock one) restarts a failed rank in place; the pod
+    stays Running, so the restart itself is the failure, said with the exit code."""
+    restarted = _kubeflow_pod(1, "Running")
+    restarted["status"]["containerStatuses"][0].update(
+        restartCount=1, lastState={"terminated": {"reason": "Error", "exitCode": 1}})
+    api = FakeApi([[_kubeflow_pod(0, "Running"), restarted]], kubeflow=True)
+    with pytest.raises(TrainingJobError, match="exited with code 1 \\(Error\\) and was restarted in place") as caught:
+        list(_run_train_job(serve(api)))
+    assert caught.value.reason == "Failed"
+    assert api.calls("DELETE") == [f"/apis/{KUBEFLOW}/namespaces/ml/trainjobs/run-1"]
+
+
 def test_a_create_whose_answer_was_lost_is_cleaned_up(serve) -> None:
     """A 5xx (or a timeout) on create may still have made the object: it is deleted before the error is raised."""
     api = FakeApi([[]], kubeflow=True, create_status=503)

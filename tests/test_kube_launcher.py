@@ -65,6 +65,11 @@ def test_which_runs_go_to_the_cluster() -> None:
     chosen = LauncherSettings.from_env({**ENV, "STAGETUNE_KUBE_RUN_KIND": "TrainJob",
                                         "STAGETUNE_KUBE_TRAINJOB_RUNTIME": "torch-rocm"})
     assert (chosen.run_kind, chosen.trainjob_runtime) == ("trainjob", "torch-rocm")
+    own = LauncherSettings.from_env({**ENV, "STAGETUNE_KUBE_TRAINJOB_RUNTIME": "TrainingRuntime/st-stagetune-training"})
+    assert (own.trainjob_runtime_kind, own.trainjob_runtime) == ("TrainingRuntime", "st-stagetune-training")
+    assert chosen.trainjob_runtime_kind == "ClusterTrainingRuntime"
+    with pytest.raises(ConfigError, match="KIND one of TrainingRuntime, ClusterTrainingRuntime, got 'Runtime/x'"):
+        LauncherSettings.from_env({**ENV, "STAGETUNE_KUBE_TRAINJOB_RUNTIME": "Runtime/x"})
     with pytest.raises(ConfigError, match="RUN_KIND must be one of auto, job, trainjob, got 'pytorchjob'"):
         LauncherSettings.from_env({**ENV, "STAGETUNE_KUBE_RUN_KIND": "pytorchjob"})
 
@@ -338,10 +343,19 @@ def test_where_kubeflow_trainer_is_installed_a_run_is_a_train_job(serve, tmp_pat
     assert (trainer["numNodes"], trainer["numProcPerNode"], trainer["image"]) == (2, 8, ENV["STAGETUNE_KUBE_IMAGE"])
     assert train_job["spec"]["runtimeRef"]["name"] == "torch-distributed"
     assert "s3cr3t-7f4a" not in json.dumps(train_job)
-    assert any("as a Kubeflow TrainJob on runtime torch-distributed: 2 pod(s) x 8 process(es)" in line
+    assert any("as a Kubeflow TrainJob on ClusterTrainingRuntime torch-distributed: 2 pod(s) x 8 process(es)" in line
                for line in ctx.logs)
     assert f"node 1 ({RUN}-node-0-1-xyz): Succeeded, terminated: Completed (exit 0)" in ctx.logs
     assert api.calls("DELETE") == [f"/apis/{KUBEFLOW}/namespaces/ml/trainjobs/{RUN}"]
+
+    # The chart's own runtime (restartPolicy Never, backoffLimit 0), in the TrainJob's namespace.
+    api = RankZeroApi(_kubeflow_frames(), store, {"outputs": {"steps": 4}}, at=3, complete_after=3, kubeflow=True)
+    _launch(serve, api, Ctx(store), monkeypatch,
+            STAGETUNE_KUBE_TRAINJOB_RUNTIME="TrainingRuntime/st-stagetune-training")
+    (train_job,) = [body for m, _, _, body in api.requests if m == "POST"]
+    assert train_job["spec"]["runtimeRef"] == {"name": "st-stagetune-training", "apiGroup": "trainer.kubeflow.org",
+                                               "kind": "TrainingRuntime"}
+    assert _kubeflow_round_trip(train_job) == train_job
 
     # The operator asked for plain Jobs: Kubeflow is there, but not used.
     api = RankZeroApi(_frames(), store, {"outputs": {"steps": 4}}, at=3, complete_after=3, kubeflow=True)

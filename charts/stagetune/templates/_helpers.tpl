@@ -125,3 +125,21 @@ runAsNonRoot: true
 capabilities:
   drop: [ALL]
 {{- end -}}
+
+{{/*
+The TrainingRuntime the trainer's TrainJobs use: the chart's own (restartPolicy Never, backoffLimit 0, the
+trainer's grace period, no API token: Kubeflow's stock torch-distributed restarts failed pods in place, which
+hides a failed rank and keeps the default 30 s grace) when trainer.launcher.trainJobRuntime is empty and TrainJobs
+may be used: runKind trainjob, or auto on a cluster whose API serves Kubeflow Trainer's TrainingRuntime.
+Prints "TrainingRuntime/<name>", the given runtime, or nothing (the launcher's default).
+*/}}
+{{- define "stagetune.trainJobRuntime" -}}
+{{- $l := .Values.trainer.launcher -}}
+{{- if and .Values.trainer.enabled $l.enabled (ne $l.runKind "job") -}}
+{{- if $l.trainJobRuntime -}}
+{{- $l.trainJobRuntime -}}
+{{- else if or (eq $l.runKind "trainjob") (.Capabilities.APIVersions.Has "trainer.kubeflow.org/v1alpha1/TrainingRuntime") -}}
+TrainingRuntime/{{ include "stagetune.fullname" . }}-training
+{{- end -}}
+{{- end -}}
+{{- end -}}

@@ -69,6 +69,14 @@ def failure(pod: Any, unschedulable_for: float, unschedulable_limit: float) -> T
         if terminated and terminated.reason == "OOMKilled":
             return TrainingJobError(f"{name} was killed for using more memory than its limit (OOMKilled): raise "
                                     "the memory limit or lower train_batch_size", "OOMKilled")
+        last = status.last_state.terminated if status.last_state else None
+        if (status.restart_count or 0) > 0 and last is not None and last.exit_code:
+            # A runtime that restarts failed containers in place (restartPolicy OnFailure, e.g. Kubeflow's
+            # stock torch-distributed) would retry a failed rank for hours; a run resumes from checkpoints.
+            return TrainingJobError(f"{name}'s worker exited with code {last.exit_code} ({last.reason}) and was "
+                                    "restarted in place; the run stops instead and resumes from its last checkpoint "
+                                    "when started again (use a runtime with restartPolicy Never, as the chart's "
+                                    "own)", "Failed")
         waiting = status.state.waiting
         if waiting and waiting.reason in _PULL_ERRORS:
             return TrainingJobError(f"{name} cannot pull its image {status.image} ({waiting.reason}): "
@@ -274,7 +282,8 @@ def follow(api_client: Any, objects: RunObjects, *, poll_s: float = 5.0, unsched
 
 def run_training_job(api_client: Any, *, run: str, namespace: str, profile: str, nodes: int, gpus_per_node: int,
                      image: str, worker: list[str], store_url: str, secret_name: str,
-                     trainjob_runtime: str | None = None, poll_s: float = 5.0, unschedulable_limit: float = 600.0,
+                     trainjob_runtime: str | None = None, trainjob_runtime_kind: str = "ClusterTrainingRuntime",
+                     poll_s: float = 5.0, unschedulable_limit: float = 600.0,
                      cancelled: Callable[[], bool] = lambda: False, on_poll: Callable[[], None] = lambda: None,
                      **options: Any) -> Iterator[PodEvent]:
     """Start a run on `profile`'s nodes, yield its pod events, and remove its objects however it ends
@@ -285,7 +294,8 @@ def run_training_job(api_client: Any, *, run: str, namespace: str, profile: str,
     objects: RunObjects
     if trainjob_runtime:
         objects = KubeflowTrainJobRun(api_client, namespace, train_job(
-            run=run, namespace=namespace, nodes=nodes, worker=worker, image=image, pod=pod, runtime=trainjob_runtime))
+            run=run, namespace=namespace, nodes=nodes, worker=worker, image=image, pod=pod, runtime=trainjob_runtime,
+            runtime_kind=trainjob_runtime_kind))
     else:
         job, service = training_objects(run=run, namespace=namespace, nodes=nodes, worker=worker, image=image, pod=pod)
         objects = IndexedJobRun(api_client, namespace, job, service)

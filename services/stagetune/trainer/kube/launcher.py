@@ -20,7 +20,8 @@ Set by the chart (values `trainer.launcher`) on the trainer's container:
     STAGETUNE_TRAINER_GPUS                  the GPUs of the trainer pod itself (0: none)
     STAGETUNE_KUBE_RUN_KIND                 auto (default): a Kubeflow Trainer TrainJob where the cluster serves
                                             them, else an Indexed Job; job or trainjob to insist on one
-    STAGETUNE_KUBE_TRAINJOB_RUNTIME         the ClusterTrainingRuntime a TrainJob uses (default torch-distributed)
+    STAGETUNE_KUBE_TRAINJOB_RUNTIME         the runtime a TrainJob uses: a ClusterTrainingRuntime's name, or
+                                            TrainingRuntime/NAME (the chart's own); default torch-distributed
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ ENV_LOCAL_GPUS = "STAGETUNE_TRAINER_GPUS"
 ENV_RUN_KIND = "STAGETUNE_KUBE_RUN_KIND"
 ENV_TRAINJOB_RUNTIME = "STAGETUNE_KUBE_TRAINJOB_RUNTIME"
 RUN_KINDS = ("auto", "job", "trainjob")
+RUNTIME_KINDS = ("TrainingRuntime", "ClusterTrainingRuntime")
 KUBERNETES = "kubernetes"
 _POD_NAMESPACE_FILE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
 
@@ -62,6 +64,7 @@ class LauncherSettings:
     s3_ca: tuple[str, str] | None = None
     run_kind: str = "auto"
     trainjob_runtime: str = DEFAULT_TRAINJOB_RUNTIME
+    trainjob_runtime_kind: str = "ClusterTrainingRuntime"
     tls_secret: str | None = None
 
     @classmethod
@@ -95,10 +98,16 @@ class LauncherSettings:
         if run_kind not in RUN_KINDS:
             raise ConfigError(f"{ENV_RUN_KIND} must be one of {', '.join(RUN_KINDS)}, got {env[ENV_RUN_KIND]!r}",
                               field="num_processes")
+        runtime_kind, _, runtime = (env.get(ENV_TRAINJOB_RUNTIME, "").strip() or DEFAULT_TRAINJOB_RUNTIME
+                                    ).rpartition("/")
+        if runtime_kind not in ("", *RUNTIME_KINDS) or not runtime:
+            raise ConfigError(f"{ENV_TRAINJOB_RUNTIME} must be NAME (a ClusterTrainingRuntime) or KIND/NAME with KIND "
+                              f"one of {', '.join(RUNTIME_KINDS)}, got {env[ENV_TRAINJOB_RUNTIME]!r}",
+                              field="num_processes")
         return cls(image=env[ENV_IMAGE].strip(), profile=env[ENV_PROFILE].strip(), namespace=namespace,
                    secret=env[ENV_SECRET].strip(), service_account=env.get(ENV_SERVICE_ACCOUNT, "").strip() or None,
-                   local_gpus=local_gpus, s3_ca=s3_ca, run_kind=run_kind,
-                   trainjob_runtime=env.get(ENV_TRAINJOB_RUNTIME, "").strip() or DEFAULT_TRAINJOB_RUNTIME,
+                   local_gpus=local_gpus, s3_ca=s3_ca, run_kind=run_kind, trainjob_runtime=runtime,
+                   trainjob_runtime_kind=runtime_kind or "ClusterTrainingRuntime",
                    tls_secret=env.get(ENV_TLS_SECRET, "").strip() or None)
 
     def launches(self, cfg: Any) -> bool:
@@ -163,7 +172,8 @@ def run_on_cluster(ctx: Any, cfg: Any, settings: LauncherSettings, api_client: A
     if api_client is None:
         api_client = _in_cluster_client()
     runtime = settings.trainjob_runtime_on(api_client)
-    kind = f"a Kubeflow TrainJob on runtime {runtime}" if runtime else "an Indexed Job"
+    kind = (f"a Kubeflow TrainJob on {settings.trainjob_runtime_kind} {runtime}" if runtime
+            else "an Indexed Job")
     ctx.log(f"starting training run {run} on the cluster as {kind}: {nodes} pod(s) x {per_node} process(es) on "
             f"{settings.profile} in namespace {settings.namespace}")
     events = run_training_job(
@@ -172,6 +182,7 @@ def run_on_cluster(ctx: Any, cfg: Any, settings: LauncherSettings, api_client: A
         worker=["-m", "stagetune.trainer.worker", STORE_SPEC + spec_key(ctx.job_id)], store_url=store.url,
         secret_name=settings.secret, service_account=settings.service_account, env=env, secret_env=secret_env,
         s3_ca=settings.s3_ca, tls_secret=settings.tls_secret, trainjob_runtime=runtime,
+        trainjob_runtime_kind=settings.trainjob_runtime_kind,
         on_poll=lambda: _relay_progress(ctx, progress), poll_s=poll_s, unschedulable_limit=unschedulable_limit,
         cancelled=ctx.cancelled.is_set)
     try:

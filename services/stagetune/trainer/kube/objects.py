@@ -201,9 +201,10 @@ def training_objects(*, run: str, namespace: str, nodes: int, worker: list[str],
 
 
 def train_job(*, run: str, namespace: str, nodes: int, worker: list[str], image: str, pod: RunPod,
-              runtime: str = DEFAULT_TRAINJOB_RUNTIME) -> dict[str, Any]:
-    """A Kubeflow Trainer TrainJob (v2.2 and later: `runtimePatches`) on the cluster's `runtime`
-    (a ClusterTrainingRuntime with the torch policy, e.g. `torch-distributed`).
+              runtime: str = DEFAULT_TRAINJOB_RUNTIME, runtime_kind: str = "ClusterTrainingRuntime") -> dict[str, Any]:
+    """A Kubeflow Trainer TrainJob (v2.2 and later: `runtimePatches`) on `runtime`, a runtime with the torch
+    policy: the chart's own TrainingRuntime (restartPolicy Never, backoffLimit 0, our grace period, no API
+    token, none of which a runtime patch may set), or a ClusterTrainingRuntime such as `torch-distributed`.
 
     The runtime's torch plugin gives every node torchrun's settings as `PET_*` variables (node rank from the
     completion index, node 0 as master), so the command is plain `torchrun <worker>`. Its trainer container is
@@ -216,14 +217,14 @@ def train_job(*, run: str, namespace: str, nodes: int, worker: list[str], image:
         "volumes": pod.volumes(),
         "containers": [{"name": KUBEFLOW_TRAINER_CONTAINER, "volumeMounts": pod.volume_mounts(),
                         "securityContext": pod.container_security()}],
-        "terminationGracePeriodSeconds": GRACE_SECONDS,
+        "terminationGracePeriodSeconds": GRACE_SECONDS,  # Trainer >= 2.3 (2.2 prunes it: the runtime's then)
         **pod.placement(),
     }
     return {
         "apiVersion": f"{KUBEFLOW_GROUP}/{KUBEFLOW_VERSION}", "kind": "TrainJob",
         "metadata": {"name": run, "namespace": namespace, "labels": labels},
         "spec": {
-            "runtimeRef": {"name": runtime, "apiGroup": KUBEFLOW_GROUP, "kind": "ClusterTrainingRuntime"},
+            "runtimeRef": {"name": runtime, "apiGroup": KUBEFLOW_GROUP, "kind": runtime_kind},
             "trainer": {
                 "image": image,
                 "command": ["torchrun", *worker],
