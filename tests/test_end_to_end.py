@@ -6,6 +6,7 @@ that a second run encodes nothing, and that a killed run resumes to the same wei
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -15,6 +16,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -95,6 +97,31 @@ def write_configs(root: Path, model: Path, *, steps: int, validation: bool = Tru
     (root / "config.json").write_text(json.dumps(config, indent=2))
     (root / "multidatabackend.json").write_text(json.dumps(datasets, indent=2))
     return root / "config.json"
+
+
+def use_s3_dataset(root: Path, s3_server: Any, local: Path, bucket: str | None = None) -> str:
+    """`local`'s files uploaded under `sets/shapes` of `bucket` (default: a fresh one), and the first dataset of
+    root's multidatabackend.json pointed at them (type aws, with the test server's endpoint and keys). Returns
+    the bucket."""
+    from fixtures_store import fresh_bucket
+
+    bucket = bucket or fresh_bucket()
+    client = s3_server.client()
+    if not client.bucket_exists(bucket):
+        client.make_bucket(bucket)
+    for path in sorted(local.iterdir()):
+        data = path.read_bytes()
+        client.put_object(bucket, f"sets/shapes/{path.name}", io.BytesIO(data), len(data))
+    backends = json.loads((root / "multidatabackend.json").read_text())
+    backends[0] = {
+        "id": "shapes-s3", "type": "aws", "aws_bucket_name": bucket, "aws_data_prefix": "sets/shapes",
+        "aws_endpoint_url": s3_server.endpoint, "aws_region_name": s3_server.region,
+        "aws_access_key_id": s3_server.access_key, "aws_secret_access_key": s3_server.secret_key,
+        "crop": True, "crop_aspect": "square", "resolution": 64, "resolution_type": "pixel_area",
+        "caption_strategy": "textfile",
+    }
+    (root / "multidatabackend.json").write_text(json.dumps(backends))
+    return bucket
 
 
 def train_embedded(config: Path, store_url: str):

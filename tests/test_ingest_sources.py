@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import io
-import json
 import os
 import time
 from pathlib import Path
 
 import pytest
-from fixtures_store import fresh_bucket
-from test_end_to_end import CAPTIONS, make_dataset, train_embedded, write_configs
+from test_end_to_end import CAPTIONS, make_dataset, train_embedded, use_s3_dataset, write_configs
 
 from stagetune.core import sources
 from stagetune.core.cache import ShardedCache
@@ -71,24 +69,10 @@ def test_reingesting_an_unchanged_dataset_reads_no_image(tmp_path: Path, monkeyp
 def test_an_s3_dataset_trains_end_to_end(tmp_path: Path, tiny_sd3_path: Path, s3_server, ondemand: bool) -> None:
     """With vae_cache_ondemand the trainer reads the S3 images itself, with the dataset's aws_* keys."""
     make_dataset(tmp_path / "local")
-    bucket = fresh_bucket()
-    client = s3_server.client()
-    client.make_bucket(bucket)
-    for path in sorted((tmp_path / "local").iterdir()):
-        data = path.read_bytes()
-        client.put_object(bucket, f"sets/shapes/{path.name}", io.BytesIO(data), len(data))
-    client.put_object(bucket, "sets/other/not-mine.png", io.BytesIO(b"x"), 1)  # outside the prefix
     extra = {"vae_cache_ondemand": True} if ondemand else {}
     config = write_configs(tmp_path, tiny_sd3_path, steps=2, validation=False, **extra)
-    backends = json.loads((tmp_path / "multidatabackend.json").read_text())
-    backends[0] = {
-        "id": "shapes-s3", "type": "aws", "aws_bucket_name": bucket, "aws_data_prefix": "sets/shapes",
-        "aws_endpoint_url": s3_server.endpoint, "aws_region_name": s3_server.region,
-        "aws_access_key_id": s3_server.access_key, "aws_secret_access_key": s3_server.secret_key,
-        "crop": True, "crop_aspect": "square", "resolution": 64, "resolution_type": "pixel_area",
-        "caption_strategy": "textfile",
-    }
-    (tmp_path / "multidatabackend.json").write_text(json.dumps(backends))
+    bucket = use_s3_dataset(tmp_path, s3_server, tmp_path / "local")
+    s3_server.client().put_object(bucket, "sets/other/not-mine.png", io.BytesIO(b"x"), 1)  # outside the prefix
     run = train_embedded(config, str(tmp_path / "store"))
     assert run.phase("ingest").outputs["samples"] == "8"
     assert run.phase("vae").outputs["encoded"] == ("0" if ondemand else "8")

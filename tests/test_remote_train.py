@@ -7,7 +7,6 @@ output_dir's S3 URL. Local dataset folders and a local output_dir are refused be
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import random
@@ -18,7 +17,7 @@ from pathlib import Path
 
 import pytest
 from fixtures_store import fresh_bucket
-from test_end_to_end import make_dataset, write_configs
+from test_end_to_end import make_dataset, use_s3_dataset, write_configs
 
 from stagetune.cli import main
 from stagetune.core.errors import InputError, PortInUseError
@@ -121,25 +120,12 @@ def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
 def _s3_configs(tmp_path: Path, tiny_sd3_path: Path, s3_server, run: str) -> tuple[Path, str]:
     """The quick start's dataset uploaded to S3 and a config pair training on it into an s3:// output_dir."""
     make_dataset(tmp_path / "local")
-    bucket = fresh_bucket()
-    client = s3_server.client()
-    client.make_bucket(bucket)
-    for path in sorted((tmp_path / "local").iterdir()):
-        data = path.read_bytes()
-        client.put_object(bucket, f"sets/shapes/{path.name}", io.BytesIO(data), len(data))
+    bucket = fresh_bucket()  # the dataset's and output_dir's
     output_url = s3_server.url(bucket, prefix=f"runs/{run}")
     config = write_configs(tmp_path, tiny_sd3_path, steps=2, output_dir=output_url, validation_steps=2,
                            validation_prompt="a red square", validation_resolution="64x64",
                            validation_num_inference_steps=1)
-    backends = json.loads((tmp_path / "multidatabackend.json").read_text())
-    backends[0] = {
-        "id": "shapes-s3", "type": "aws", "aws_bucket_name": bucket, "aws_data_prefix": "sets/shapes",
-        "aws_endpoint_url": s3_server.endpoint, "aws_region_name": s3_server.region,
-        "aws_access_key_id": s3_server.access_key, "aws_secret_access_key": s3_server.secret_key,
-        "crop": True, "crop_aspect": "square", "resolution": 64, "resolution_type": "pixel_area",
-        "caption_strategy": "textfile",
-    }
-    (tmp_path / "multidatabackend.json").write_text(json.dumps(backends))
+    use_s3_dataset(tmp_path, s3_server, tmp_path / "local", bucket=bucket)
     return config, output_url
 
 

@@ -48,10 +48,10 @@ def check_precision(precision: str, key: str, *, cuda: bool | None = None) -> No
 def _any_prebuilt() -> bool:
     """Cheap (no torch): prebuilt kernels are present. Whether they suit this machine's GPU is checked where
     the model is quantised (`quantise`)."""
-    from stagetune.models.quanto_kernels import kernels_root
+    from stagetune.models.quanto_kernels import built_libraries, kernels_root
 
     root = kernels_root()
-    return root is not None and any(not p.parent.name.endswith(".partial") for p in root.glob("quanto_*/*.so"))
+    return root is not None and bool(built_libraries(root))
 
 
 def _kernels_for(precision: str, key: str) -> None:

@@ -1,13 +1,13 @@
 """optimum-quanto's compiled kernels, built when the image is built instead of at first use.
 
-quanto compiles its C++ (CPU), CUDA or HIP extension the first time an int4/int2 weight is unpacked (or, on a
-CUDA GPU, an fp8 weight meets its Marlin matmul), into a
-folder inside its own site-packages. In our images that cannot work: site-packages is read-only and owned by
-root, the final stage has no compiler, and the CUDA build depends on the GPU present (quanto defines
-`QUANTO_CUDA_ARCH` as the highest compute capability of the visible devices, clamped to torch's arch list, and
-compiles only the kernels that arch can run). So the image builds each extension ahead of time, once per GPU
-architecture it serves, into `STAGETUNE_QUANTO_KERNELS` (`python -m stagetune.models.quanto_kernels build`),
-and `use_prebuilt()` hands quanto the build this machine would have made, so it never compiles.
+quanto compiles its C++ (CPU), CUDA or HIP extension the first time an int4/int2 weight is unpacked (or, on a CUDA
+GPU, an fp8 weight meets its Marlin matmul), into a folder inside its own site-packages. In our images that cannot
+work: site-packages is read-only and owned by root, the final stage has no compiler, and the CUDA build depends on
+the GPU present (quanto defines `QUANTO_CUDA_ARCH` as the highest compute capability of the visible devices,
+clamped to torch's arch list, and compiles only the kernels that arch can run). So the image builds each extension
+ahead of time, once per GPU architecture it serves, into `STAGETUNE_QUANTO_KERNELS` (`python -m
+stagetune.models.quanto_kernels build`), and `use_prebuilt()` hands quanto the build this machine would have made,
+so it never compiles.
 
 Layout: `<root>/<extension>[-sm<arch>]/<extension>.so` and `pytorch_version.txt`, as quanto's own build folder
 has them; a build for another torch release is ignored (quanto would rebuild it too).
@@ -75,6 +75,17 @@ def kernels_root(env: dict[str, str] | None = None) -> Path | None:
     return Path(value) if value else None
 
 
+def built_libraries(root: Path, extension: str = "quanto_") -> list[Path]:
+    """The finished builds under `root` (of one extension, or all); a `.partial` folder is an unfinished one."""
+    return sorted(p for p in root.glob(f"{extension}*/*.so") if not p.parent.name.endswith(".partial"))
+
+
+def _built_for(folder: Path) -> str:
+    """The torch a build was made for, in words (from quanto's own version file)."""
+    version_file = folder / _VERSION_FILE
+    return f"torch {version_file.read_text().strip()}" if version_file.is_file() else "an unknown torch"
+
+
 def _compatible_arches(define: str) -> list[str]:
     """The builds a GPU can run, best first: its own arch, then lower minors of its major (a cubin for X.y runs
     on X.z for z >= y, and quanto's arch only selects kernels by thresholds such as >= 800)."""
@@ -92,14 +103,12 @@ def locate(ext: Any, root: Path) -> Prebuilt:
     library_name = f"{ext.name}{torch.utils.cpp_extension.LIB_EXT}"
     folder = next((f for f in candidates if (f / library_name).is_file()), None)
     if folder is None:
-        built = sorted(p.name for p in root.glob(f"{ext.name}*") if not p.name.endswith(".partial")) \
-            if root.is_dir() else []
+        built = [p.parent.name for p in built_libraries(root, ext.name)]
         return Prebuilt(ext.name, candidates[0], False, f"no {candidates[0] / library_name}"
                         + (f" (built here: {', '.join(built)})" if built else ""))
-    version_file = folder / _VERSION_FILE
-    built_for = version_file.read_text().strip() if version_file.is_file() else "an unknown torch"
-    if built_for != torch.__version__:
-        return Prebuilt(ext.name, folder, False, f"{folder / library_name} was built for torch {built_for}, this "
+    built_for = _built_for(folder)
+    if built_for != f"torch {torch.__version__}":
+        return Prebuilt(ext.name, folder, False, f"{folder / library_name} was built for {built_for}, this "
                                                  f"is {torch.__version__}")
     return Prebuilt(ext.name, folder, True, "")
 
@@ -140,7 +149,8 @@ def compile_problem(root: Path | None = None) -> str | None:
     root = root if root is not None else kernels_root()
     problems = []
     for ext in _quanto_extensions().values():
-        if ext._lib is not None or (root is not None and locate(ext, root).usable):
+        prebuilt = locate(ext, root) if root is not None else None
+        if ext._lib is not None or (prebuilt is not None and prebuilt.usable):
             continue
         where = Path(ext.build_directory)
         if not (shutil.which("c++") or shutil.which("g++")):
@@ -149,7 +159,7 @@ def compile_problem(root: Path | None = None) -> str | None:
             problem = f"{ext.name} is not prebuilt for this machine and quanto's build folder {where} is not writable"
         else:
             continue
-        problems.append(problem + (f" ({locate(ext, root).why})" if root is not None else ""))
+        problems.append(problem + (f" ({prebuilt.why})" if prebuilt is not None else ""))
     return "; ".join(problems) or None
 
 
@@ -255,21 +265,21 @@ def _verify(root: Path) -> int:
 
     import torch
 
-    libraries = sorted(p for p in root.glob("*/*.so") if not p.parent.name.endswith(".partial"))
+    libraries = built_libraries(root)
     if not libraries:
         print(f"no built kernels under {root}", file=sys.stderr)
         return 1
     failed = 0
     for library in libraries:
-        version = (library.parent / _VERSION_FILE).read_text().strip() if (library.parent / _VERSION_FILE).is_file() \
-            else "?"
+        version = _built_for(library.parent)
         script = ("import sys; from pathlib import Path; from stagetune.models.quanto_kernels import _import_library; "
                   "_import_library(sys.argv[1], Path(sys.argv[2]))")
         result = subprocess.run([sys.executable, "-c", script, library.stem, str(library.parent)],
                                 capture_output=True, text=True)
-        ok = result.returncode == 0 and version == torch.__version__
+        current = version == f"torch {torch.__version__}"
+        ok = result.returncode == 0 and current
         failed += not ok
-        why = "" if ok else (f": built for torch {version}, this is {torch.__version__}" if version != torch.__version__
+        why = "" if ok else (f": built for {version}, this is {torch.__version__}" if not current
                              else ": " + (result.stderr.strip().splitlines() or ["import failed"])[-1])
         print(f"{library}: {'loads' if ok else 'FAILS'}{why}")
     return 1 if failed else 0

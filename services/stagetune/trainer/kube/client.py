@@ -89,15 +89,14 @@ def failure(pod: Any, unschedulable_for: float, unschedulable_limit: float) -> T
     return None
 
 
-def _ended(conditions: Any, what: str) -> bool:
+def _ended(conditions: list[dict[str, Any]], what: str) -> bool:
     """True once `Complete`; a `Failed` condition raises with the controller's reason and message. Jobs and
     TrainJobs report their end the same way (`conditions[].type/status/reason/message`)."""
-    for condition in conditions or []:
-        get = condition.get if isinstance(condition, dict) else lambda key, c=condition: getattr(c, key, None)
-        if get("type") == "Complete" and get("status") == "True":
+    for condition in conditions:
+        if condition.get("type") == "Complete" and condition.get("status") == "True":
             return True
-        if get("type") == "Failed" and get("status") == "True":
-            raise TrainingJobError(f"{what} failed: {get('reason')}: {get('message')}", "Failed")
+        if condition.get("type") == "Failed" and condition.get("status") == "True":
+            raise TrainingJobError(f"{what} failed: {condition.get('reason')}: {condition.get('message')}", "Failed")
     return False
 
 
@@ -135,7 +134,7 @@ class IndexedJobRun:
 
     def ended(self) -> bool:
         status = self._batch.read_namespaced_job(self.run, self.namespace).status
-        return _ended(status.conditions, f"training run {self.run}")
+        return _ended([c.to_dict() for c in status.conditions or []], f"training run {self.run}")
 
     def delete(self) -> None:
         """Remove the Job with its pods and the Service; what is already gone is fine."""
@@ -170,7 +169,7 @@ class KubeflowTrainJobRun:
     def ended(self) -> bool:
         found = self._custom.get_namespaced_custom_object(KUBEFLOW_GROUP, KUBEFLOW_VERSION, self.namespace,
                                                           "trainjobs", self.run)
-        return _ended((found.get("status") or {}).get("conditions"), f"training run {self.run} (TrainJob)")
+        return _ended((found.get("status") or {}).get("conditions") or [], f"training run {self.run} (TrainJob)")
 
     def delete(self) -> None:
         _gone_is_fine(self._custom.delete_namespaced_custom_object, KUBEFLOW_GROUP, KUBEFLOW_VERSION,
